@@ -1,0 +1,122 @@
+"""The public operator: one signature (FLA's `chunk_gsa` argument order), several backends."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_inputs, check_step_inputs
+from .chunk import chunk_gsa
+from .reference import compute_dtype, recurrent_step, reference_gsa
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton kernels can run on tensors of this device."""
+    if device.type != "cuda":
+        return False
+    try:
+        from .triton import KERNELS_AVAILABLE
+    except ImportError:
+        return False
+    return KERNELS_AVAILABLE
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if triton_available(device) else "torch"
+    return backend
+
+
+def gated_slot_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    check_gate_values: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Gated Slot Attention over whole sequences.
+
+    Args:
+        q: queries [B, T, HQ, K]; HQ a multiple of H (grouped-query heads).
+        k: keys [B, T, H, K].  v: values [B, T, H, V].
+        s: slot write strengths [B, T, H, M] (the layer uses 1 - exp(g)).
+        g: log forget gates [B, T, H, M], all <= 0.
+        scale: multiplies q·Hk before the slot softmax; default K ** -0.5.
+        initial_state: (Hk0 [N, H, K, M], Hv0 [N, H, M, V]), N = B, or the number of packed sequences.
+        output_final_state: also return the final (Hk, Hv), in float32 (float64 for float64 inputs).
+        cu_seqlens: [N + 1] offsets of sequences packed along T (then B must be 1); no state crosses them.
+        backend: "reference" (step by step), "torch" (chunked, CPU and fallback), "triton" (GPU), or
+            "auto": triton on CUDA tensors when available, else torch.
+        check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
+
+    Returns:
+        (o [B, T, HQ, V] in the dtype of q, final_state or None).
+    """
+    shapes = check_inputs(q, k, v, s, g, initial_state, cu_seqlens, check_gate_values)
+    if scale is None:
+        scale = shapes.K**-0.5
+    chosen = _resolve(backend, q.device)
+    args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+    if chosen == "reference":
+        o, final_state = reference_gsa(*args)
+        return o.to(q.dtype), final_state
+    if chosen == "torch":
+        return chunk_gsa(*args)
+    if not triton_available(q.device):
+        raise RuntimeError(f"backend='triton' needs CUDA tensors and an importable triton; q is on {q.device}")
+    from .triton import triton_gsa
+
+    return triton_gsa(*args)
+
+
+def gated_slot_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    scale: float | None = None,
+    *,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One decoding step for a batch of sequences.
+
+    Args:
+        q [B, HQ, K], k [B, H, K], v [B, H, V], s and g [B, H, M]: the new token of each sequence.
+        state: (Hk [B, H, K, M], Hv [B, H, M, V]), float32 recommended.
+        inplace: write the new state into `state`'s tensors (what a decode loop or a CUDA graph wants)
+            instead of returning fresh ones.
+
+    Returns:
+        (o [B, HQ, V] in the dtype of q, the new state: `state` itself when inplace).
+    """
+    shapes = check_step_inputs(q, k, v, s, g, state)
+    if scale is None:
+        scale = shapes.K**-0.5
+    chosen = _resolve(backend, q.device)
+    if chosen == "triton":
+        from .triton import triton_gsa_step
+
+        return triton_gsa_step(q, k, v, s, g, state, scale, inplace=inplace)
+    hk, hv = state
+    dtype = compute_dtype(hk.dtype)
+    o, new_hk, new_hv = recurrent_step(
+        *(t.to(dtype) for t in (q, k, v, s, g)), hk.to(dtype), hv.to(dtype), scale
+    )
+    if inplace:
+        hk.copy_(new_hk)
+        hv.copy_(new_hv)
+        return o.to(q.dtype), state
+    return o.to(q.dtype), (new_hk, new_hv)
