@@ -1,0 +1,50 @@
+"""`gsa <command>`: the command-line entry point (also `python -m gsa`).
+
+Each command lives beside the code it drives, in a module with `add_arguments(parser)` and `run(args) -> int`;
+this file only lists them, so importing the CLI stays cheap and a command's heavy imports happen when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+COMMANDS = {
+    "train": ("gsa.train.cli", "pretrain or finetune a GSA model (no arguments: a tiny model on Shakespeare, CPU)"),
+    "generate": ("gsa.generation", "stream a model's continuation of a prompt to the terminal"),
+    "convert": ("gsa.models.t2r", "turn a pretrained Llama/Mistral checkpoint into a GSA checkpoint (T2R)"),
+    "eval": ("gsa.eval.cli", "perplexity, MQAR recall, lm-eval-harness tasks, synthetic recall suite"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsa", description="Gated Slot Attention: train, convert, evaluate, generate.")
+    parser.add_argument("--version", action="version", version=f"gsa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not module_name.startswith(error.name):
+                raise
+            continue  # a command whose module is not part of this installation
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

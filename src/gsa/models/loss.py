@@ -1,0 +1,57 @@
+"""Next-token cross-entropy without the full [tokens, vocab] float32 logits tensor.
+
+The LM head and the loss run over row chunks; each chunk's softmax gradient is formed right away (when the
+inputs need gradients) and folded into grad_hidden / grad_weight, so peak extra memory is one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows):
+        valid = labels != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]
+            y = labels[start : start + chunk_rows]
+            ok = valid[start : start + chunk_rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, -1)
+            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total = total + ((lse - target) * ok).sum()
+            if needs_grad:
+                d_logits = torch.softmax(logits, -1)
+                d_logits[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+                d_logits *= ok.unsqueeze(1) / count
+                d_logits = d_logits.to(weight.dtype)
+                grad_hidden[start : start + chunk_rows] = d_logits @ weight
+                grad_weight += (d_logits.t() @ h).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 4096
+) -> torch.Tensor:
+    """Mean cross-entropy of softmax(hidden @ weightᵀ) against labels over rows whose label is not -100.
+
+    hidden [N, D], weight [V, D], labels [N]. Equal to F.cross_entropy(hidden @ weight.T, labels) in value
+    and gradients.
+    """
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows)
