@@ -24,10 +24,11 @@ class KVState:
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding of x [B, T, H, D] at integer positions [B, T] (half-split layout, as Llama)."""
     D = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))
-    angles = positions.float().unsqueeze(-1) * inv_freq  # [B, T, D/2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=dtype) / D))
+    angles = positions.to(dtype).unsqueeze(-1) * inv_freq  # [B, T, D/2]
     cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
-    x1, x2 = x.float().chunk(2, -1)
+    x1, x2 = x.to(dtype).chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 

@@ -156,7 +156,8 @@ class GatedSlotAttention(nn.Module):
         q = self.feature_map(q.view(B, T, self.num_heads, self.head_k_dim))
         k = self.feature_map(k.view(B, T, self.num_kv_heads, self.head_k_dim))
         v = F.silu(v.view(B, T, self.num_kv_heads, self.head_v_dim))
-        g = F.logsigmoid(f.view(B, T, self.num_kv_heads, self.num_slots).float()) / self.gate_logit_normalizer
+        f = f.view(B, T, self.num_kv_heads, self.num_slots)
+        g = F.logsigmoid(f.to(torch.promote_types(f.dtype, torch.float32))) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             g = g.clamp(min=self.clamp_min)
         if mask is not None:

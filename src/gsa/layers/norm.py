@@ -15,10 +15,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            x = x * self.weight.float()
+            x = x * self.weight.to(x.dtype)
         return x.to(dtype)
 
     def extra_repr(self) -> str:

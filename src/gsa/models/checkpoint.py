@@ -68,6 +68,12 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: GSAConfig) -> dic
     return out
 
 
+_LOADER_OPTIONS = {
+    "adapter_kwargs", "attn_implementation", "cache_dir", "force_download", "local_files_only", "low_cpu_mem_usage",
+    "proxies", "revision", "subfolder", "token", "trust_remote_code", "use_safetensors", "code_revision",
+}
+
+
 def _dtype(value) -> torch.dtype | None:
     if value is None or value == "auto" or isinstance(value, torch.dtype):
         return None if value == "auto" else value
@@ -81,8 +87,9 @@ def load_pretrained(cls, path: str, *args, config: GSAConfig | None = None, **kw
         raise TypeError(f"unexpected positional arguments after the path: {args}")
     dtype = _dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
     device = kwargs.pop("device", None) or kwargs.pop("device_map", None)
-    for ignored in ("use_safetensors", "trust_remote_code", "local_files_only", "low_cpu_mem_usage", "revision"):
-        kwargs.pop(ignored, None)
+    for name in list(kwargs):
+        if name in _LOADER_OPTIONS or name.startswith("_"):
+            kwargs.pop(name)  # transformers' hub/loader options; nothing to do for a local safetensors folder
     if config is None:
         config = GSAConfig.from_pretrained(path, **kwargs)
     elif kwargs:
@@ -97,9 +104,9 @@ def load_pretrained(cls, path: str, *args, config: GSAConfig | None = None, **kw
     if config.tie_word_embeddings and "lm_head.weight" not in state:
         expected.discard("lm_head.weight")
     prefix = cls.base_model_prefix + "."
-    if not any(k.startswith(prefix) for k in expected) and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items()}  # a base model loaded from a causal-LM checkpoint
-        state.pop("lm_head.weight", None)
+    if not any(k.startswith(prefix) for k in expected) and any(k.startswith(prefix) for k in state):
+        # a base model loaded from a causal-LM checkpoint: keep the backbone, leave the head
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(
@@ -107,10 +114,9 @@ def load_pretrained(cls, path: str, *args, config: GSAConfig | None = None, **kw
             f"missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
             f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
         )
-    model = model.to_empty(device=device or "cpu")
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    model = model.to_empty(device=device or "cpu").to(dtype)
+    model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model = model.to(dtype)
     model.eval()
     return model

@@ -18,23 +18,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)
         needs_grad = hidden.requires_grad or weight.requires_grad
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_weight = (
+            torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if needs_grad else None
+        )
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least, float64 stays float64
+        total = hidden.new_zeros((), dtype=acc)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
             y = labels[start : start + chunk_rows]
             ok = valid[start : start + chunk_rows]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, -1)
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             total = total + ((lse - target) * ok).sum()
             if needs_grad:
                 d_logits = torch.softmax(logits, -1)
                 d_logits[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
-                d_logits *= ok.unsqueeze(1) / count
+                d_logits *= ok.unsqueeze(1).to(acc) / count.to(acc)
                 d_logits = d_logits.to(weight.dtype)
                 grad_hidden[start : start + chunk_rows] = d_logits @ weight
-                grad_weight += (d_logits.t() @ h).float()
+                grad_weight += (d_logits.t() @ h).to(grad_weight.dtype)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype

@@ -261,7 +261,8 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1))
         else:
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            logits = self.lm_head(kept).float()
+            logits = self.lm_head(kept)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: cache}
         )

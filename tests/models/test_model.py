@@ -1,0 +1,272 @@
+"""GSAForCausalLM: forward/backward, padding, packing, cached decoding, generate, save/load, Auto classes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from gsa.models import GSACache, GSAConfig, GSAForCausalLM, GSAModel, preset_config
+from gsa.models.loss import linear_cross_entropy
+from tests.helpers import rel_err
+
+VOCAB = 97
+
+
+def small_config(**overrides) -> GSAConfig:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_heads=4, num_kv_heads=2, num_slots=8,
+        intermediate_size=64, tie_word_embeddings=False,
+    )
+    return GSAConfig(**{**base, **overrides})
+
+
+VARIANTS = {
+    "gsa": {},
+    "mha": dict(num_kv_heads=4),
+    "short_conv": dict(use_short_conv=True, conv_size=3),
+    "relu": dict(feature_map="relu", num_slots=5),
+    "hybrid": dict(num_hidden_layers=3, attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2}),
+}
+
+
+def build(variant="gsa", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GSAForCausalLM(small_config(**{**VARIANTS[variant], **overrides})).double()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens: compare whole sequences
+    # make the gates differ across slots and steps so that a wrong gate path shows
+    for module in model.modules():
+        if hasattr(module, "f_proj"):
+            torch.nn.init.normal_(module.f_proj.weight, std=0.5)
+    return model.eval()
+
+
+def ids(B, T, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward_shapes_and_finite(variant):
+    model = build(variant).train()
+    x = ids(2, 70)
+    out = model(x, labels=x)
+    assert out.logits is None and out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    logits = model(x, use_cache=False).logits
+    assert logits.shape == (2, 70, VOCAB) and torch.isfinite(logits).all()
+    # the loss equals cross-entropy of the returned logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    assert abs(model(x, labels=x).loss.item() - want.item()) < 1e-10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_batch_equals_packed_and_separate(variant):
+    model = build(variant)
+    lengths = [13, 70, 41]
+    seqs = [ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    separate = [model(s[None], use_cache=False).logits[0] for s in seqs]
+    # right padding
+    T = max(lengths)
+    padded = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    logits = model(padded, attention_mask=mask, use_cache=False).logits
+    for i, n in enumerate(lengths):
+        assert rel_err(logits[i, :n], separate[i]) < 1e-10
+    # packed with cu_seqlens
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = model(torch.cat(seqs)[None], cu_seqlens=cu, use_cache=False).logits[0]
+    for i in range(len(seqs)):
+        assert rel_err(packed[cu[i] : cu[i + 1]], separate[i]) < 1e-10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_full_forward_with_left_padding(variant):
+    model = build(variant)
+    lengths = [100, 67]  # prefills longer than one chunk; left-padded to the longest
+    T, new = max(lengths), 9
+    full = [ids(1, n + new, seed=20 + i)[0] for i, n in enumerate(lengths)]
+    prompt = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        prompt[i, T - n :] = full[i][:n]
+        mask[i, T - n :] = 1
+    out = model(prompt, attention_mask=mask)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    steps = [out.logits[:, -1]]
+    for t in range(new - 1):
+        token = torch.stack([full[i][lengths[i] + t] for i in range(2)])[:, None]
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        out = model(token, attention_mask=mask, cache=cache)
+        steps.append(out.logits[:, -1])
+    for i, n in enumerate(lengths):
+        want = model(full[i][None, : n + new - 1], use_cache=False).logits[0, n - 1 :]
+        got = torch.stack([s[i] for s in steps])
+        assert rel_err(got, want) < 1e-9, variant
+
+
+def test_cache_memory_is_constant_for_gsa_layers():
+    model = build("gsa")
+    out = model(ids(1, 30))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    size = cache.nbytes()
+    for _ in range(50):
+        out = model(ids(1, 1, seed=3), cache=cache)
+    assert cache.nbytes() == size and cache.seen_tokens == 80
+    hybrid = build("hybrid")
+    out = hybrid(ids(1, 30))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    size = cache.nbytes()
+    hybrid(ids(1, 1), cache=cache)
+    assert cache.nbytes() > size  # its attention layer's keys grow, as they must
+
+
+@pytest.mark.parametrize("variant", ["gsa", "hybrid", "short_conv"])
+def test_generate_greedy_equals_manual_loop(variant):
+    model = build(variant)
+    prompt = ids(2, 23)
+    got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0)
+    manual = prompt
+    for _ in range(12):
+        next_token = model(manual, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        manual = torch.cat([manual, next_token], 1)
+    assert torch.equal(got, manual)
+
+
+def test_generate_left_padded_batch_matches_single_prompts():
+    model = build("gsa")
+    prompts = [ids(1, 17, seed=5)[0], ids(1, 9, seed=6)[0]]
+    batch = torch.zeros(2, 17, dtype=torch.long)
+    mask = torch.zeros(2, 17, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, 17 - len(p) :] = p
+        mask[i, 17 - len(p) :] = 1
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)
+        assert torch.equal(together[i, 17:], alone[0, len(p) :])
+
+
+def test_sampling_generate_runs_with_top_k_top_p():
+    model = build("gsa")
+    torch.manual_seed(0)
+    out = model.generate(ids(1, 5), max_new_tokens=6, do_sample=True, top_k=10, top_p=0.9, temperature=0.8,
+                         pad_token_id=0)
+    assert out.shape == (1, 11) and int(out.max()) < VOCAB
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip_and_auto_classes(tmp_path, tie):
+    model = build("hybrid", tie_word_embeddings=tie)
+    x = ids(2, 40)
+    want = model(x, use_cache=False).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for loader in (GSAForCausalLM, AutoModelForCausalLM):
+        loaded = loader.from_pretrained(tmp_path)
+        assert isinstance(loaded, GSAForCausalLM)
+        assert torch.equal(loaded(x, use_cache=False).logits, want)
+        if tie:
+            assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.weight.data_ptr()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), GSAConfig)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, GSAModel)
+    assert torch.equal(base(x, use_cache=False).last_hidden_state, model.model(x, use_cache=False).last_hidden_state)
+
+
+def test_load_reports_missing_and_unexpected_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build("gsa")
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("model.layers.1.attn.f_proj.weight")
+    state["model.layers.0.attn.surprise"] = torch.zeros(3)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.attn.f_proj.weight'\].*surprise"):
+        GSAForCausalLM.from_pretrained(tmp_path)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    build("gsa").config.save_pretrained(tmp_path)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="does not load because unpickling can run code"):
+        GSAForCausalLM.from_pretrained(tmp_path)
+
+
+def test_linear_cross_entropy_matches_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (50,), generator=gen)
+    labels[::7] = -100
+    got = linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
+    gh, gw = torch.autograd.grad(got * 3, (hidden, weight))
+    want = F.cross_entropy(hidden @ weight.t(), labels)
+    wh, ww = torch.autograd.grad(want * 3, (hidden, weight))
+    assert abs(got.item() - want.item()) < 1e-12
+    assert rel_err(gh, wh) < 1e-12 and rel_err(gw, ww) < 1e-12
+
+
+def test_paper_preset_sizes():
+    for name, billions in (("gsa-1.3b", 1.38), ("gsa-2.7b", 2.7)):
+        with torch.device("meta"):
+            model = GSAForCausalLM(preset_config(name))
+        count = sum(p.numel() for p in model.parameters()) / 1e9
+        assert abs(count - billions) / billions < 0.015, (name, count)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hidden_size=50), "divisible by num_heads"),
+        (dict(num_slots=0), "num_slots must be >= 1"),
+        (dict(feature_map="elu"), "unknown feature_map 'elu'"),
+        (dict(num_kv_heads=3), "multiple of num_kv_heads"),
+        (dict(attn={"layers": [5]}), "outside 0..1"),
+        (dict(attn={"layers": [0], "window_size": 64}), "sliding-window"),
+        (dict(gate_logit_normalizer=0), "gate_logit_normalizer must be > 0"),
+    ],
+)
+def test_invalid_configs(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_bad_token_ids_and_masks():
+    model = build("gsa")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\).*to 97"):
+        model(torch.tensor([[1, 2, VOCAB]]))
+    with pytest.raises(ValueError, match="expected attention_mask of shape"):
+        model(ids(2, 10), attention_mask=torch.ones(2, 7))
+    with pytest.raises(ValueError, match="expected input_ids of shape"):
+        model(ids(2, 10)[0])
+    with pytest.raises(ValueError, match="expected labels of shape"):
+        model(ids(2, 10), labels=ids(2, 9))
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = ids(2, 40)
+    grads = []
+    for checkpointing in (False, True):
+        model = build("gsa").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(x, labels=x).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel_err(grads[1], grads[0]) < 1e-12
+
+
+def test_cache_object_is_returned_under_transformers_name():
+    model = build("gsa")
+    out = model(ids(1, 5))
+    cache = out.get("cache") if "cache" in out.keys() else out.get("past_key_values")
+    assert isinstance(cache, GSACache) and cache.seen_tokens == 5
