@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (0 when both are zero)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     denom = b.norm()
     return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
 

@@ -1,0 +1,98 @@
+"""Fast decoding: each token's whole-model step replayed from one CUDA graph.
+
+`model.generate()` works everywhere (CPU included) through transformers. On a GPU, a batch-1 step of a 1.3B model
+is a few hundred small kernels; launched one by one from Python that costs tens of ms a token. GSA's decoding
+state has a fixed size, so one step can be captured once and replayed: `GraphDecoder`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import GatedSlotAttention
+from .models.cache import GSACache
+
+
+def _cache_of(output):
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: greedy when temperature == 0, else temperature / top-k / top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+class GraphDecoder:
+    """Prefill with the chunked kernels, then decode with a captured CUDA graph of one model step.
+
+    Only for models whose every layer is GSA (an attention layer's cache grows, so its shapes change per step).
+    """
+
+    def __init__(self, model):
+        if not all(isinstance(layer.attn, GatedSlotAttention) for layer in model.model.layers):
+            raise ValueError("CUDA-graph decoding needs every layer to be GSA (attention layers have a growing cache)")
+        self.model = model
+        self.graph = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, callback=None) -> torch.Tensor:
+        """input_ids [B, T] on the model's CUDA device; returns [B, T + new]. callback(tokens [B]) per step."""
+        model = self.model.eval()
+        out = model(input_ids, use_cache=True, logits_to_keep=1)
+        cache: GSACache = _cache_of(out)
+        token = sample_next(out.logits[:, -1], temperature, top_k, top_p)
+        generated = [token]
+        if callback is not None:
+            callback(token)
+        static_token = token[:, None].clone()
+        graph, static_logits = self._capture(static_token, cache)
+        finished = torch.zeros_like(token, dtype=torch.bool)
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+                if bool(finished.all()):
+                    break
+            static_token.copy_(token[:, None])
+            graph.replay()
+            token = sample_next(static_logits[:, -1], temperature, top_k, top_p)
+            generated.append(token)
+            if callback is not None:
+                callback(token)
+        return torch.cat([input_ids, torch.stack(generated, 1)], 1)
+
+    def _capture(self, static_token: torch.Tensor, cache: GSACache):
+        """Capture one decoding step; the slot states are updated in place, so replays advance the cache."""
+        model = self.model
+        saved = [(s.hk.clone(), s.hv.clone(), tuple(c.clone() for c in s.conv) if s.conv else None)
+                 for s in cache.states]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on the side stream (compiles, allocates)
+                model(static_token, cache=cache, use_cache=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(static_token, cache=cache, use_cache=True).logits
+        # warm-up and capture advanced the states: restore them to the prefill's
+        for state, (hk, hv, conv) in zip(cache.states, saved):
+            state.hk.copy_(hk)
+            state.hv.copy_(hv)
+            if conv:
+                for live, kept in zip(state.conv, conv):
+                    live.copy_(kept)
+        return graph, logits

@@ -1,0 +1,552 @@
+"""Chunkwise GSA on the GPU: Triton forward and backward kernels and their autograd Function.
+
+Layout: inputs flattened to [tokens, heads, width]; sequences given by cu_seqlens (a plain batch is B sequences
+of length T). Chunks of BT steps never straddle sequences. The joint slot state S = [Hk ; Hvᵀ] ([K + V, M]: both
+halves decay along the slots) is kept per chunk boundary in `states` [slots, H, K + V, M]; sequence i owns slots
+slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chunk n (the last one: its final state).
+
+States come in two steps so that no kernel walks chunks doing matrix work: `_local_states` computes every chunk's
+contribution in parallel, then `_scan_slots` runs the recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise
+(many programs, memory-bound). Forward: those two, then `_output_fwd`, every chunk in parallel: logits over K
+blocks, softmax over slots, output over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel:
+slot gradients, dq and the within-chunk parts of dk, dv, ds); `_local_dstates` + a reverse `_scan_slots` for the
+state gradient; `_state_grads_bwd` (chunk-parallel: the state parts of dk, dv, ds, and dg as a reverse cumulative
+sum within each chunk).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR
+from .common import (
+    chunk_gates,
+    chunk_span,
+    dot_config,
+    key_grad_exact,
+    load_rows,
+    next_power_of_2,
+    pairs_exact,
+    rows_exact,
+    state_offsets,
+    store_rows,
+)
+
+CHUNK = 64
+
+
+@triton.jit
+def _local_states(
+    x_ptr, s_ptr, g_ptr, states_ptr, decay_ptr,
+    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
+    H, W, M, KV, row0,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr, STORE_DECAY: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """What chunk c adds to rows row0 + [d0, d0 + BD) of S: xᵀ (s * exp(G_C - G)), written to the slot after the
+    chunk (the scan turns it into the state there); and the chunk's decay exp(G_C) [chunks, H, M]."""
+    i_c = tl.program_id(0)
+    i_d = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    dd = tl.arange(0, BD)
+    ms = tl.arange(0, BM)
+    d0 = i_d * BD
+    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    s_to_end = s * tl.exp(g_end[None, :] - cum)
+    x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd)
+    local = tl.dot(tl.trans(x.to(DOT_DT)), s_to_end.to(DOT_DT), input_precision=PRECISION)
+    offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
+    tl.store(states_ptr + offs, local.to(states_ptr.dtype.element_ty), mask=mask)
+    if STORE_DECAY:
+        if i_d == 0:
+            tl.store(decay_ptr + (i_c * H + i_h) * M + ms, tl.exp(g_end), mask=ms < M)
+
+
+@triton.jit
+def _local_dstates(
+    x_ptr, y_ptr, dstates_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, x_scale,
+    H, HQ, W, M, KV, row0, GROUP,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """What chunk c adds to the gradient of the state before it: x_scale Σ_group xᵀ y, where (x, y) is
+    (q, dlogits exp(G)) for key rows and (do, p exp(G)) for value rows; written to the chunk's own slot."""
+    i_c = tl.program_id(0)
+    i_d = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    dd = tl.arange(0, BD)
+    ms = tl.arange(0, BM)
+    d0 = i_d * BD
+    local = tl.zeros([BD, BM], dtype=tl.float32)
+    for i_g in range(GROUP):
+        i_hq = i_h * GROUP + i_g
+        x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
+        y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
+        local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
+    offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
+    tl.store(dstates_ptr + offs, (x_scale * local).to(dstates_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scan_slots(
+    slots_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
+    H, M, SIZE,
+    BT: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
+):
+    """x_n = x_{n-1} * decay_n + local_n over one sequence's chunks, elementwise on BLOCK entries of [K + V, M].
+
+    Forward: x_0 = start (initial state), local_n sits in slot n + 1 and is replaced by the state there.
+    Reverse: x = start (final-state gradient) enters slot NT; local_n sits in slot n and is replaced by the
+    gradient of the state before chunk n. The last x (final state / initial-state gradient) goes to end, fp32."""
+    i_nh = tl.program_id(0)
+    i_b = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    chunk0 = slot0 - i_n  # chunks of earlier sequences: slots minus one extra slot per sequence
+    e = i_b * BLOCK + tl.arange(0, BLOCK)
+    ok = e < SIZE
+    m = e % M
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_START:
+        x = tl.load(start_ptr + i_nh.to(tl.int64) * SIZE + e, mask=ok, other=0.0).to(tl.float32)
+    if REVERSE:
+        tl.store(slots_ptr + ((slot0 + num_chunks) * H + i_h) * SIZE + e, x.to(slots_ptr.dtype.element_ty), mask=ok)
+        for back in range(num_chunks):
+            n = num_chunks - 1 - back
+            ptr = slots_ptr + ((slot0 + n) * H + i_h) * SIZE + e
+            d = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + m, mask=ok, other=0.0)
+            x = x * d + tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(slots_ptr + (slot0 * H + i_h) * SIZE + e, x.to(slots_ptr.dtype.element_ty), mask=ok)
+        for n in range(num_chunks):
+            ptr = slots_ptr + ((slot0 + n + 1) * H + i_h) * SIZE + e
+            d = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + m, mask=ok, other=0.0)
+            x = x * d + tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
+    tl.store(end_ptr + i_nh.to(tl.int64) * SIZE + e, x, mask=ok)
+
+
+@triton.jit
+def _output_fwd(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, o_ptr,
+    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
+    HQ, H, K, V, M, KV, GROUP,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_hq = tl.program_id(1)
+    i_h = i_hq // GROUP
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    ms = tl.arange(0, BM)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    fast = chunk_span(g_end, ms, M) <= SPAN_LIMIT
+    decay_start = tl.exp(cum)
+    s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))  # exact when fast (-G <= span <= limit); never overflows
+    causal = rows[:, None] >= cols[None, :]
+
+    # pass 1: logits = scale * (exp(G) * (q Hk_before) + rows(q kᵀ))
+    q_state = tl.zeros([BT, BM], dtype=tl.float32)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
+        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        q_state += tl.dot(q, hk, input_precision=PRECISION)
+        scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    scores = tl.where(causal, scores, 0.0)
+    if fast:
+        intra = decay_start * tl.dot(scores.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION)
+    else:
+        intra = rows_exact(scores, s, cum, rows, cols, BT, BM)
+    logits = scale * (decay_start * q_state + intra)
+    logits = tl.where((ms < M)[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    store_rows(logits_ptr, logits, t0, eos, i_hq, HQ, M, 0, rows, ms)
+
+    # pass 2: o = (p * exp(G)) Hv_before + pairs(p) v
+    p_decayed = p * decay_start
+    if fast:
+        probs = tl.dot(p_decayed.to(DOT_DT), tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION)
+        probs = tl.where(causal, probs, 0.0)
+    else:
+        probs = pairs_exact(p, s, cum, rows, cols, BT)
+    for i_v in range(tl.cdiv(V, BV)):
+        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)  # [BV, BM] = Hvᵀ rows
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
+        o = tl.dot(p_decayed.to(DOT_DT), tl.trans(hv_t), input_precision=PRECISION)
+        o += tl.dot(probs.to(DOT_DT), v, input_precision=PRECISION)
+        store_rows(o_ptr, o, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv)
+
+
+@triton.jit
+def _intra_bwd(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
+    dq_ptr, dk_ptr, dv_ptr, ds_ptr, dgq_ptr, dl_dec_ptr, p_dec_ptr,
+    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
+    HQ, H, K, V, M, KV, GROUP,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
+    summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
+    p*exp(G) for the reverse scan."""
+    i_c = tl.program_id(0)
+    i_hq = tl.program_id(1)
+    i_h = i_hq // GROUP
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    ms = tl.arange(0, BM)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    fast = chunk_span(g_end, ms, M) <= SPAN_LIMIT
+    decay_start = tl.exp(cum)
+    s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
+    causal = rows[:, None] >= cols[None, :]
+    logits = load_rows(logits_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
+    logits = tl.where((ms < M)[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    logits = tl.where((ms < M)[None, :], logits, 0.0)
+
+    # pass 2 backward: dp = exp(G) (do Hv_beforeᵀ) + rows(do vᵀ)
+    do_state = tl.zeros([BT, BM], dtype=tl.float32)
+    d_pv = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
+        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        do_state += tl.dot(do, hv_t, input_precision=PRECISION)
+        d_pv += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    d_pv = tl.where(causal, d_pv, 0.0)
+    if fast:
+        dp = decay_start * (do_state + tl.dot(d_pv.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION))
+        probs = tl.where(causal, tl.dot((p * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)),
+                                        input_precision=PRECISION), 0.0)
+    else:
+        dp = decay_start * do_state + rows_exact(d_pv, s, cum, rows, cols, BT, BM)
+        probs = pairs_exact(p, s, cum, rows, cols, BT)
+    dlogits = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    store_rows(dgq_ptr, dlogits * logits + dp * p, t0, eos, i_hq, HQ, M, 0, rows, ms)
+    store_rows(dl_dec_ptr, dlogits * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
+    store_rows(p_dec_ptr, p * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
+    for i_v in range(tl.cdiv(V, BV)):
+        do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
+        dv = tl.dot(tl.trans(probs.to(DOT_DT)), do, input_precision=PRECISION)
+        store_rows(dv_ptr, dv, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv)
+
+    # pass 1 backward: dq = scale (dlogits exp(G) Hk_beforeᵀ + pairs(dlogits) k), dk = scale pairs(dlogits)ᵀ q
+    if fast:
+        d_scores = tl.dot((dlogits * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION)
+        d_scores = tl.where(causal, d_scores, 0.0)
+    else:
+        d_scores = pairs_exact(dlogits, s, cum, rows, cols, BT)
+    dl_dec = (dlogits * decay_start).to(DOT_DT)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
+        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dq = tl.dot(dl_dec, tl.trans(hk), input_precision=PRECISION)
+        dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
+        store_rows(dq_ptr, scale * dq, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
+        dk = tl.dot(tl.trans(d_scores.to(DOT_DT)), q, input_precision=PRECISION)
+        store_rows(dk_ptr, scale * dk, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
+    scores = tl.where(causal, scale * scores, 0.0)
+
+    # ds within the chunk: Σ_t D[t, j] (scale q_t.k_j dlogits_t + dP[t, j] p_t)
+    if fast:
+        ds = tl.dot(tl.trans(scores.to(DOT_DT)), dl_dec, input_precision=PRECISION)
+        ds += tl.dot(tl.trans(d_pv.to(DOT_DT)), (p * decay_start).to(DOT_DT), input_precision=PRECISION)
+        ds = ds * tl.exp(-cum)
+    else:
+        ds = key_grad_exact(scores, dlogits, d_pv, p, cum, rows, cols, BT, BM)
+    store_rows(ds_ptr, ds, t0, eos, i_hq, HQ, M, 0, rows, ms)
+
+
+@triton.jit
+def _state_grads_bwd(
+    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr, dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
+    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
+    H, K, V, M, KV, GROUP,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per chunk and key/value head: add the state parts to dk, dv (in place), and finish ds and dg.
+
+    dk_j += (s_j exp(G_C - G_j)) dHk_afterᵀ; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
+    dG = dgq - s ds (+ Σ dS_after S_after at the chunk's last step); dg = reverse cumulative sum of dG."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64) + 1  # the state after this chunk
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    ms = tl.arange(0, BM)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    g_raw, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    decay_to_end = tl.exp(g_end[None, :] - cum)
+    s_to_end = (s * decay_to_end).to(DOT_DT)
+    ds_state = tl.zeros([BT, BM], dtype=tl.float32)
+    end_term = tl.zeros([BM], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        dhk = tl.load(dstates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        end_term += tl.sum(dhk * hk, axis=0)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk)
+        ds_state += tl.dot(k.to(DOT_DT), dhk.to(DOT_DT), input_precision=PRECISION)
+        dk = load_rows(dk_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(tl.float32)
+        dk += tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
+        store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
+    for i_v in range(tl.cdiv(V, BV)):
+        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        dhv_t = tl.load(dstates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        end_term += tl.sum(dhv_t * hv_t, axis=0)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv)
+        ds_state += tl.dot(v.to(DOT_DT), dhv_t.to(DOT_DT), input_precision=PRECISION)
+        dv = load_rows(dv_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(tl.float32)
+        dv += tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
+        store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
+    ds = decay_to_end * ds_state
+    dgc = tl.zeros([BT, BM], dtype=tl.float32)
+    for i_g in range(GROUP):
+        i_hq = i_h * GROUP + i_g
+        dgc += load_rows(dgq_ptr, t0, eos, i_hq, H * GROUP, M, 0, rows, ms)
+        ds += load_rows(ds_part_ptr, t0, eos, i_hq, H * GROUP, M, 0, rows, ms)
+    last = tl.minimum(eos - t0, BT) - 1
+    dgc = dgc - s * ds + tl.where(rows[:, None] == last, end_term[None, :], 0.0)
+    dg = tl.cumsum(dgc, axis=0, reverse=True)
+    dg = tl.where(g_raw >= FLOOR, dg, 0.0)
+    store_rows(ds_ptr, ds, t0, eos, i_h, H, M, 0, rows, ms)
+    store_rows(dg_ptr, dg, t0, eos, i_h, H, M, 0, rows, ms)
+
+
+class ChunkLayout:
+    """Where every chunk of every sequence lives: token offsets, sequence ids and state slots (device tensors)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, T_total: int, uniform_length: int | None):
+        device = cu_seqlens.device
+        if uniform_length is not None:  # B sequences of one length: no host round trip
+            N = cu_seqlens.numel() - 1
+            per_seq = triton.cdiv(uniform_length, CHUNK)
+            n = torch.arange(per_seq, device=device)
+            seq = torch.arange(N, device=device).repeat_interleave(per_seq)
+            self.chunk_start = (seq * uniform_length + n.repeat(N) * CHUNK).to(torch.int64)
+            self.slot_base = torch.arange(N, device=device, dtype=torch.int64) * (per_seq + 1)
+            self.chunk_slot = self.slot_base[seq] + n.repeat(N)
+            self.num_slots = N * (per_seq + 1)
+        else:
+            offsets = cu_seqlens.tolist()
+            lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+            per_seq = [triton.cdiv(length, CHUNK) for length in lengths]
+            seq_list, start_list, slot_list, base_list, slot = [], [], [], [], 0
+            for i, (offset, count) in enumerate(zip(offsets[:-1], per_seq)):
+                base_list.append(slot)
+                seq_list += [i] * count
+                start_list += [offset + c * CHUNK for c in range(count)]
+                slot_list += [slot + c for c in range(count)]
+                slot += count + 1
+            seq = torch.tensor(seq_list, device=device)
+            self.chunk_start = torch.tensor(start_list, device=device, dtype=torch.int64)
+            self.chunk_slot = torch.tensor(slot_list, device=device, dtype=torch.int64)
+            self.slot_base = torch.tensor(base_list, device=device, dtype=torch.int64)
+            self.num_slots = slot
+        self.chunk_seq = seq.to(torch.int32)
+        self.cu_seqlens = cu_seqlens.to(torch.int64)
+        self.num_chunks = self.chunk_start.numel()
+        self.num_sequences = cu_seqlens.numel() - 1
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_layout(B: int, T: int, device: torch.device) -> ChunkLayout:
+    """Layouts of plain batches are reused across calls: building one costs several small launches."""
+    cu = torch.arange(0, (B + 1) * T, T, device=device, dtype=torch.int64)
+    return ChunkLayout(cu, B * T, T)
+
+
+def _dot_args(dtype: torch.dtype):
+    dot_dtype, precision = dot_config(str(dtype).replace("torch.", ""))
+    return dict(DOT_DT=dot_dtype, PRECISION=precision)
+
+
+SCAN_BLOCK = 1024
+
+
+def _joint(hk: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
+    """(Hk [N, H, K, M], Hv [N, H, M, V]) -> the joint state [N, H, K + V, M] in float32."""
+    return torch.cat([hk.float(), hv.float().transpose(-1, -2)], -2).contiguous()
+
+
+def _split(joint: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return joint[:, :, :K].contiguous(), joint[:, :, K:].transpose(-1, -2).contiguous()
+
+
+def _scan(slots, decay, start, layout, reverse):
+    """Run `_scan_slots` over all sequences and heads; returns the last value of each scan (float32, joint)."""
+    _, H, KV, M = slots.shape
+    end = torch.empty(layout.num_sequences, H, KV, M, device=slots.device, dtype=torch.float32)
+    grid = (layout.num_sequences * H, triton.cdiv(KV * M, SCAN_BLOCK))
+    _scan_slots[grid](
+        slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
+        H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
+    )
+    return end
+
+
+def _scan_states(k, v, s, g, h0, layout, state_dtype):
+    """Joint states at every chunk boundary, the chunk decays, and the final states (float32, joint)."""
+    _, H, K = k.shape
+    V, M = v.shape[-1], s.shape[-1]
+    BM = next_power_of_2(M)
+    states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=state_dtype)
+    decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
+    for x, width, row0 in ((k, K, 0), (v, V, K)):
+        BD = min(64, next_power_of_2(width))
+        _local_states[(layout.num_chunks, triton.cdiv(width, BD), H)](
+            x, s, g, states, decay, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
+            H, width, M, K + V, row0,
+            BT=CHUNK, BD=BD, BM=BM, FLOOR=LOG_GATE_FLOOR, STORE_DECAY=row0 == 0, **_dot_args(k.dtype),
+        )
+    final = _scan(states, decay, _joint(*h0) if h0 is not None else None, layout, reverse=False)
+    return states, decay, final
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 inputs keep chunk states in bf16 (half the traffic, within bf16's error budget); others in float32
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+class ChunkGSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state):
+        TT, HQ, K = q.shape
+        H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
+        h0 = (hk0, hv0) if hk0 is not None else None
+        states, _, final = _scan_states(k, v, s, g, h0, layout, _state_dtype(q.dtype))
+        final_k, final_v = _split(final, K) if output_final_state else (None, None)
+        o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
+        logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
+        BM = next_power_of_2(M)
+        _output_fwd[(layout.num_chunks, HQ)](
+            q, k, v, s, g, states, logits, o,
+            layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
+            HQ, H, K, V, M, K + V, HQ // H,
+            BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
+            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, **_dot_args(q.dtype),
+        )
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, logits)
+        ctx.scale, ctx.layout = scale, layout
+        return o, final_k, final_v
+
+    @staticmethod
+    def backward(ctx, do, dfinal_k, dfinal_v):
+        q, k, v, s, g, hk0, hv0, logits = ctx.saved_tensors
+        scale, layout = ctx.scale, ctx.layout
+        TT, HQ, K = q.shape
+        H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
+        group = HQ // H
+        do = do.contiguous()
+        h0 = (hk0, hv0) if hk0 is not None else None
+        states, decay, _ = _scan_states(k, v, s, g, h0, layout, _state_dtype(q.dtype))
+        BM = next_power_of_2(M)
+        BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
+        dot = _dot_args(q.dtype)
+        part_dtype = q.dtype if group == 1 else torch.float32
+        dq = torch.empty_like(q)
+        dk = torch.empty(TT, HQ, K, device=q.device, dtype=part_dtype)
+        dv = torch.empty(TT, HQ, V, device=q.device, dtype=part_dtype)
+        ds_part, dgq = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(2))
+        # dlogits exp(G) and p exp(G) only feed matrix products: keep them at the products' operand precision
+        dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
+        _intra_bwd[(layout.num_chunks, HQ)](
+            q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
+            layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
+            HQ, H, K, V, M, K + V, group,
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, **dot,
+        )
+        if group > 1:
+            dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
+            dv = dv.view(TT, H, group, V).sum(2).to(v.dtype)
+
+        dstates = torch.empty_like(states)
+        for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
+            BD = min(64, next_power_of_2(width))
+            _local_dstates[(layout.num_chunks, triton.cdiv(width, BD), H)](
+                x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, x_scale,
+                H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot,
+            )
+        dfinal = None
+        if dfinal_k is not None or dfinal_v is not None:
+            dfinal = _joint(
+                dfinal_k if dfinal_k is not None else torch.zeros(layout.num_sequences, H, K, M, device=q.device),
+                dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
+            )
+        dh0_k, dh0_v = _split(_scan(dstates, decay, dfinal, layout, reverse=True), K)
+        ds = torch.empty(TT, H, M, device=q.device, dtype=torch.float32)
+        dg = torch.empty(TT, H, M, device=q.device, dtype=torch.float32)
+        _state_grads_bwd[(layout.num_chunks, H)](
+            k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
+            layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
+            H, K, V, M, K + V, group,
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot,
+        )
+        dhk0 = dh0_k if hk0 is not None else None
+        dhv0 = dh0_v if hv0 is not None else None
+        return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0, None, None, None
+
+
+def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention)."""
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[3], s.shape[3]
+    q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
+    if cu_seqlens is None:
+        layout = _uniform_layout(B, T, q.device)
+    else:
+        layout = ChunkLayout(cu_seqlens, T, None)
+    hk0 = hv0 = None
+    if initial_state is not None:
+        hk0, hv0 = (h.float().contiguous() for h in initial_state)
+    o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state)
+    o = o.view(B, T, HQ, V)
+    return o, ((final_k, final_v) if output_final_state else None)

@@ -1,0 +1,123 @@
+"""Triton helpers shared by the GSA kernels: tile loads, chunk gates, and the three gated contractions.
+
+Every chunk kernel works on one chunk of BT steps of one sequence. With G the chunk-local cumulative sum of the
+log gates, the intra-chunk work is three contractions with the causal decay D[t, j, m] = exp(G_t[m] - G_j[m]):
+
+    rows(R)      Y[t, m] = Σ_{j<=t} R[t, j] s_j[m] D[t, j, m]
+    pairs(X)     R[t, j] = Σ_m X[t, m] s_j[m] D[t, j, m]                (j <= t)
+    key_grad     Z[j, m] = Σ_{t>=j} (R1[t, j] X1[t, m] + R2[t, j] X2[t, m]) D[t, j, m]
+
+Fast form: D = exp(G_t) exp(-G_j), so each is one matrix product. exp(-G_j) <= exp(span of the chunk), so the
+kernels take it only when the span is below SPAN_LIMIT; a chunk with a steeper gate takes the exact loop over j,
+which never forms a factor above 1. Same scheme as the PyTorch path (gsa/ops/chunk.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows(ptr, t0, eos, head, n_heads, width, d0, rows, cols):
+    """Rows t0 + rows (those before eos) of [tokens, n_heads, width] at `head`, columns d0 + cols; zeros outside."""
+    t = t0 + rows
+    offs = t[:, None] * (n_heads * width) + head * width + d0 + cols[None, :]
+    mask = (t < eos)[:, None] & ((d0 + cols) < width)[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, value, t0, eos, head, n_heads, width, d0, rows, cols):
+    t = t0 + rows
+    offs = t[:, None] * (n_heads * width) + head * width + d0 + cols[None, :]
+    mask = (t < eos)[:, None] & ((d0 + cols) < width)[None, :]
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def state_offsets(slot, head, n_heads, joint_rows, slots, row0, row_limit, rr, ms):
+    """Offsets and mask of rows row0 + rr (below row_limit) of state slot `slot` in [slots, H, K + V, M]."""
+    offs = ((slot * n_heads + head) * joint_rows + row0 + rr)[:, None] * slots + ms[None, :]
+    mask = ((row0 + rr) < row_limit)[:, None] & (ms < slots)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def chunk_gates(g_ptr, s_ptr, t0, eos, head, n_heads, slots, rows, ms, FLOOR: tl.constexpr):
+    """Gates of one chunk in float32: raw g, s, chunk cumulative sum G, and G at the chunk's end."""
+    t = t0 + rows
+    offs = t[:, None] * (n_heads * slots) + head * slots + ms[None, :]
+    mask = (t < eos)[:, None] & (ms < slots)[None, :]
+    g_raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.maximum(g_raw, FLOOR)
+    cum = tl.cumsum(g, axis=0)
+    return g_raw, s, cum, tl.sum(g, axis=0)
+
+
+@triton.jit
+def chunk_span(g_end, ms, slots):
+    """The largest total decay exponent -G_C over the slots: the factor exp(-G_j) is at most exp(span)."""
+    return tl.max(tl.where(ms < slots, -g_end, 0.0), axis=0)
+
+
+@triton.jit
+def column(x, cols, j):
+    """x[:, j] of a register tile."""
+    return tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
+
+
+@triton.jit
+def row(x, rows, j):
+    """x[j, :] of a register tile."""
+    return tl.sum(tl.where(rows[:, None] == j, x, 0.0), axis=0)
+
+
+@triton.jit
+def decay_from(cum, rows, j, cum_j):
+    """exp(G_t - G_j) for rows t >= j, 0 above: never exponentiates a positive number."""
+    return tl.exp(tl.where(rows[:, None] >= j, cum - cum_j[None, :], float("-inf")))
+
+
+@triton.jit
+def rows_exact(r, s, cum, rows, cols, BT: tl.constexpr, BM: tl.constexpr):
+    out = tl.zeros([BT, BM], dtype=tl.float32)
+    for j in range(BT):
+        d = decay_from(cum, rows, j, row(cum, rows, j))
+        out += column(r, cols, j)[:, None] * row(s, rows, j)[None, :] * d
+    return out
+
+
+@triton.jit
+def pairs_exact(x, s, cum, rows, cols, BT: tl.constexpr):
+    out = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):
+        d = decay_from(cum, rows, j, row(cum, rows, j))
+        values = tl.sum(x * row(s, rows, j)[None, :] * d, axis=1)
+        out += tl.where(cols[None, :] == j, values[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def key_grad_exact(r1, x1, r2, x2, cum, rows, cols, BT: tl.constexpr, BM: tl.constexpr):
+    out = tl.zeros([BT, BM], dtype=tl.float32)
+    for j in range(BT):
+        d = decay_from(cum, rows, j, row(cum, rows, j))
+        mixed = column(r1, cols, j)[:, None] * x1 + column(r2, cols, j)[:, None] * x2
+        out += tl.where(rows[:, None] == j, tl.sum(mixed * d, axis=0)[None, :], 0.0)
+    return out
+
+
+def dot_config(dtype_name: str):
+    """(operand dtype, input_precision) for tl.dot by input dtype: bf16 stays bf16; fp16 goes to fp32 (its range
+    is too small for operands scaled by exp(-G)); fp32 stays exact."""
+    if dtype_name == "bfloat16":
+        return tl.bfloat16, "tf32"
+    if dtype_name == "float16":
+        return tl.float32, "tf32"
+    return tl.float32, "ieee"
+
+
+def next_power_of_2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))

@@ -1,0 +1,96 @@
+"""Token-by-token GSA on the GPU: the decoding step (state updated in place, CUDA-graph safe).
+
+A step is two launches so that every state block gets its own program (a decode step is a few KB of work per
+block and pure latency otherwise): `_step_keys` updates Hk block by block and writes partial slot logits;
+`_step_values` sums them, takes the softmax, updates Hv block by block and writes the output. The query heads of
+a group are the rows of one tile, so they share each state read. States stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import next_power_of_2
+
+
+@triton.jit
+def _step_keys(
+    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr,
+    HQ, H, K, M, GROUP, NKB,
+    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
+    gg = tl.arange(0, BG)
+    ms = tl.arange(0, BM)
+    k_idx = i_k * BK + tl.arange(0, BK)
+    m_ok = ms < M
+    k_ok = k_idx < K
+    g = tl.load(g_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
+    both = k_ok[:, None] & m_ok[None, :]
+    hk = tl.load(hk_ptr + offs, mask=both, other=0.0)
+    k = tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32)
+    hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
+    tl.store(hk_ptr + offs, hk, mask=both)
+    heads = i_h * GROUP + gg
+    q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
+                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    partial = tl.dot(q, hk, input_precision="ieee")
+    tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
+
+
+@triton.jit
+def _step_values(
+    v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale,
+    HQ, H, V, M, GROUP, NKB,
+    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    gg = tl.arange(0, BG)
+    ms = tl.arange(0, BM)
+    v_idx = i_v * BV + tl.arange(0, BV)
+    m_ok = ms < M
+    v_ok = v_idx < V
+    logits = tl.zeros([BG, BM], dtype=tl.float32)
+    for i_k in range(NKB):
+        logits += tl.load(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :])
+    logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    g = tl.load(g_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
+    both = m_ok[:, None] & v_ok[None, :]
+    hv = tl.load(hv_ptr + offs, mask=both, other=0.0)
+    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+    hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
+    tl.store(hv_ptr + offs, hv, mask=both)
+    o = tl.dot(p, hv, input_precision="ieee")
+    heads = i_h * GROUP + gg
+    tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(gg < GROUP)[:, None] & v_ok[None, :])
+
+
+def gsa_step_triton(q, k, v, s, g, hk, hv, scale):
+    """One token per sequence: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M]; updates float32 contiguous
+    hk [B, H, K, M] and hv [B, H, M, V] in place. Returns o [B, HQ, V]."""
+    B, HQ, K = q.shape
+    H, V, M = k.shape[1], v.shape[2], s.shape[2]
+    group = HQ // H
+    BG, BK, BV, BM = next_power_of_2(group), min(64, next_power_of_2(K)), min(64, next_power_of_2(V)), next_power_of_2(M)
+    nkb = triton.cdiv(K, BK)
+    q, k, v, s, g = (t.contiguous() for t in (q, k, v, s, g))
+    partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
+    _step_keys[(B, H, nkb)](q, k, s, g, hk, partial, HQ, H, K, M, group, nkb, BG=BG, BK=BK, BM=BM)
+    _step_values[(B, H, triton.cdiv(V, BV))](
+        v, s, g, hv, partial, o, scale, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM
+    )
+    return o

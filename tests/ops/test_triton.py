@@ -1,0 +1,170 @@
+"""Triton kernels against the step-by-step reference.
+
+On CPU they run in Triton's interpreter (float32, small shapes); on a GPU the same tests run natively, plus the
+GPU-only tests below at real shapes in bf16 / fp16 / fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsa.ops import gated_slot_attention, gated_slot_attention_step
+from tests.helpers import assert_close_all, gsa_inputs, outputs_and_grads, random_state, rel_err
+
+triton_ops = pytest.importorskip("gsa.ops.triton")
+if not triton_ops.KERNELS_AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference(q, k, v, s, g, hk=None, hv=None, cu_seqlens=None, scale=None):
+    state = (hk, hv) if hk is not None else None
+    args = [t.double().cpu() for t in (q, k, v, s, g)]
+    state = tuple(h.double().cpu() for h in state) if state else None
+    cu = cu_seqlens.cpu() if cu_seqlens is not None else None
+    o, final = gated_slot_attention(*args, scale, state, True, cu, backend="reference")
+    return o, final
+
+
+def triton_call(q, k, v, s, g, hk=None, hv=None, cu_seqlens=None, scale=None):
+    state = (hk, hv) if hk is not None else None
+    return triton_ops.chunk_gsa_triton(q, k, v, s, g, scale if scale is not None else q.shape[-1] ** -0.5, state,
+                                       True, cu_seqlens)
+
+
+# (B, T, HQ, H, K, V, M): one and several chunks, T off the 64-step grid, odd widths, several K/V blocks, GQA
+SHAPES = [
+    (2, 37, 4, 2, 5, 7, 3),
+    (1, 1, 2, 2, 4, 4, 4),
+    (1, 200, 2, 1, 70, 130, 20),
+    (2, 129, 3, 3, 16, 16, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_chunk_kernels_match_reference(shape):
+    B, T, HQ, H, K, V, M = shape
+    tensors = gsa_inputs(*shape, dtype=torch.float32, seed=sum(shape), device=DEVICE)
+    tensors += list(random_state(B, H, K, V, M, dtype=torch.float32, seed=3, device=DEVICE))
+    got = outputs_and_grads(triton_call, tensors)
+    want = outputs_and_grads(reference, tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
+
+
+def test_chunk_kernels_without_initial_state():
+    tensors = gsa_inputs(2, 90, 2, 2, 8, 8, 16, dtype=torch.float32, seed=4, device=DEVICE)
+    got = outputs_and_grads(triton_call, tensors)
+    want = outputs_and_grads(reference, tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
+
+
+def test_steep_gates_take_the_exact_path():
+    """Chunks whose gate span exceeds the factored form's limit (gates at -inf, -1e4, -30) stay exact."""
+    q, k, v, s, g = gsa_inputs(1, 130, 2, 1, 8, 8, 16, dtype=torch.float32, seed=5, device=DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    g = g.clone().cpu()
+    g[torch.rand(g.shape, generator=gen) < 0.05] = float("-inf")
+    g[torch.rand(g.shape, generator=gen) < 0.05] = -1e4
+    g[:, 64:90][torch.rand(g[:, 64:90].shape, generator=gen) < 0.5] = -30.0
+    g = g.to(DEVICE)
+    got = outputs_and_grads(triton_call, [q, k, v, s, g])
+    want = outputs_and_grads(reference, [q, k, v, s, g])
+    for name, x in zip(["o", "hk", "hv", "dq", "dk", "dv", "ds"], got):
+        assert torch.isfinite(x).all(), name
+    assert_close_all([t.cpu() for t in got[:7]], want[:7], 1e-4, names=["o", "hk", "hv", "dq", "dk", "dv", "ds"])
+
+
+def test_varlen_matches_reference():
+    offsets = [0, 5, 70, 71, 200]
+    N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
+    tensors = gsa_inputs(1, offsets[-1], 4, H, K, V, M, dtype=torch.float32, seed=7, device=DEVICE)
+    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=8, device=DEVICE))
+    cu = torch.tensor(offsets, device=DEVICE)
+    got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
+    want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_decode_step_kernel_matches_reference(inplace):
+    B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20
+    q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=9, device=DEVICE)
+    hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=10, device=DEVICE)
+    want, (hk_want, hv_want) = reference(q, k, v, s, g, hk0, hv0)
+    state = (hk0.clone(), hv0.clone())
+    outs = []
+    for t in range(T):
+        o, new_state = triton_ops.triton_gsa_step(q[:, t], k[:, t], v[:, t], s[:, t], g[:, t], state, K**-0.5,
+                                                  inplace=inplace)
+        assert (new_state[0] is state[0]) == inplace
+        state = new_state
+        outs.append(o)
+    assert rel_err(torch.stack(outs, 1).cpu(), want) < 2e-6
+    assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
+
+
+def test_short_prompt_without_grad_uses_recurrent_kernel_and_matches():
+    tensors = gsa_inputs(2, 9, 2, 1, 16, 16, 8, dtype=torch.float32, seed=11, device=DEVICE)
+    with torch.no_grad():
+        o, (hk, hv) = triton_ops.triton_gsa(*tensors, 0.25, None, True)
+    want, (hk_want, hv_want) = reference(*tensors, scale=0.25)
+    assert rel_err(o.cpu(), want) < 2e-6 and rel_err(hk.cpu(), hk_want) < 2e-6 and rel_err(hv.cpu(), hv_want) < 2e-6
+
+
+# ---- GPU only: real shapes and low precision -------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize(
+    "shape,dtype,tol",
+    [
+        ((2, 2048, 4, 4, 512, 512, 64), torch.bfloat16, 1e-2),  # the paper's 1.3B layer
+        ((1, 1000, 32, 8, 64, 64, 48), torch.bfloat16, 1e-2),  # Mistral-7B-like GQA, slots off a power of two
+        ((1, 1000, 32, 8, 64, 64, 48), torch.float16, 1e-2),
+        ((1, 1000, 32, 8, 64, 64, 48), torch.float32, 1e-4),
+        ((2, 300, 2, 2, 64, 64, 256), torch.bfloat16, 1e-2),  # 256 slots
+    ],
+    ids=str,
+)
+def test_gpu_real_shapes(shape, dtype, tol):
+    B, T, HQ, H, K, V, M = shape
+    tensors = [t.to(dtype) for t in gsa_inputs(*shape, dtype=torch.float32, seed=12, device="cuda")]
+    tensors += list(random_state(B, H, K, V, M, dtype=torch.float32, seed=13, device="cuda"))
+    got = outputs_and_grads(lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, backend="triton"), tensors)
+    want = outputs_and_grads(
+        lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, backend="torch"), [t.double() for t in tensors]
+    )
+    assert_close_all([t.float() for t in got], want, tol, context=f"{shape} {dtype}")
+
+
+@gpu
+def test_gpu_long_sequence_and_varlen_bf16():
+    offsets = [0, 100, 5000, 5001, 70000]
+    cu = torch.tensor(offsets, device="cuda")
+    tensors = [t.bfloat16() for t in gsa_inputs(1, offsets[-1], 4, 2, 64, 64, 64, dtype=torch.float32, seed=14,
+                                                 device="cuda")]
+    o, (hk, hv) = gated_slot_attention(*tensors, None, None, True, cu, backend="triton")
+    want, (hk_want, hv_want) = gated_slot_attention(*[t.float() for t in tensors], None, None, True, cu,
+                                                    backend="torch")
+    assert rel_err(o.float(), want) < 1e-2 and rel_err(hk, hk_want) < 1e-2 and rel_err(hv, hv_want) < 1e-2
+
+
+@gpu
+def test_gpu_decode_step_in_cuda_graph():
+    B, HQ, H, K, V, M = 4, 8, 4, 128, 128, 64
+    q, k, v, s, g = (t[:, 0] for t in gsa_inputs(B, 1, HQ, H, K, V, M, dtype=torch.bfloat16, seed=15, device="cuda"))
+    hk, hv = random_state(B, H, K, V, M, dtype=torch.float32, seed=16, device="cuda")
+    state = (hk.clone(), hv.clone())
+    want, (hk_want, hv_want) = gated_slot_attention_step(q, k, v, s, g, (hk.clone(), hv.clone()), backend="torch")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gated_slot_attention_step(q, k, v, s, g, (hk.clone(), hv.clone()), inplace=True, backend="triton")  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, _ = gated_slot_attention_step(q, k, v, s, g, state, inplace=True, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(o.float(), want.float()) < 1e-2
+    assert rel_err(state[0], hk_want) < 1e-5 and rel_err(state[1], hv_want) < 1e-5
