@@ -193,3 +193,16 @@ def test_auto_backend_on_cpu_is_torch():
     auto, _ = gated_slot_attention(*tensors)
     chunked, _ = gated_slot_attention(*tensors, backend="torch")
     assert torch.equal(auto, chunked)
+
+
+def test_matches_fla_naive_reference_when_installed():
+    """Cross-check against the authors' plain-PyTorch recurrence (flash-linear-attention), GQA and states included."""
+    naive = pytest.importorskip("fla.ops.gsa.naive")
+    shape = (2, 45, 4, 2, 8, 6, 5)
+    B, T, HQ, H, K, V, M = shape
+    q, k, v, s, g = gsa_inputs(*shape, dtype=torch.float32, seed=21)
+    hk, hv = random_state(B, H, K, V, M, dtype=torch.float32, seed=22)
+    ours, (ours_hk, ours_hv) = gated_slot_attention(q, k, v, s, g, 0.3, (hk, hv), True, backend="torch")
+    theirs, (their_hk, their_hv) = naive.naive_recurrent_gsa(q, k, v, s, g, 0.3, (hk, hv), True)
+    assert rel_err(ours, theirs) < 1e-5
+    assert rel_err(ours_hk, their_hk) < 1e-5 and rel_err(ours_hv, their_hv) < 1e-5

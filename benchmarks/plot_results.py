@@ -1,0 +1,95 @@
+"""Plots for docs/performance.md from the JSON files the GPU benchmarks wrote (benchmarks/results/*_h200.json).
+
+    python benchmarks/plot_results.py        # writes docs/img/*.png
+
+FLA bars use the spec's anchors measured on the same GPU model and software (FLA was not run in-session).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+IMAGES = Path(__file__).parent.parent / "docs" / "img"
+FLA_ANCHORS = {  # ../shared/spec/benchmarks.md, H200, FLA 0.6.0, torch 2.11, triton 3.6
+    "op_paper_2k": {"forward": 0.639, "forward_backward": 3.217},
+    "train": {2048: 51_100, 8192: 53_900},
+    "decode_2k_ms": 56.0,
+}
+
+
+def plot_ops(data):
+    shapes = list(data["shapes"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in zip(axes, ("forward", "forward_backward"), ("forward", "forward + backward")):
+        ours = [data["shapes"][s]["ours_ms"][key] for s in shapes]
+        sdpa = [data["shapes"][s]["sdpa_ms"][key] for s in shapes]
+        fla = [FLA_ANCHORS["op_paper_2k"][key] if s == "paper-2k" else 0 for s in shapes]
+        x = range(len(shapes))
+        ax.bar([i - 0.27 for i in x], ours, 0.27, label="gsa (Triton)")
+        ax.bar(list(x), fla, 0.27, label="FLA chunk_gsa (anchor)")
+        ax.bar([i + 0.27 for i in x], sdpa, 0.27, label="SDPA flash, causal")
+        ax.set_xticks(list(x), shapes, rotation=15)
+        ax.set_ylabel("ms")
+        ax.set_title(f"GSA operator, {title}, bf16, 16K tokens")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(IMAGES / "ops_h200.png", dpi=120)
+
+
+def plot_train(data):
+    runs = data["runs"]
+    contexts = sorted({int(k.split("@")[1]) for k in runs})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for kind, label in (("ours", "gsa"), ("llama", "Transformer++ (HF Llama, SDPA)")):
+        axes[0].plot(contexts, [runs[f"{kind}@{c}"]["tokens_per_s"] / 1e3 for c in contexts], "o-", label=label)
+        axes[1].plot(contexts, [runs[f"{kind}@{c}"]["peak_gib"] for c in contexts], "o-", label=label)
+    axes[0].plot(list(FLA_ANCHORS["train"]), [v / 1e3 for v in FLA_ANCHORS["train"].values()], "s--",
+                 label="FLA GSA (anchor)")
+    axes[1].axhline(37.0, ls="--", color="gray", label="FLA GSA at 2K (anchor)")
+    for ax, ylabel in zip(axes, ("K tokens / s", "peak GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (16K tokens a step)")
+        ax.set_ylabel(ylabel)
+    axes[0].set_title("1.3B training throughput, H200")
+    axes[1].set_title("1.3B training peak memory")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(IMAGES / "train_h200.png", dpi=120)
+
+
+def plot_decode(data):
+    rows = data["ms_per_token"]
+    prompts = sorted({int(k.split("@")[1]) for k in rows})
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(prompts, [rows[f"ours@{p}"]["cuda_graph"] for p in prompts], "o-", label="gsa, CUDA graph")
+    ax.plot(prompts, [rows[f"ours@{p}"]["hf_generate"] for p in prompts], "o-", label="gsa, HF generate()")
+    ax.plot(prompts, [rows[f"llama@{p}"]["hf_generate"] for p in prompts], "o-", label="Llama SDPA, generate()")
+    ax.plot([2048], [FLA_ANCHORS["decode_2k_ms"]], "s", label="FLA GSA generate() (anchor)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length")
+    ax.set_ylabel("ms per generated token")
+    ax.set_title("1.3B decoding, batch 1, H200")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(IMAGES / "decode_h200.png", dpi=120)
+
+
+def main():
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    for name, plot in (("ops_h200.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
+        path = RESULTS / name
+        if path.exists():
+            plot(json.loads(path.read_text()))
+            print(f"plotted {name}")
+
+
+if __name__ == "__main__":
+    main()
