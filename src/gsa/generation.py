@@ -96,3 +96,87 @@ class GraphDecoder:
                 for live, kept in zip(state.conv, conv):
                     live.copy_(kept)
         return graph, logits
+
+
+class TextPrinter:
+    """Streams decoded text to a file as tokens arrive: a transformers streamer (`put`/`end`) and a GraphDecoder
+    callback at once. Works with any tokenizer that has `decode(ids)`; prints only whole characters."""
+
+    def __init__(self, tokenizer, file=None, skip_first_put: bool = True):
+        import sys
+
+        self.tokenizer = tokenizer
+        self.file = file or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+        self.skip_next = skip_first_put  # generate() first puts the prompt
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_next:
+            self.skip_next = False
+            return
+        self.__call__(value)
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.extend(int(t) for t in tokens.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            return
+        self.file.write(text[self.printed :])
+        self.file.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.file.write(text[self.printed :] + "\n")
+        self.file.flush()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="a saved model folder (gsa train / save_pretrained / gsa convert output)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--tokenizer", default=None, help="defaults to the one saved in the model folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cuda-graph", action="store_true", help="decode through transformers' generate()")
+
+
+def run(args) -> int:
+    from .data import load_tokenizer
+    from .models import GSAForCausalLM
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = GSAForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
+    ids = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+    ids += tokenizer.encode(args.prompt)
+    if not ids:
+        raise SystemExit("the prompt is empty and the tokenizer has no beginning-of-sequence token; pass --prompt")
+    input_ids = torch.tensor([ids], device=args.device)
+    printer = TextPrinter(tokenizer)
+    print(args.prompt, end="", flush=True)
+    use_graph = args.device.startswith("cuda") and not args.no_cuda_graph
+    if use_graph:
+        try:
+            decoder = GraphDecoder(model)
+        except ValueError:
+            use_graph = False  # hybrids with attention layers: generate() below
+    if use_graph:
+        decoder.generate(input_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                         eos_token_id=getattr(tokenizer, "eos_id", None), callback=printer)
+        printer.end()
+    else:
+        with torch.no_grad():
+            model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else None,
+                top_k=args.top_k if args.temperature > 0 else None, top_p=args.top_p if args.temperature > 0 else None,
+                streamer=printer, pad_token_id=getattr(tokenizer, "pad_id", 0) or 0,
+                eos_token_id=getattr(tokenizer, "eos_id", None),
+            )
+    return 0
