@@ -1,0 +1,469 @@
+"""Train and test small models on MQAR: the paper's Fig. 3a sweep (2 layers, widths 64-512, seq 512, 64 pairs).
+
+Each run trains one model (kind, width) at one learning rate and seed on freshly drawn examples every step,
+checks a held-out validation set every `eval_every` steps (stopping once it reaches `stop_accuracy`), and is
+scored on a fixed test set: accuracy = the fraction of queries whose value is the argmax prediction. A model
+kind's accuracy at a width is that of its best learning rate (mean over seeds), as Zoology reports it.
+
+Runs are independent, so a sweep spreads them over worker processes; on one GPU several small models train
+side by side far faster than one after another (each alone leaves the GPU mostly idle).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import GatedSlotAttention
+from ..models import GSAConfig, GSAForCausalLM
+from .mqar import IGNORE_INDEX, MQARTask, mqar_examples
+
+# Fig. 3a of the paper, accuracy (%) at widths 64 / 128 / 256 / 512 (read off the plot; seq 512, 64 pairs).
+PAPER_ACCURACY = {
+    "GSA (paper)": {64: 28, 128: 98, 256: 99, 512: 99},
+    "GLA (paper)": {64: 4, 128: 85, 256: 99, 512: 99},
+    "Mamba (paper)": {64: 0, 128: 99, 256: 99, 512: 100},
+}
+VALIDATION_SEED = 1_000_003  # held-out sets use seeds no training run draws with
+TEST_SEED = 2_000_003
+
+
+def fla_available() -> bool:
+    try:
+        import fla.models  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gsa_model(width: int, vocab_size: int, options: dict):
+    config = GSAConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_heads=max(1, width // options["gsa_head_dim"]),
+        num_slots=options["num_slots"],
+        use_short_conv=options["short_conv"],
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = GSAForCausalLM(config)
+    for module in model.modules():
+        if isinstance(module, GatedSlotAttention):
+            module.backend = options["gsa_backend"]
+    return model
+
+
+def _attention_model(width: int, vocab_size: int, options: dict):
+    heads = max(1, width // options["attention_head_dim"])
+    config = GSAConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_heads=heads,
+        attn={"layers": [0, 1], "num_heads": heads},
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return GSAForCausalLM(config)
+
+
+def _fla_model(name: str):
+    def build(width: int, vocab_size: int, options: dict):
+        import fla.models as fla_models
+
+        config_class, model_class = {
+            "fla-gsa": (fla_models.GSAConfig, fla_models.GSAForCausalLM),
+            "fla-gla": (fla_models.GLAConfig, fla_models.GLAForCausalLM),
+        }[name]
+        extra = {"num_slots": options["num_slots"]} if name == "fla-gsa" else {}
+        config = config_class(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            num_hidden_layers=2,
+            num_heads=max(1, width // options["gsa_head_dim"]),
+            use_short_conv=options["short_conv"],
+            **extra,
+        )
+        return model_class(config)
+
+    return build
+
+
+MODEL_BUILDERS: dict[str, Callable] = {
+    "gsa": _gsa_model,
+    "attention": _attention_model,
+    "fla-gsa": _fla_model("fla-gsa"),
+    "fla-gla": _fla_model("fla-gla"),
+}
+
+
+def default_models() -> list[str]:
+    """Ours always; FLA's GSA and GLA when flash-linear-attention is importable and a GPU can run its kernels."""
+    models = ["gsa", "attention"]
+    if torch.cuda.is_available() and fla_available():  # importing fla without a GPU only warns
+        models += ["fla-gsa", "fla-gla"]
+    return models
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 2000
+    batch_size: int = 64
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    eval_every: int = 100
+    validation_examples: int = 256
+    stop_accuracy: float = 0.99
+    test_examples: int = 1000
+    eval_batch_size: int = 256
+    max_train_seconds: float | None = None  # a wall-clock cap per run, so a sweep's length is bounded
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_seconds is not None and self.max_train_seconds <= 0:
+            raise ValueError(f"max_train_seconds must be > 0, got {self.max_train_seconds}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Heads are width // head_dim (at least one): head width 64 at every model width, as the attention baseline."""
+
+    gsa_head_dim: int = 64
+    num_slots: int = 64
+    short_conv: bool = True
+    attention_head_dim: int = 64
+    gsa_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class MQARRun:
+    model: str
+    width: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Sweep:
+    task: MQARTask
+    train: TrainSettings
+    models: tuple[str, ...]
+    widths: tuple[int, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    options: ModelOptions = field(default_factory=ModelOptions)
+    # training seconds of the whole sweep: each run gets budget * workers / runs (bounds the sweep's length)
+    time_budget_seconds: float | None = None
+
+    def __post_init__(self):
+        unknown = [m for m in self.models if m not in MODEL_BUILDERS]
+        if unknown:
+            raise ValueError(f"unknown MQAR models {unknown}; expected some of {', '.join(MODEL_BUILDERS)}")
+        if any(m.startswith("fla-") for m in self.models) and not fla_available():
+            raise ValueError(
+                "models fla-gsa / fla-gla need flash-linear-attention (pip install flash-linear-attention)"
+            )
+        if not (self.models and self.widths and self.lrs and self.seeds):
+            raise ValueError("a sweep needs at least one model, width, learning rate and seed")
+        bad = [w for w in self.widths if w < 1]
+        if bad or any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"widths and learning rates must be positive, got widths {self.widths}, lrs {self.lrs}")
+        if self.time_budget_seconds is not None and self.time_budget_seconds <= 0:
+            raise ValueError(f"time_budget_seconds must be > 0, got {self.time_budget_seconds}")
+
+    def runs(self) -> list[MQARRun]:
+        """Widest models first, so the longest runs start early and workers finish together."""
+        runs = [
+            MQARRun(model, width, lr, seed)
+            for width in sorted(self.widths, reverse=True)
+            for model in self.models
+            for lr in self.lrs
+            for seed in self.seeds
+        ]
+        return runs
+
+    def as_dict(self) -> dict:
+        return {
+            "task": self.task.as_dict(),
+            "train": asdict(self.train),
+            "models": list(self.models),
+            "widths": list(self.widths),
+            "lrs": list(self.lrs),
+            "seeds": list(self.seeds),
+            "options": asdict(self.options),
+            "time_budget_seconds": self.time_budget_seconds,
+        }
+
+    def train_settings(self, workers: int) -> TrainSettings:
+        """The training settings with the time budget shared out: runs go `workers` at a time."""
+        if self.time_budget_seconds is None:
+            return self.train
+        share = self.time_budget_seconds * workers / len(self.runs())
+        cap = share if self.train.max_train_seconds is None else min(share, self.train.max_train_seconds)
+        return replace(self.train, max_train_seconds=cap)
+
+
+# Named configurations. "gpu" is the paper's setting, bounded to 6 minutes of training (8 workers on one H200:
+# about 8 minutes with start-up and testing); "cpu" is a small task of the same kind, minutes on a laptop;
+# "smoke" checks the plumbing in seconds.
+PROFILES: dict[str, Sweep] = {
+    "gpu": Sweep(
+        task=MQARTask(vocab_size=8192, seq_len=512, num_pairs=64),
+        train=TrainSettings(steps=20000, batch_size=128, eval_every=200, validation_examples=512, test_examples=1000),
+        models=("gsa", "attention"),
+        widths=(64, 128, 256, 512),
+        lrs=(1e-3, 3e-3, 1e-2),
+        seeds=(0,),
+        time_budget_seconds=360,
+    ),
+    "cpu": Sweep(
+        task=MQARTask(vocab_size=256, seq_len=64, num_pairs=4),
+        train=TrainSettings(steps=1000, batch_size=64, eval_every=50, test_examples=256),
+        models=("gsa", "attention"),
+        widths=(32, 64),
+        lrs=(3e-3, 1e-2),
+        seeds=(0,),
+        time_budget_seconds=480,
+    ),
+    "smoke": Sweep(
+        task=MQARTask(vocab_size=64, seq_len=32, num_pairs=4),
+        train=TrainSettings(steps=4, batch_size=4, eval_every=2, validation_examples=8, test_examples=16),
+        models=("gsa", "attention"),
+        widths=(16,),
+        lrs=(3e-3,),
+        seeds=(0,),
+        options=ModelOptions(gsa_head_dim=8, num_slots=8, attention_head_dim=8),
+    ),
+}
+
+
+def build_model(kind: str, width: int, vocab_size: int, options: ModelOptions) -> torch.nn.Module:
+    if kind not in MODEL_BUILDERS:
+        raise ValueError(f"unknown MQAR model {kind!r}; expected one of {', '.join(MODEL_BUILDERS)}")
+    return MODEL_BUILDERS[kind](width, vocab_size, asdict(options))
+
+
+def _query_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """Logits at the query positions only (the LM head over every position would cost more than the model)."""
+    hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+    queries = targets != IGNORE_INDEX
+    return model.get_output_embeddings()(hidden[queries]).float(), targets[queries]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+    """Fraction of query positions whose argmax prediction is the key's value."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for start in range(0, len(inputs), batch_size):
+        with _autocast(inputs.device):
+            batch = slice(start, start + batch_size)
+            logits, wanted = _query_logits(model, inputs[batch], targets[batch])
+        correct += int((logits.argmax(-1) == wanted).sum())
+        total += wanted.numel()
+    model.train(was_training)
+    return correct / total
+
+
+def _learning_rate(progress: float, settings: TrainSettings, peak: float) -> float:
+    """Linear warm-up, then cosine decay to zero, over training progress in [0, 1]."""
+    if progress < settings.warmup_fraction:
+        return peak * max(progress, 1e-3) / settings.warmup_fraction  # the first step (progress 0) must move too
+    decay = (progress - settings.warmup_fraction) / (1 - settings.warmup_fraction)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
+
+
+def train_and_test(
+    run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device: str | torch.device
+) -> dict:
+    """Train one model on `task` and return its test accuracy with how it got there."""
+    device = torch.device(device)
+    torch.manual_seed(run.seed)
+    model = build_model(run.model, run.width, task.vocab_size, options).to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=run.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
+        fused=device.type == "cuda",
+    )
+    stream = torch.Generator(device=device).manual_seed(run.seed)
+    validation = mqar_examples(task, settings.validation_examples, VALIDATION_SEED, device)
+    started = time.perf_counter()
+    history = []
+    step = 0
+
+    def progress() -> float:
+        """How far training is: by steps, or by time when a cap is set and it runs out first."""
+        by_steps = step / settings.steps
+        if settings.max_train_seconds is None:
+            return by_steps
+        return max(by_steps, (time.perf_counter() - started) / settings.max_train_seconds)
+
+    while progress() < 1:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(progress(), settings, run.lr)
+        inputs, targets = task.sample(settings.batch_size, stream)
+        with _autocast(device):
+            logits, wanted = _query_logits(model, inputs, targets)
+        loss = F.cross_entropy(logits, wanted)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % settings.eval_every == 0 or progress() >= 1:
+            val = accuracy(model, *validation, settings.eval_batch_size)
+            history.append({"step": step, "loss": loss.detach().item(), "validation_accuracy": val})
+            if not math.isfinite(history[-1]["loss"]) or val >= settings.stop_accuracy:
+                break
+    train_seconds = time.perf_counter() - started
+    test = accuracy(model, *mqar_examples(task, settings.test_examples, TEST_SEED, device), settings.eval_batch_size)
+    return {
+        **asdict(run),
+        "accuracy": test,
+        "steps": step,
+        "reached_stop_accuracy": history[-1]["validation_accuracy"] >= settings.stop_accuracy,
+        "final_validation_accuracy": history[-1]["validation_accuracy"],
+        "train_seconds": round(train_seconds, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
+
+
+def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device) -> dict:
+    """train_and_test, with a failure (a width the heads do not divide, out of memory, a kernel error) recorded
+    in the result instead of ending the whole sweep."""
+    try:
+        return train_and_test(run, task, settings, options, device)
+    except Exception as error:  # noqa: BLE001  (any failure of one run is reported with that run)
+        return {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
+
+
+def _worker_run(job: tuple) -> dict:
+    run, task, settings, options, device, threads = job
+    torch.set_num_threads(threads)
+    return _recorded_run(run, task, settings, options, device)
+
+
+def run_sweep(
+    sweep: Sweep, device: str | torch.device, workers: int = 1, on_result: Callable[[dict], None] | None = None
+) -> list[dict]:
+    """Every run of the sweep; with workers > 1 they go to that many spawned processes sharing `device`."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    runs = sweep.runs()
+    settings = sweep.train_settings(workers)
+    results = []
+    if workers == 1:
+        for run in runs:
+            results.append(_recorded_run(run, sweep.task, settings, sweep.options, device))
+            if on_result:
+                on_result(results[-1])
+        return results
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(run, sweep.task, settings, sweep.options, str(device), threads) for run in runs]
+    context = torch.multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(jobs))) as pool:
+        for result in pool.imap_unordered(_worker_run, jobs):
+            results.append(result)
+            if on_result:
+                on_result(result)
+    return results
+
+
+def summarize(results: Iterable[dict]) -> dict:
+    """model -> width -> the best learning rate's mean accuracy over seeds (and every learning rate's); runs that
+    failed are left out."""
+    grouped: dict[str, dict[int, dict[float, list[float]]]] = {}
+    for r in results:
+        if r.get("error"):
+            continue
+        grouped.setdefault(r["model"], {}).setdefault(r["width"], {}).setdefault(r["lr"], []).append(r["accuracy"])
+    summary = {}
+    for model, widths in grouped.items():
+        summary[model] = {}
+        for width, by_lr in sorted(widths.items()):
+            means = {lr: sum(accs) / len(accs) for lr, accs in by_lr.items()}
+            best = max(means, key=means.get)
+            summary[model][width] = {
+                "accuracy": means[best],
+                "best_lr": best,
+                "seed_accuracies": by_lr[best],
+                "accuracy_by_lr": {str(lr): mean for lr, mean in sorted(means.items())},
+            }
+    return summary
+
+
+def format_table(summary: dict, include_paper: bool) -> str:
+    """Accuracy (%) by model and width, one row per model, the paper's rows underneath when asked."""
+    widths = sorted({w for by_width in summary.values() for w in by_width})
+    rows = [(model, {w: v["accuracy"] * 100 for w, v in by_width.items()}) for model, by_width in summary.items()]
+    if include_paper:
+        rows += list(PAPER_ACCURACY.items())
+    name_width = max(len("model"), *(len(name) for name, _ in rows))
+    header = f"{'model':<{name_width}}" + "".join(f"{'d=' + str(w):>9}" for w in widths)
+    lines = [header, "-" * len(header)]
+    for name, values in rows:
+        cells = "".join(f"{values[w]:>9.1f}" if w in values else f"{'-':>9}" for w in widths)
+        lines.append(f"{name:<{name_width}}{cells}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_by_width(summary: dict, path, title: str, include_paper: bool) -> None:
+    """The paper's Fig. 3a: accuracy (%) against model width, one line per model (paper's values dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for model, by_width in summary.items():
+        widths = sorted(by_width)
+        ax.plot(widths, [by_width[w]["accuracy"] * 100 for w in widths], marker="o", label=model)
+    if include_paper:
+        for name, values in PAPER_ACCURACY.items():
+            widths = sorted(values)
+            ax.plot(widths, [values[w] for w in widths], linestyle="--", marker="x", alpha=0.6, label=name)
+    all_widths = sorted({w for by_width in summary.values() for w in by_width})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_widths, [str(w) for w in all_widths])
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("Model dimension")
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def with_overrides(sweep: Sweep, **overrides) -> Sweep:
+    """The sweep with some fields replaced; task/train/options fields may be given by their own names."""
+    task_fields = {k: overrides.pop(k) for k in list(overrides) if k in MQARTask.__dataclass_fields__}
+    train_fields = {k: overrides.pop(k) for k in list(overrides) if k in TrainSettings.__dataclass_fields__}
+    option_fields = {k: overrides.pop(k) for k in list(overrides) if k in ModelOptions.__dataclass_fields__}
+    return replace(
+        sweep,
+        task=replace(sweep.task, **task_fields),
+        train=replace(sweep.train, **train_fields),
+        options=replace(sweep.options, **option_fields),
+        **overrides,
+    )
