@@ -73,6 +73,31 @@ def test_low_precision_inputs(dtype, tol):
     assert_close_all(got, want, tol, context=str(dtype))
 
 
+@pytest.mark.parametrize(
+    "backend,backward_inside", [("torch", False), ("torch", True), ("reference", False)], ids=str
+)
+def test_autocast_region_changes_nothing(backend, backward_inside):
+    """Inside torch.autocast (mixed-precision training), forward and backward equal the same call outside it:
+    the operator keeps its own float32 accumulation instead of letting autocast recast its matmuls. The chunked
+    path's hand-written backward also holds when backward() itself is called inside the region (the reference's
+    autograd-derived backward is recast there, as any PyTorch code is)."""
+    shape = (1, 70, 2, 1, 16, 8, 12)
+    tensors = [t.bfloat16() for t in gsa_inputs(*shape, seed=21)] + [t.float() for t in random_state(1, 1, 16, 8, 12, seed=22)]
+
+    def run(*a):
+        return gated_slot_attention(*a[:5], None, a[5:], True, backend=backend)
+
+    def run_and_backprop_under_autocast(*a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run(*a)
+
+    want = outputs_and_grads(run, tensors)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_inside):
+        got = outputs_and_grads(run_and_backprop_under_autocast, tensors)
+    for name, a, b in zip(["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg", "dhk0", "dhv0"], got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def _random_splits(T: int, n: int, gen: torch.Generator) -> list[int]:
     cuts = torch.randperm(T - 1, generator=gen)[: n - 1] + 1
     return [0, *sorted(cuts.tolist()), T]

@@ -32,6 +32,33 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each of the sequences packed along T: q, k, v [1, H, T, D] -> [1, H, T, D].
+
+    No [T, T] mask: sequences of similar length (same power-of-two bucket) are gathered into one right-padded
+    batch and run with is_causal=True, which needs no mask (a real query never sees the padding after it) and
+    keeps SDPA's flash kernels eligible. At most log2(T) calls; padding at most doubles a bucket's work.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    starts = cu_seqlens[:-1].tolist()
+    buckets: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        buckets.setdefault(1 << (length - 1).bit_length(), []).append(i)
+    pieces, rows = [], []
+    for members in buckets.values():
+        longest = max(lengths[i] for i in members)
+        offsets = torch.arange(longest)
+        # rows to gather, [n, longest]: a sequence's padding repeats its last token (never attended to, dropped)
+        index = torch.stack([starts[i] + offsets.clamp(max=lengths[i] - 1) for i in members]).to(q.device)
+        keep = torch.cat([offsets[: lengths[i]] + j * longest for j, i in enumerate(members)]).to(q.device)
+        batch = [x[0][:, index].transpose(0, 1) for x in (q, k, v)]  # [n, H, longest, D]
+        o = F.scaled_dot_product_attention(*batch, is_causal=True)
+        pieces.append(o.transpose(0, 1).reshape(o.shape[1], -1, o.shape[-1])[:, keep])
+        rows.append(index.reshape(-1)[keep])
+    order = torch.argsort(torch.cat(rows))
+    return torch.cat(pieces, 1)[:, order].unsqueeze(0)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -83,22 +110,17 @@ class Attention(nn.Module):
         S = k.shape[2]
         new_state = KVState(k, v, valid) if (use_cache or state is not None) else None
 
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = (t.repeat_interleave(groups, 1) for t in (k, v))
         if cu_seqlens is not None:
-            seq = torch.repeat_interleave(
-                torch.arange(len(cu_seqlens) - 1, device=x.device), cu_seqlens[1:] - cu_seqlens[:-1]
-            )
-            mask = (seq[:, None] == seq[None, :]) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = mask[None, None]
+            o = packed_causal_attention(q, k, v, cu_seqlens)
         elif attention_mask is None and state is None:
-            mask = None
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             mask = (causal[None] & valid[:, None, :])[:, None]
             # a padding query that sees nothing would give NaN; let it see itself (its output is ignored)
             own = torch.arange(T, device=x.device)[:, None] + (S - T) == torch.arange(S, device=x.device)[None, :]
-            mask = mask | own[None, None]
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, v = (t.repeat_interleave(groups, 1) for t in (k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | own[None, None])
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), new_state

@@ -16,6 +16,8 @@ instead of keeping them, so saved memory is the inputs plus the logits, O(T (K +
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import compute_dtype
@@ -111,6 +113,19 @@ def _slot_states(state0, k, v, s_to_end, chunk_decay):
     return _scan(state0, kv.transpose(-1, -2) @ s_to_end, chunk_decay), kv
 
 
+def without_autocast(backward):
+    """Run an autograd Function's backward with autocast off, as its forward ran (see `gated_slot_attention`):
+    backward may be called inside an autocast region, which would otherwise recast its float32 matmuls."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next(g.device.type for g in grads if g is not None)
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
+
+
 class _ChunkGSA(torch.autograd.Function):
     """Core on chunked tensors: q [N,H,G,NC,C,K], k [N,H,NC,C,K], v [N,H,NC,C,V], s/g [N,H,NC,C,M],
     state0 = [Hk0 ; Hv0ᵀ] [N, H, K + V, M]."""
@@ -132,6 +147,7 @@ class _ChunkGSA(torch.autograd.Function):
         return o, states[:, :, -1]
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do, dstate_final):
         q, k, v, s, g, state0, logits = ctx.saved_tensors
         scale, K = ctx.scale, k.shape[-1]

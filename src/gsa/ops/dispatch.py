@@ -67,6 +67,14 @@ def gated_slot_attention(
         scale = shapes.K**-0.5
     chosen = _resolve(backend, q.device)
     args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+    # The operator fixes its own precision (float32 accumulation and softmax whatever the input dtype), so an
+    # enclosing autocast region must not recast its internal matmuls.
+    with torch.autocast(q.device.type, enabled=False):
+        return _run(chosen, args)
+
+
+def _run(chosen: str, args: tuple):
+    q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)
         return o.to(q.dtype), final_state
@@ -106,6 +114,11 @@ def gated_slot_attention_step(
     if scale is None:
         scale = shapes.K**-0.5
     chosen = _resolve(backend, q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_step(chosen, q, k, v, s, g, state, scale, inplace)
+
+
+def _run_step(chosen, q, k, v, s, g, state, scale, inplace):
     if chosen == "triton":
         from .triton import triton_gsa_step
 

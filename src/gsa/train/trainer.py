@@ -254,17 +254,10 @@ class Trainer:
             for block in model.model.layers:
                 block.compile()
         self.num_parameters = sum(p.numel() for p in model.parameters())
-        packed_tokens = config.batch_size * config.seq_len
-        if model.config.attention_layers and config.pack_documents and packed_tokens > 8192:
-            self.say(f"warning: this model has softmax-attention layers, which build a {packed_tokens} x "
-                     f"{packed_tokens} mask for each packed batch; --no-pack-documents avoids it")
 
         precision = config.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if precision == "bf16" and self.device.type != "cuda":
-            # the CPU operator's hand-written backward does not run under autocast (and CPUs gain little from it)
-            raise ValueError("--precision bf16 needs a CUDA device; on CPU train in fp32 (--precision auto)")
         self.precision = precision
         parallel = config.parallel
         if parallel == "auto" or not self.processes.distributed:

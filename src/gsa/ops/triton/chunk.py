@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR
+from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR, without_autocast
 from .common import (
     chunk_gates,
     chunk_span,
@@ -479,6 +479,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         return o, final_k, final_v
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
         q, k, v, s, g, hk0, hv0, logits = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
