@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsa.ops import gated_slot_attention, gated_slot_attention_step
+from gsa.ops import gated_slot_attention, gated_slot_attention_decode, gated_slot_attention_step
 from tests.helpers import gsa_inputs
 
 
@@ -102,3 +102,12 @@ def test_step_shapes_checked():
         gated_slot_attention_step(q[0], k, v, s, g, state)
     with pytest.raises(ValueError, match=r"expected state Hv"):
         gated_slot_attention_step(q, k, v, s, g, (state[0], state[1][:, :, :4]))
+
+
+def test_decode_from_projections_names_bad_gate_logits_and_feature_map():
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    state = (torch.zeros(2, 2, 8, 5), torch.zeros(2, 2, 5, 8))
+    with pytest.raises(ValueError, match=r"expected f of shape \[2, 2, 5\]"):
+        gated_slot_attention_decode(q, k, v, torch.randn(2, 3, 5), state)
+    with pytest.raises(ValueError, match="unknown feature_map 'tanh'"):
+        gated_slot_attention_decode(q, k, v, torch.randn(2, 2, 5), state, feature_map="tanh")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsa.ops import gated_slot_attention, gated_slot_attention_step
+from gsa.ops import gated_slot_attention, gated_slot_attention_decode, gated_slot_attention_step
 from gsa.ops.chunk import FACTORED_SPAN_LIMIT, chunk_gsa
 from tests.helpers import assert_close_all, gsa_inputs, outputs_and_grads, random_state, rel_err
 
@@ -129,6 +129,25 @@ def test_varlen_equals_separate_sequences(backend):
         return torch.cat(outs, 1), (torch.cat(hks), torch.cat(hvs))
 
     assert_close_all(outputs_and_grads(packed, tensors), outputs_and_grads(separate, tensors), 1e-10)
+
+
+def test_decode_from_projections_equals_step_on_prepared_inputs():
+    """gated_slot_attention_decode = the layer's activations and gates, then gated_slot_attention_step."""
+    B, HQ, H, K, V, M = 2, 4, 2, 6, 5, 7
+    gen = torch.Generator().manual_seed(41)
+    q, k, v, f = (torch.randn(B, *shape, generator=gen, dtype=torch.float64)
+                  for shape in ((HQ, K), (H, K), (H, V), (H, M)))
+    hk, hv = random_state(B, H, K, V, M, seed=42)
+    state = (hk.clone(), hv.clone())
+    got = gated_slot_attention_decode(q, k, v, f, state, gate_logit_normalizer=4.0, feature_map="relu", clamp_min=-0.1)
+    alpha = torch.sigmoid(f) ** (1 / 4.0)
+    g = torch.log(alpha).clamp(min=-0.1)
+    want, (hk1, hv1) = gated_slot_attention_step(
+        torch.relu(q), torch.relu(k), torch.nn.functional.silu(v), 1 - torch.exp(g), g, (hk, hv), backend="reference"
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state[0], hk1, rtol=1e-12, atol=1e-12)  # updated in place
+    torch.testing.assert_close(state[1], hv1, rtol=1e-12, atol=1e-12)
 
 
 def test_split_sequence_passes_state():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsa.ops import gated_slot_attention, gated_slot_attention_step
+from gsa.ops import gated_slot_attention, gated_slot_attention_decode, gated_slot_attention_step
 from tests.helpers import assert_close_all, gsa_inputs, outputs_and_grads, random_state, rel_err
 
 triton_ops = pytest.importorskip("gsa.ops.triton")
@@ -106,6 +106,28 @@ def test_decode_step_kernel_matches_reference(inplace):
     assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
 
 
+@pytest.mark.parametrize("feature_map,clamp_min", [("swish", None), ("relu", -0.05), ("identity", None)])
+def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
+    """The decode step from raw projections (feature maps, swish and gates formed inside the kernels) equals
+    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths."""
+    B, T, HQ, H, K, V, M = 2, 4, 6, 2, 70, 33, 20
+    gen = torch.Generator().manual_seed(31)
+    q, k, v, f = (torch.randn(B, T, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V), (H, M)))
+    f = f * 4  # gate logits spread over both saturated ends
+    hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=32)
+    state_torch, state_kernel = (hk0.clone(), hv0.clone()), (hk0.clone().to(DEVICE), hv0.clone().to(DEVICE))
+    projections = (8.0, feature_map, clamp_min)
+    for t in range(T):
+        want = gated_slot_attention_decode(q[:, t], k[:, t], v[:, t], f[:, t], state_torch, 0.3,
+                                           gate_logit_normalizer=8.0, feature_map=feature_map, clamp_min=clamp_min,
+                                           backend="torch")
+        got = triton_ops.triton_gsa_decode(*(x[:, t].to(DEVICE) for x in (q, k, v, f)), state_kernel, 0.3,
+                                           projections)
+        assert rel_err(got.cpu(), want) < 2e-6, t
+    assert rel_err(state_kernel[0].cpu(), state_torch[0]) < 2e-6
+    assert rel_err(state_kernel[1].cpu(), state_torch[1]) < 2e-6
+
+
 def test_short_prompt_without_grad_uses_recurrent_kernel_and_matches():
     tensors = gsa_inputs(2, 9, 2, 1, 16, 16, 8, dtype=torch.float32, seed=11, device=DEVICE)
     with torch.no_grad():
@@ -168,3 +190,25 @@ def test_gpu_decode_step_in_cuda_graph():
     torch.cuda.synchronize()
     assert rel_err(o.float(), want.float()) < 1e-2
     assert rel_err(state[0], hk_want) < 1e-5 and rel_err(state[1], hv_want) < 1e-5
+
+
+@gpu
+def test_gpu_fused_decode_in_cuda_graph_bf16():
+    B, HQ, H, K, V, M = 4, 8, 4, 128, 128, 64
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    q, k, v, f = (torch.randn(B, *shape, generator=gen, device="cuda").bfloat16()
+                  for shape in ((HQ, K), (H, K), (H, V), (H, M)))
+    hk, hv = random_state(B, H, K, V, M, dtype=torch.float32, seed=18, device="cuda")
+    want_state = (hk.clone(), hv.clone())
+    want = gated_slot_attention_decode(q, k, v, f, want_state, backend="torch")
+    state = (hk.clone(), hv.clone())
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gated_slot_attention_decode(q, k, v, f, (hk.clone(), hv.clone()), backend="triton")  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = gated_slot_attention_decode(q, k, v, f, state, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(o.float(), want.float()) < 1e-2
+    assert rel_err(state[0], want_state[0]) < 1e-5 and rel_err(state[1], want_state[1]) < 1e-5

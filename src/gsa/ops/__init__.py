@@ -1,5 +1,21 @@
-"""The GSA operator: `gated_slot_attention` (whole sequences) and `gated_slot_attention_step` (decoding)."""
+"""The GSA operator: `gated_slot_attention` (whole sequences), `gated_slot_attention_step` (decoding), and
+`gated_slot_attention_decode` (a layer's decoding step from its raw projections, fused on the GPU)."""
 
-from .dispatch import BACKENDS, gated_slot_attention, gated_slot_attention_step, triton_available
+from .dispatch import (
+    BACKENDS,
+    gated_slot_attention,
+    gated_slot_attention_decode,
+    gated_slot_attention_step,
+    triton_available,
+)
+from .projections import FEATURE_MAPS, slot_gates
 
-__all__ = ["BACKENDS", "gated_slot_attention", "gated_slot_attention_step", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "FEATURE_MAPS",
+    "gated_slot_attention",
+    "gated_slot_attention_decode",
+    "gated_slot_attention_step",
+    "slot_gates",
+    "triton_available",
+]

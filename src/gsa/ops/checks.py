@@ -134,12 +134,14 @@ def check_step_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     g: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor],
+    g_name: str = "g",
 ) -> GSAShapes:
-    """Validate a one-token decoding call: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M]."""
-    named = {"q": q, "k": k, "v": v, "s": s, "g": g}
+    """Validate a one-token decoding call: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M] (s None and
+    g named `g_name` when the gates come as logits)."""
+    named = {"q": q, "k": k, "v": v, **({"s": s} if s is not None else {}), g_name: g}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -148,9 +150,9 @@ def check_step_inputs(
         if t.device != q.device:
             raise ValueError(f"all inputs must be on one device: q is on {q.device}, {name} on {t.device}")
     B, HQ, K = q.shape
-    H, V, M = k.shape[1], v.shape[2], s.shape[2]
-    expected = {"k": (B, H, K), "v": (B, H, V), "s": (B, H, M), "g": (B, H, M)}
-    for name, shape in expected.items():
+    H, V, M = k.shape[1], v.shape[2], g.shape[2]
+    expected = {"k": (B, H, K), "v": (B, H, V), "s": (B, H, M), g_name: (B, H, M)}
+    for name, shape in ((n, shape) for n, shape in expected.items() if n in named):
         if tuple(named[name].shape) != shape:
             raise ValueError(f"expected {name} of shape [{', '.join(map(str, shape))}], got {_shape(named[name])}")
     if HQ % H != 0:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .checks import check_inputs, check_step_inputs
 from .chunk import chunk_gsa
+from .projections import FEATURE_MAPS, slot_gates
 from .reference import compute_dtype, recurrent_step, reference_gsa
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -133,3 +135,48 @@ def _run_step(chosen, q, k, v, s, g, state, scale, inplace):
         hv.copy_(new_hv)
         return o.to(q.dtype), state
     return o.to(q.dtype), (new_hk, new_hv)
+
+
+def gated_slot_attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    f: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    scale: float | None = None,
+    *,
+    gate_logit_normalizer: float = 8.0,
+    feature_map: str = "swish",
+    clamp_min: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decoding step of a GSA layer from its raw projections, the state updated in place.
+
+    Equal to `gated_slot_attention_step(φ(q), φ(k), swish(v), s, g, state, scale, inplace=True)` with
+    (s, g) = `slot_gates(f, gate_logit_normalizer, clamp_min)`; on the GPU the feature maps and gates are formed
+    inside the step kernels (two launches for the whole step, which is what bounds decoding latency).
+
+    Args:
+        q [B, HQ, K], k [B, H, K], v [B, H, V]: projections before their activations; f [B, H, M]: gate logits.
+        state: (Hk [B, H, K, M], Hv [B, H, M, V]), float32 contiguous on the GPU.
+
+    Returns:
+        o [B, HQ, V] in the dtype of q.
+    """
+    shapes = check_step_inputs(q, k, v, None, f, state, g_name="f")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
+    if scale is None:
+        scale = shapes.K**-0.5
+    chosen = _resolve(backend, q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        if chosen == "triton":
+            from .triton import triton_gsa_decode
+
+            return triton_gsa_decode(q, k, v, f, state, scale, (gate_logit_normalizer, feature_map, clamp_min))
+        # activations in the state's precision (float32), as the kernels form them
+        dtype = compute_dtype(state[0].dtype)
+        phi = FEATURE_MAPS[feature_map]
+        s, g = slot_gates(f.to(dtype), gate_logit_normalizer, clamp_min)
+        o, _ = _run_step(chosen, phi(q.to(dtype)), phi(k.to(dtype)), F.silu(v.to(dtype)), s, g, state, scale, True)
+        return o.to(q.dtype)

@@ -40,13 +40,23 @@ def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=Fals
     return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
+def _check_inplace_state(hk, hv):
+    if hk.dtype != torch.float32 or hv.dtype != torch.float32 or not hk.is_contiguous() or not hv.is_contiguous():
+        raise ValueError("in-place decoding needs float32 contiguous states (Hk, Hv)")
+
+
 def triton_gsa_step(q, k, v, s, g, state, scale, inplace=False):
     """One token: q [B, HQ, K] ...; state (Hk [B,H,K,M], Hv [B,H,M,V]) float32 contiguous for in-place updates."""
     hk, hv = state
-    if inplace and (hk.dtype != torch.float32 or hv.dtype != torch.float32 or not hk.is_contiguous()
-                    or not hv.is_contiguous()):
-        raise ValueError("in-place decoding needs float32 contiguous states (Hk, Hv)")
+    if inplace:
+        _check_inplace_state(hk, hv)
     if not inplace:
         hk, hv = hk.float().contiguous().clone(), hv.float().contiguous().clone()
     o = gsa_step_triton(q, k, v, s, g, hk, hv, scale)
     return o, (state if inplace else (hk, hv))
+
+
+def triton_gsa_decode(q, k, v, f, state, scale, projections):
+    """One token from raw projections and gate logits (see gsa.ops.gated_slot_attention_decode); in place."""
+    _check_inplace_state(*state)
+    return gsa_step_triton(q, k, v, None, f, *state, scale, projections=projections)

@@ -15,11 +15,41 @@ import triton.language as tl
 from .common import next_power_of_2
 
 
+FEATURE_MAP_CODES = {"identity": 0, "swish": 1, "silu": 1, "relu": 2}
+
+
+@triton.jit
+def _feature_map(x, FEATURE: tl.constexpr):
+    if FEATURE == 1:
+        x = x * tl.sigmoid(x)
+    elif FEATURE == 2:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
+def _gates(g_ptr, s_ptr, base, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr):
+    """(log gate g, write strength s) of one (sequence, head) [BM], float32. FROM_LOGITS: g_ptr holds the gate
+    logits f and the layer's g = logsigmoid(f) / τ (clamped), s = 1 - exp(g) are formed here, saving launches."""
+    if FROM_LOGITS:
+        f = tl.load(g_ptr + base + ms, mask=m_ok, other=0.0).to(tl.float32)
+        g = (tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))) * inv_tau
+        if CLAMP:
+            g = tl.maximum(g, clamp_min)
+        g = tl.where(m_ok, g, 0.0)
+        s = 1.0 - tl.exp(g)
+    else:
+        g = tl.load(g_ptr + base + ms, mask=m_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + base + ms, mask=m_ok, other=0.0).to(tl.float32)
+    return g, s
+
+
 @triton.jit
 def _step_keys(
-    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr,
+    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
     HQ, H, K, M, GROUP, NKB,
     BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -29,26 +59,26 @@ def _step_keys(
     k_idx = i_k * BK + tl.arange(0, BK)
     m_ok = ms < M
     k_ok = k_idx < K
-    g = tl.load(g_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
     offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
     both = k_ok[:, None] & m_ok[None, :]
     hk = tl.load(hk_ptr + offs, mask=both, other=0.0)
-    k = tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32)
+    k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
     hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
     tl.store(hk_ptr + offs, hk, mask=both)
     heads = i_h * GROUP + gg
     q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
                 mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    q = _feature_map(q, FEATURE)
     partial = tl.dot(q, hk, input_precision="ieee")
     tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
 
 
 @triton.jit
 def _step_values(
-    v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale,
+    v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale, inv_tau, clamp_min,
     HQ, H, V, M, GROUP, NKB,
-    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -64,12 +94,13 @@ def _step_values(
     logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    g = tl.load(g_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + (i_b * H + i_h) * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
     offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
     both = m_ok[:, None] & v_ok[None, :]
     hv = tl.load(hv_ptr + offs, mask=both, other=0.0)
     v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+    if FROM_LOGITS:  # raw projections: the layer's value activation is swish
+        v = v * tl.sigmoid(v)
     hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
     tl.store(hv_ptr + offs, hv, mask=both)
     o = tl.dot(p, hv, input_precision="ieee")
@@ -78,19 +109,30 @@ def _step_values(
              mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
-def gsa_step_triton(q, k, v, s, g, hk, hv, scale):
+def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str, float | None] | None = None):
     """One token per sequence: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M]; updates float32 contiguous
-    hk [B, H, K, M] and hv [B, H, M, V] in place. Returns o [B, HQ, V]."""
+    hk [B, H, K, M] and hv [B, H, M, V] in place. Returns o [B, HQ, V].
+
+    projections = (τ, feature map, clamp_min): q, k, v are the layer's raw projections and g its gate logits f
+    (s unused); the kernels apply the feature map to q and k, swish to v, and form g and s from f themselves."""
     B, HQ, K = q.shape
-    H, V, M = k.shape[1], v.shape[2], s.shape[2]
+    H, V, M = k.shape[1], v.shape[2], g.shape[2]
     group = HQ // H
     BG, BK, BV, BM = next_power_of_2(group), min(64, next_power_of_2(K)), min(64, next_power_of_2(V)), next_power_of_2(M)
     nkb = triton.cdiv(K, BK)
-    q, k, v, s, g = (t.contiguous() for t in (q, k, v, s, g))
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    s = g if s is None else s.contiguous()
+    raw = projections is not None
+    tau, feature, clamp_min = projections if raw else (1.0, "identity", None)
+    gate_args = dict(FROM_LOGITS=raw, CLAMP=clamp_min is not None)
+    inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    _step_keys[(B, H, nkb)](q, k, s, g, hk, partial, HQ, H, K, M, group, nkb, BG=BG, BK=BK, BM=BM)
+    _step_keys[(B, H, nkb)](
+        q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
+        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args,
+    )
     _step_values[(B, H, triton.cdiv(V, BV))](
-        v, s, g, hv, partial, o, scale, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM
+        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM, **gate_args
     )
     return o
