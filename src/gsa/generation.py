@@ -38,64 +38,128 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 class GraphDecoder:
     """Prefill with the chunked kernels, then decode with a captured CUDA graph of one model step.
 
+    Greedy decoding runs wholly on the device: the graph holds the model step, the argmax, the end-of-sequence
+    bookkeeping and the write of the token into the output, so the host only replays it (and looks at the
+    end-of-sequence flags every `check_every` tokens). Sampling replays the model step and samples outside the
+    graph. On a CPU (or with use_graph=False) the same step runs eagerly, which is how its logic is tested.
+
     Only for models whose every layer is GSA (an attention layer's cache grows, so its shapes change per step).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, use_graph: bool | None = None, check_every: int = 16):
         if not all(isinstance(layer.attn, GatedSlotAttention) for layer in model.model.layers):
             raise ValueError("CUDA-graph decoding needs every layer to be GSA (attention layers have a growing cache)")
         self.model = model
-        self.graph = None
+        self.use_graph = use_graph
+        self.check_every = check_every
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: int | None = None, callback=None) -> torch.Tensor:
-        """input_ids [B, T] on the model's CUDA device; returns [B, T + new]. callback(tokens [B]) per step."""
+                 top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 callback=None) -> torch.Tensor:
+        """input_ids [B, T] on the model's device; returns [B, T + new] as transformers' generate() would: after
+        a sequence's end token come pad_token_id (default: the end token), and decoding stops once every
+        sequence has ended. callback(tokens [B]) is called with each new token (a host sync per token)."""
+        if max_new_tokens < 1:
+            return input_ids
         model = self.model.eval()
+        use_graph = self.use_graph if self.use_graph is not None else input_ids.is_cuda
         out = model(input_ids, use_cache=True, logits_to_keep=1)
         cache: GSACache = _cache_of(out)
-        token = sample_next(out.logits[:, -1], temperature, top_k, top_p)
-        generated = [token]
-        if callback is not None:
-            callback(token)
-        static_token = token[:, None].clone()
-        graph, static_logits = self._capture(static_token, cache)
-        finished = torch.zeros_like(token, dtype=torch.bool)
-        for _ in range(max_new_tokens - 1):
-            if eos_token_id is not None:
-                finished |= token == eos_token_id
-                if bool(finished.all()):
-                    break
-            static_token.copy_(token[:, None])
-            graph.replay()
-            token = sample_next(static_logits[:, -1], temperature, top_k, top_p)
-            generated.append(token)
-            if callback is not None:
-                callback(token)
-        return torch.cat([input_ids, torch.stack(generated, 1)], 1)
+        run = _DecodeRun(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        run.accept(sample_next(out.logits[:, -1], temperature, top_k, top_p), step=0)
+        greedy = temperature <= 0
 
-    def _capture(self, static_token: torch.Tensor, cache: GSACache):
-        """Capture one decoding step; the slot states are updated in place, so replays advance the cache."""
-        model = self.model
+        def model_step():
+            logits = model(run.token, cache=cache, use_cache=True).logits[:, -1]
+            if greedy:
+                run.accept(logits.argmax(-1))  # the step counter lives on the device: graph-safe
+            return logits
+
+        step = self._capture(model_step, run, cache) if use_graph else model_step
+        done = 1
+        if callback is not None:
+            callback(run.tokens[:, 0])
+        while done < max_new_tokens and not (eos_token_id is not None and bool(run.finished.all())):
+            for _ in range(self.check_every if callback is None else 1):
+                logits = step()
+                if not greedy:
+                    run.accept(sample_next(logits, temperature, top_k, top_p))
+                done += 1
+                if callback is not None:
+                    callback(run.tokens[:, done - 1])
+                if done == max_new_tokens:
+                    break
+        return torch.cat([input_ids, run.tokens[:, : run.length(done)]], 1)
+
+    def _capture(self, model_step, run: "_DecodeRun", cache: GSACache):
+        """Capture model_step in a CUDA graph; returns a function that replays it and gives its logits. Warm-up
+        and capture advance the slot states and the run's buffers, so both are restored afterwards."""
         saved = [(s.hk.clone(), s.hv.clone(), tuple(c.clone() for c in s.conv) if s.conv else None)
                  for s in cache.states]
+        saved_run = run.snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up on the side stream (compiles, allocates)
-                model(static_token, cache=cache, use_cache=True)
+                model_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = model(static_token, cache=cache, use_cache=True).logits
-        # warm-up and capture advanced the states: restore them to the prefill's
+            logits = model_step()
         for state, (hk, hv, conv) in zip(cache.states, saved):
             state.hk.copy_(hk)
             state.hv.copy_(hv)
             if conv:
                 for live, kept in zip(state.conv, conv):
                     live.copy_(kept)
-        return graph, logits
+        run.restore(saved_run)
+
+        def replay():
+            graph.replay()
+            return logits
+
+        return replay
+
+
+class _DecodeRun:
+    """Device buffers of one decoding run: the next input token [B, 1], the generated tokens [B, new], each
+    sequence's end flag and the device-side step counter (so a captured step writes to the right column)."""
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, pad_token_id):
+        B, device = input_ids.shape[0], input_ids.device
+        self.eos = eos_token_id
+        self.fill = pad_token_id if pad_token_id is not None else eos_token_id
+        self.token = input_ids.new_zeros(B, 1)
+        self.tokens = input_ids.new_zeros(B, max_new_tokens)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+
+    def accept(self, token: torch.Tensor, step: int | None = None) -> None:
+        """Take the next token of every sequence ([B]); ended sequences get the fill token instead."""
+        if self.eos is not None:
+            token = torch.where(self.finished, torch.full_like(token, self.fill), token)
+            self.finished |= token == self.eos
+        if step is not None:
+            self.step.fill_(step)
+        self.tokens.index_copy_(1, self.step, token[:, None])
+        self.step.add_(1)
+        self.token.copy_(token[:, None])
+
+    def length(self, done: int) -> int:
+        """Generated columns to return: up to the step at which the last sequence ended (checks run in blocks,
+        so a few fill columns past it may exist), else all `done`."""
+        if self.eos is None or not bool(self.finished.all()):
+            return done
+        ended_at = (self.tokens[:, :done] == self.eos).int().argmax(1)  # first end token of each sequence
+        return int(ended_at.max()) + 1
+
+    def snapshot(self):
+        return tuple(t.clone() for t in (self.token, self.tokens, self.finished, self.step))
+
+    def restore(self, saved) -> None:
+        for live, kept in zip((self.token, self.tokens, self.finished, self.step), saved):
+            live.copy_(kept)
 
 
 class TextPrinter:
@@ -168,7 +232,8 @@ def run(args) -> int:
             use_graph = False  # hybrids with attention layers: generate() below
     if use_graph:
         decoder.generate(input_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                         eos_token_id=getattr(tokenizer, "eos_id", None), callback=printer)
+                         eos_token_id=getattr(tokenizer, "eos_id", None), pad_token_id=getattr(tokenizer, "pad_id", None),
+                         callback=printer)
         printer.end()
     else:
         with torch.no_grad():
