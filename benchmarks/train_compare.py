@@ -11,8 +11,8 @@ Each model's training speed is measured first (a few steps on random tokens); bo
 steps the slower one fits in the budget, through `gsa.train.train` with the same seed, data order, learning-rate
 schedule and evaluation points, so the table compares validation perplexity at equal tokens seen (`--steps`
 skips the measurement; runs into the same --out-dir add to one summary.json and one table). Documents are
-not packed with cu_seqlens here (rows of seq_len tokens instead): the attention baseline would need a
-[tokens x tokens] mask for packed batches; both models see exactly the same rows and targets.
+not packed with cu_seqlens here (rows of seq_len tokens instead), so both models see exactly the same rows,
+contexts and targets.
 """
 
 from __future__ import annotations
