@@ -144,3 +144,17 @@ def test_command_line_errors_are_one_clear_line(tmp_path, capsys):
     assert "gsa train: error: data source" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tiny_config(tmp_path, steps=4, eval_every=2, save_every=4))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "val_loss", "lr"} <= tags
+    logged = [e.value for e in events.Scalars("loss")]
+    jsonl = [loss for _, loss in train_losses(result.run_dir)]
+    assert logged == pytest.approx(jsonl, rel=1e-6)
