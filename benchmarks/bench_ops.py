@@ -89,9 +89,36 @@ def bench(fn, inputs, do):
     return fwd, total, peak
 
 
+def kernel_breakdown(fn, inputs, do, repeats: int = 5) -> dict[str, float]:
+    """GPU microseconds per forward+backward spent in each kernel (torch.profiler, averaged over repeats)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def forward_backward():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs)[0].backward(do)
+
+    forward_backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            forward_backward()
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:  # kernels only: CPU-side ops would count their kernels twice
+            continue
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        totals[event.key] = totals.get(event.key, 0.0) + device_us / repeats
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--profile", action="store_true", help="also print our per-kernel time of a forward+backward")
     parser.add_argument("--skip-fla", action="store_true")
     parser.add_argument("--fla-budget-s", type=float, default=1e9, help="stop timing FLA after this many seconds")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "ops_h200.json"))
@@ -138,6 +165,11 @@ def main():
         row["ours_ms"] = dict(zip(("forward", "forward_backward", "peak_gib"), bench(ours, inputs, do)))
         del got
 
+        if args.profile:
+            row["ours_kernels_us"] = kernel_breakdown(ours, inputs, do)
+            print(f"{name}: our kernels, us per forward+backward:")
+            for kernel, us in list(row["ours_kernels_us"].items())[:14]:
+                print(f"  {us:9.1f}  {kernel[:90]}")
         progress(f"{name}: ours timed")
         if fla_gsa is not None and time.time() - started < args.fla_budget_s:
             progress(f"{name}: FLA (first call autotunes)")
