@@ -110,7 +110,8 @@ def kernel_breakdown(fn, inputs, do, repeats: int = 5) -> dict[str, float]:
     for event in prof.key_averages():
         if event.device_type != DeviceType.CUDA:  # kernels only: CPU-side ops would count their kernels twice
             continue
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        fields = ("device_time_total", "self_device_time_total", "cuda_time_total", "self_cuda_time_total")
+        device_us = max((getattr(event, field, 0.0) or 0.0) for field in fields)  # names vary across torch versions
         totals[event.key] = totals.get(event.key, 0.0) + device_us / repeats
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
