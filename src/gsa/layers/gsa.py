@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import gated_slot_attention, gated_slot_attention_step
+from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
 from .conv import ShortConvolution
+from .fused import norm_linear, plain_slot_gates, recompute_saved, slot_gates
 from .norm import RMSNorm
 
-FEATURE_MAPS = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "identity": lambda x: x}
 
 
 @dataclass
@@ -113,19 +113,24 @@ class GatedSlotAttention(nn.Module):
         self.g_norm = RMSNorm(value_dim, norm_eps, elementwise_affine) if use_norm else None
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
-    def _project(self, x, mask, positions, state: SlotState | None, use_cache: bool):
-        """q, k, v before the feature maps, through the short convs when present; returns new conv windows."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def _project(self, x, mask, positions, state: SlotState | None, use_cache: bool, norm: nn.Module | None):
+        """q, k, v before the feature maps, through the short convs when present, f; returns new conv windows."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.f_proj)
+        if norm is not None:
+            q, k, v, f = norm_linear(x, norm, projections)
+        else:
+            q, k, v, f = (p(x) for p in projections)
         if not self.use_short_conv:
-            return q, k, v, None
+            return q, k, v, f, None
         if mask is not None:
             q, k, v = (t * mask.unsqueeze(-1).to(t.dtype) for t in (q, k, v))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         if state is not None and state.conv is not None and x.shape[1] == 1:
-            return (*(conv.step(t[:, 0], c).unsqueeze(1) for conv, t, c in zip(convs, (q, k, v), state.conv)), state.conv)
+            steps = (conv.step(t[:, 0], c).unsqueeze(1) for conv, t, c in zip(convs, (q, k, v), state.conv))
+            return (*steps, f, state.conv)
         windows = (None,) * 3 if state is None or state.conv is None else state.conv
         results = [conv(t, positions, w, use_cache) for conv, t, w in zip(convs, (q, k, v), windows)]
-        return results[0][0], results[1][0], results[2][0], tuple(r[1] for r in results) if use_cache else None
+        return results[0][0], results[1][0], results[2][0], f, tuple(r[1] for r in results) if use_cache else None
 
     def forward(
         self,
@@ -134,10 +139,13 @@ class GatedSlotAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         state: SlotState | None = None,
         use_cache: bool = False,
+        norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, SlotState | None]:
         """x [B, T, D]. attention_mask [B, T'] (1 = token, 0 = padding; its last T columns are used): padding
         neither writes to nor decays the slots. cu_seqlens: packed sequences (B = 1). state: from the previous
-        call (decoding); returns (y [B, T, D], the new state when use_cache or state is given)."""
+        call (decoding); returns (y [B, T, D], the new state when use_cache or state is given). norm: the
+        block's pre-norm (an RMSNorm), applied to x here, fused with the projections so that backward keeps x
+        only (not norm(x) as well)."""
         B, T, _ = x.shape
         mask = None
         if attention_mask is not None:
@@ -150,40 +158,71 @@ class GatedSlotAttention(nn.Module):
         if cu_seqlens is not None and (state is not None or use_cache):
             raise ValueError("packed sequences (cu_seqlens) cannot be combined with a decoding cache")
         positions = positions_from_cu_seqlens(cu_seqlens, T) if cu_seqlens is not None else None
-        q, k, v, conv_windows = self._project(x, mask, positions, state, use_cache)
-        f = self.f_proj(x)
+        q, k, v, f, conv_windows = self._project(x, mask, positions, state, use_cache, norm)
 
-        q = self.feature_map(q.view(B, T, self.num_heads, self.head_k_dim))
-        k = self.feature_map(k.view(B, T, self.num_kv_heads, self.head_k_dim))
-        v = F.silu(v.view(B, T, self.num_kv_heads, self.head_v_dim))
-        f = f.view(B, T, self.num_kv_heads, self.num_slots)
-        g = F.logsigmoid(f.to(torch.promote_types(f.dtype, torch.float32))) / self.gate_logit_normalizer
-        if self.clamp_min is not None:
-            g = g.clamp(min=self.clamp_min)
-        if mask is not None:
-            g = g * mask[:, :, None, None].to(g.dtype)
-        s = 1 - torch.exp(g)
-        g, s = g.to(q.dtype), s.to(q.dtype)
-
-        new_state = None
         if state is not None and T == 1:
-            o, _ = gated_slot_attention_step(
-                q[:, 0], k[:, 0], v[:, 0], s[:, 0], g[:, 0], (state.hk, state.hv), self.scale, inplace=True,
-                backend=self.backend,
-            )
-            o = o.unsqueeze(1)
+            o = self._decode_step(q, k, v, f, mask, state)
             new_state = state
             if conv_windows is not None:
                 state.conv = conv_windows
         else:
-            initial = (state.hk, state.hv) if state is not None else None
+            o, new_state = self._chunk(q, k, v, f, mask, state, use_cache, cu_seqlens, conv_windows)
+        o = o.reshape(B, T, -1)
+        if self.g_norm is not None:
+            # o_proj(g_norm(swish(o))) in one Function: backward keeps o only
+            (y,) = norm_linear(o, self.g_norm, (self.o_proj,), pre_silu=True)
+            return y, new_state
+        return self.o_proj(F.silu(o)), new_state
+
+    def _decode_step(self, q, k, v, f, mask, state: SlotState) -> torch.Tensor:
+        """One token per sequence, the slots updated in place: the operator's fused decode step takes the raw
+        projections and gate logits (on the GPU the activations and gates are formed inside its two kernels)."""
+        B = q.shape[0]
+        if mask is not None:
+            # a padding token neither decays nor writes: f = +inf gives g = logsigmoid(f) / τ = 0 and s = 0
+            f = f.masked_fill(mask[:, -1:, None] == 0, float("inf"))
+        o = gated_slot_attention_decode(
+            q.view(B, self.num_heads, self.head_k_dim),
+            k.view(B, self.num_kv_heads, self.head_k_dim),
+            v.view(B, self.num_kv_heads, self.head_v_dim),
+            f.view(B, self.num_kv_heads, self.num_slots),
+            (state.hk, state.hv),
+            self.scale,
+            gate_logit_normalizer=self.gate_logit_normalizer,
+            feature_map=self.feature_map_name,
+            clamp_min=self.clamp_min,
+            backend=self.backend,
+        )
+        return o.unsqueeze(1)
+
+    def _chunk(self, q, k, v, f, mask, state: SlotState | None, use_cache, cu_seqlens, conv_windows):
+        """The operator over whole sequences (training, prefill); returns (o, the new state or None)."""
+        B, T = q.shape[:2]
+        q_in = q.view(B, T, self.num_heads, self.head_k_dim)
+        k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
+        v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
+        q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
+        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
+        recipes = [(v, F.silu, v_in)]
+        if self.feature_map is F.silu:
+            recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+        f = f.view(B, T, self.num_kv_heads, self.num_slots)
+        # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
+        gate_mask = None if mask is None else mask[:, :, None, None]
+        gate_args = (self.gate_logit_normalizer, self.clamp_min, gate_mask, q.dtype)
+        s, g = slot_gates(f, *gate_args)
+        recipes += [
+            (s, lambda f: plain_slot_gates(f, *gate_args)[0], f),
+            (g, lambda f: plain_slot_gates(f, *gate_args)[1], f),
+        ]
+
+        new_state = None
+        initial = (state.hk, state.hv) if state is not None else None
+        with recompute_saved(recipes):
             o, final = gated_slot_attention(
                 q, k, v, s, g, self.scale, initial, use_cache or state is not None, cu_seqlens,
                 backend=self.backend, check_gate_values=False,
             )
-            if final is not None:
-                new_state = SlotState(final[0], final[1], conv_windows)
-        o = F.silu(o.reshape(B, T, -1))
-        if self.g_norm is not None:
-            o = self.g_norm(o)
-        return self.o_proj(o), new_state
+        if final is not None:
+            new_state = SlotState(final[0], final[1], conv_windows)
+        return o, new_state

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .fused import norm_linear, swiglu_linear
 
 
 def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -20,5 +21,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """down(silu(gate(x')) * up(x')), x' = norm(x) when a norm (RMSNorm) is given: the pre-norm block's
+        norm, fused with the projections so that only x is saved for backward, not x'. Saves gate and up."""
+        if norm is not None:
+            gate, up = norm_linear(x, norm, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return swiglu_linear(gate, up, self.down_proj.weight)

@@ -1,9 +1,15 @@
-"""RMSNorm, computed in float32 whatever the input dtype (as the paper's models do)."""
+"""RMSNorm, computed in float32 whatever the input dtype (as the paper's models do).
+
+The forward goes through `gsa.layers.fused.rms_norm`, which saves only the input and the float32 1/rms for
+backward (the plain composition, `fused.plain_rms_norm`, also keeps float32 copies of the input and output).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .fused import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,12 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            x = x * self.weight.to(x.dtype)
-        return x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

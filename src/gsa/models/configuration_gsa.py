@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from ..layers.gsa import FEATURE_MAPS
+from ..ops.projections import FEATURE_MAPS
 from ..layers.mlp import swiglu_intermediate_size
 
 ATTENTION_KEYS = {"layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", "rope_theta"}

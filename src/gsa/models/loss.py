@@ -1,7 +1,8 @@
 """Next-token cross-entropy without the full [tokens, vocab] float32 logits tensor.
 
 The LM head and the loss run over row chunks; each chunk's softmax gradient is formed right away (when the
-inputs need gradients) and folded into grad_hidden / grad_weight, so peak extra memory is one chunk of logits.
+inputs need gradients) and folded into grad_hidden / grad_weight, so peak extra memory is one chunk of logits
+(float32, turned into the softmax in place) and its copy in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             total = total + ((lse - target) * ok).sum()
             if needs_grad:
-                d_logits = torch.softmax(logits, -1)
+                d_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax in place: one [rows, V] float32 buffer
                 d_logits[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
                 d_logits *= ok.unsqueeze(1).to(acc) / count.to(acc)
                 d_logits = d_logits.to(weight.dtype)

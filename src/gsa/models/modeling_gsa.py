@@ -64,13 +64,16 @@ class GSABlock(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size)
 
     def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, positions=None, state=None, use_cache=False):
-        mixed = self.attn_norm(hidden_states)
+        # Pre-norm residual block. The GSA mixer and the MLP take their norm and apply it fused with their input
+        # projections (backward keeps the residual stream only, not its normalised copy as well); the residual
+        # additions save nothing.
         if isinstance(self.attn, Attention):
-            mixed, state = self.attn(mixed, positions, attention_mask, cu_seqlens, state, use_cache)
+            mixed, state = self.attn(self.attn_norm(hidden_states), positions, attention_mask, cu_seqlens, state,
+                                     use_cache)
         else:
-            mixed, state = self.attn(mixed, attention_mask, cu_seqlens, state, use_cache)
+            mixed, state = self.attn(hidden_states, attention_mask, cu_seqlens, state, use_cache, norm=self.attn_norm)
         hidden_states = hidden_states + mixed
-        hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        hidden_states = hidden_states + self.mlp(hidden_states, norm=self.mlp_norm)
         return hidden_states, state
 
 

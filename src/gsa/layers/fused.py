@@ -1,0 +1,435 @@
+"""Autograd Functions for the layers around the GSA operator that save little for backward (issue 8).
+
+The plain PyTorch compositions they replace keep several copies of each activation for backward: RMSNorm
+upcasts to float32 and autograd saves the float32 input and the float32 normalised output of every norm, the
+projections after a norm save the norm's output again, SwiGLU saves gate, up, silu(gate) and their product, the
+slot gates save the float32 gate logits, a log-sigmoid buffer and exp(g). The Functions here save only what
+cannot be recomputed cheaply and recompute the rest in backward:
+
+    rms_norm_linear   RMSNorm (optionally after a swish) followed by any number of linear maps: saves the input
+                      and the float32 1/rms per row; the normalised rows are rebuilt in backward for the weight
+                      gradients. Without linear maps it is a plain RMSNorm that saves the same two things.
+    swiglu_linear     down(silu(gate) * up): saves gate and up; the product is rebuilt in backward.
+    slot_gates        (s, g) from the gate logits f: saves f only.
+    recompute_saved   a context for the operator call: tensors it saves that are swish(a) (its q, k, v) or the
+                      gates (its s, g) are rebuilt in backward from a and f, which are saved already.
+
+Each is equal in value to the composition it replaces (same operations in the same order in the forward, so the
+outputs are bitwise equal), and in gradient up to float rounding: tests/layers check both against the plain
+compositions, which stay here (`use_fused(False)`) as the obviously correct twins. All of them run on any
+device and dtype, and inside torch.autocast: matrix products cast their operands as autocast would for
+F.linear, and backward recasts the same way whether or not it runs inside an autocast region. On CUDA tensors
+the row-wise work of the norm and SwiGLU Functions runs in Triton kernels (gsa.layers.fused_triton), one pass
+each way; elsewhere in torch operations.
+
+Per token and block of the 1.3B model with bf16 weights this is 48.7 KB saved instead of 140.3 KB (FLA's model:
+76.8 KB); `benchmarks/activation_memory.py` measures it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.projections import slot_gates as float_slot_gates
+
+_ENABLED = [True]
+_TRITON = [None]  # None: the Triton kernels on CUDA tensors, torch elsewhere; True / False: forced (tests)
+
+
+def fused_enabled() -> bool:
+    """Whether the layers use the Functions here (default) or the plain PyTorch compositions."""
+    return _ENABLED[0]
+
+
+@contextlib.contextmanager
+def use_fused(enabled: bool = True):
+    """Within the block, layers use the fused Functions (True) or the plain compositions (False)."""
+    previous = _ENABLED[0]
+    _ENABLED[0] = enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = previous
+
+
+@contextlib.contextmanager
+def use_triton_kernels(enabled: bool | None = True):
+    """Within the block, the Functions run their row-wise parts with the Triton kernels (gsa.layers.fused_triton)
+    always (True: on CPU tensors that needs TRITON_INTERPRET=1), never (False), or on CUDA tensors (None)."""
+    previous = _TRITON[0]
+    _TRITON[0] = enabled
+    try:
+        yield
+    finally:
+        _TRITON[0] = previous
+
+
+def _triton(*tensors: torch.Tensor) -> bool:
+    """Whether the row-wise work on these tensors goes to the Triton kernels."""
+    wanted = _TRITON[0] if _TRITON[0] is not None else all(t.is_cuda for t in tensors)
+    if not wanted or torch.compiler.is_compiling():
+        return False
+    from . import fused_triton
+
+    return all(fused_triton.supported(t) for t in tensors) and len({t.dtype for t in tensors}) == 1
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 at least; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives F.linear on this device now, None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """What autocast does to an F.linear operand: floating tensors other than float64 go to its dtype."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _normalize(x: torch.Tensor, eps: float, pre_silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂ = u * rstd in float32, rstd), u = silu(x) (in x's dtype, as the composition computes it) or x. The same
+    operations as `plain_rms_norm`, so forward values are bitwise equal and backward rebuilds exactly x̂."""
+    u = F.silu(x) if pre_silu else x
+    u = u.to(_acc_dtype(x.dtype))
+    rstd = torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+    return u * rstd, rstd
+
+
+def _scale(xhat: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if weight is not None:
+        xhat = xhat * weight.to(xhat.dtype)
+    return xhat.to(dtype)
+
+
+# ------------------------------------------------------------------------------------ RMSNorm (+ linear maps)
+
+
+class _RMSNormLinear(torch.autograd.Function):
+    """y = RMSNorm(silu(x) or x) * w, then outputs F.linear(y, W_i, b_i) (or y itself when there are no W_i).
+    Saves x, w, 1/rms (float32) and the W_i."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, pre_silu, count, *params):
+        weights, biases = params[:count], params[count:]
+        ctx.triton = _triton(x)
+        if ctx.triton:
+            from .fused_triton import rms_norm_rows_fwd
+
+            y, rstd = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu)
+        else:
+            xhat, rstd = _normalize(x, eps, pre_silu)
+            y = _scale(xhat, norm_weight, x.dtype)
+        ctx.eps, ctx.pre_silu, ctx.count = eps, pre_silu, count
+        ctx.device_type = x.device.type
+        ctx.mm_dtype = _autocast_dtype(x.device.type)
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, norm_weight, rstd, *weights)
+        if count == 0:
+            return y
+        with torch.autocast(ctx.device_type, enabled=False):
+            y = _cast(y, ctx.mm_dtype)
+            return tuple(F.linear(y, _cast(w, ctx.mm_dtype), _cast(b, ctx.mm_dtype)) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _RMSNormLinear._backward(ctx, grads)
+
+    @staticmethod
+    def _backward(ctx, grads):
+        x, norm_weight, rstd, *weights = ctx.saved_tensors
+        count = ctx.count
+        acc = _acc_dtype(x.dtype)
+        xhat = None
+        if not ctx.triton:
+            xhat = (F.silu(x) if ctx.pre_silu else x).to(acc) * rstd  # bitwise the forward's x̂
+        d_weights, d_biases = [None] * count, [None] * count
+        if count == 0:
+            dy = grads[0].to(acc) if grads[0] is not None else None
+        else:
+            if ctx.triton:
+                from .fused_triton import rms_norm_rows_fwd
+
+                y = _cast(rms_norm_rows_fwd(x, norm_weight, ctx.eps, ctx.pre_silu)[0], ctx.mm_dtype)
+            else:
+                y = _cast(_scale(xhat, norm_weight, x.dtype), ctx.mm_dtype)
+            y_rows = _rows(y)
+            dy = None
+            for i, (grad, w) in enumerate(zip(grads, weights)):
+                if grad is None:
+                    continue
+                grad_rows = _rows(grad)
+                if ctx.needs_input_grad[5 + i]:
+                    d_weights[i] = (grad_rows.t() @ y_rows).to(w.dtype)
+                if ctx.bias_dtypes[i] is not None and ctx.needs_input_grad[5 + count + i]:
+                    d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
+                if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                    part = grad @ _cast(w, ctx.mm_dtype)
+                    dy = part.to(acc) if dy is None else dy.add_(part)  # sums in float32
+        if dy is None:
+            return (None, None, None, None, None, *d_weights, *d_biases)
+        if ctx.triton:
+            from .fused_triton import rms_norm_rows_bwd
+
+            dx, d_norm_weight = rms_norm_rows_bwd(x, norm_weight, rstd, dy, ctx.pre_silu)
+            if d_norm_weight is not None:
+                d_norm_weight = d_norm_weight.to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
+            return (dx if ctx.needs_input_grad[0] else None, d_norm_weight, None, None, None, *d_weights, *d_biases)
+        d_norm_weight = None
+        if norm_weight is not None:
+            if ctx.needs_input_grad[1]:
+                d_norm_weight = _rows(dy * xhat).sum(0).to(norm_weight.dtype)
+            dy = dy * norm_weight.to(acc)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            du = rstd * (dy - xhat * (dy * xhat).mean(-1, keepdim=True))
+            dx = du.to(x.dtype)
+            if ctx.pre_silu:
+                dx = torch.ops.aten.silu_backward(dx, x)
+        return (dx, d_norm_weight, None, None, None, *d_weights, *d_biases)
+
+
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False) -> torch.Tensor:
+    """RMSNorm in float32 whatever the input dtype, returned in the input dtype (the paper's models)."""
+    dtype = x.dtype
+    if pre_silu:
+        x = F.silu(x)
+    x = x.to(_acc_dtype(dtype))
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        x = x * weight.to(x.dtype)
+    return x.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False) -> torch.Tensor:
+    """RMSNorm(silu(x) if pre_silu else x) * weight; saves x and 1/rms (float32) for backward."""
+    if not fused_enabled():
+        return plain_rms_norm(x, weight, eps, pre_silu)
+    return _RMSNormLinear.apply(x, weight, eps, pre_silu, 0)
+
+
+def rms_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None = None,
+    pre_silu: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(F.linear(y, W_i, b_i) for each i), y = RMSNorm(silu(x) if pre_silu else x) * norm_weight.
+
+    Saves x, 1/rms (float32) and nothing per output: y is rebuilt in backward for the weight gradients."""
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if not fused_enabled():
+        y = plain_rms_norm(x, norm_weight, eps, pre_silu)
+        return tuple(F.linear(y, w, b) for w, b in zip(weights, biases))
+    return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
+
+
+def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_silu: bool = False):
+    """The outputs of `linears` applied to norm(silu(x) if pre_silu else x), norm an RMSNorm module."""
+    return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu)
+
+
+# ----------------------------------------------------------------------------------------------------- SwiGLU
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    """F.linear(silu(gate) * up, W). Saves gate, up and W."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        ctx.device_type = gate.device.type
+        ctx.mm_dtype = _autocast_dtype(gate.device.type)
+        ctx.triton = _triton(gate, up)
+        ctx.save_for_backward(gate, up, weight)
+        with torch.autocast(ctx.device_type, enabled=False):
+            if ctx.triton:
+                from .fused_triton import swiglu_rows_fwd
+
+                hidden = swiglu_rows_fwd(gate, up)
+            else:
+                hidden = F.silu(gate) * up
+            return F.linear(_cast(hidden, ctx.mm_dtype), _cast(weight, ctx.mm_dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            if ctx.triton:
+                from .fused_triton import swiglu_rows_bwd
+
+                d_hidden = (grad @ _cast(weight, ctx.mm_dtype)).to(gate.dtype)
+                hidden, d_gate, d_up = swiglu_rows_bwd(gate, up, d_hidden)
+                d_weight = None
+                if ctx.needs_input_grad[2]:
+                    d_weight = (_rows(grad).t() @ _rows(_cast(hidden, ctx.mm_dtype))).to(weight.dtype)
+                return d_gate, d_up, d_weight
+            silu_gate = F.silu(gate)
+            hidden = silu_gate * up
+            d_weight = None
+            if ctx.needs_input_grad[2]:
+                d_weight = (_rows(grad).t() @ _rows(_cast(hidden, ctx.mm_dtype))).to(weight.dtype)
+            d_hidden = (grad @ _cast(weight, ctx.mm_dtype)).to(hidden.dtype)
+            d_up = d_hidden * silu_gate if ctx.needs_input_grad[1] else None
+            d_gate = torch.ops.aten.silu_backward(d_hidden * up, gate) if ctx.needs_input_grad[0] else None
+        return d_gate, d_up, d_weight
+
+
+def plain_swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(gate) * up, weight)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight); saves gate and up only."""
+    if not fused_enabled():
+        return plain_swiglu_linear(gate, up, weight)
+    return _SwiGLULinear.apply(gate, up, weight)
+
+
+# ------------------------------------------------------------------------------------------------- slot gates
+
+
+class _SlotGates(torch.autograd.Function):
+    """(s, g) = (1 - exp(g), g), g = mask * max(logsigmoid(f) / τ, clamp_min), both cast to `dtype`. Saves f."""
+
+    @staticmethod
+    def forward(ctx, f, tau, clamp_min, mask, dtype):
+        s, g = float_slot_gates(f, tau, clamp_min, mask)
+        ctx.tau, ctx.clamp_min, ctx.device_type = tau, clamp_min, f.device.type
+        ctx.save_for_backward(f, mask)
+        return s.to(dtype), g.to(dtype)
+
+    @staticmethod
+    def backward(ctx, ds, dg):
+        f, mask = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            fa = f.to(_acc_dtype(f.dtype))
+            log_sig, buffer = torch.ops.aten.log_sigmoid_forward(fa)
+            g0 = log_sig / ctx.tau
+            g = g0.clamp(min=ctx.clamp_min) if ctx.clamp_min is not None else g0
+            if mask is not None:
+                g = g * mask.to(g.dtype)
+            d = None
+            if ds is not None:
+                d = -ds.to(fa.dtype) * torch.exp(g)
+            if dg is not None:
+                d = dg.to(fa.dtype) if d is None else d + dg.to(fa.dtype)
+            if d is None:
+                return None, None, None, None, None
+            if mask is not None:
+                d = d * mask.to(d.dtype)
+            if ctx.clamp_min is not None:
+                d = torch.where(g0 >= ctx.clamp_min, d, torch.zeros((), dtype=d.dtype, device=d.device))
+            d = d / ctx.tau
+            df = torch.ops.aten.log_sigmoid_backward(d, fa, buffer)
+        return df.to(f.dtype), None, None, None, None
+
+
+def plain_slot_gates(f, tau, clamp_min=None, mask=None, dtype=None):
+    """`gsa.ops.slot_gates` (float32 at least) cast to dtype (f's by default): the obviously correct twin."""
+    s, g = float_slot_gates(f, tau, clamp_min, mask)
+    dtype = dtype or f.dtype
+    return s.to(dtype), g.to(dtype)
+
+
+def slot_gates(
+    f: torch.Tensor,
+    tau: float,
+    clamp_min: float | None = None,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, g) of the GSA layer from gate logits f: g = logsigmoid(f) / τ (float32 at least), clamped below at
+    clamp_min, times mask (broadcast; 1 = token, 0 = padding), s = 1 - exp(g); both returned in dtype (f's by
+    default). Saves only f (and mask) for backward."""
+    dtype = dtype or f.dtype
+    if not fused_enabled() or not (torch.is_grad_enabled() and f.requires_grad):
+        return plain_slot_gates(f, tau, clamp_min, mask, dtype)
+    return _SlotGates.apply(f, tau, clamp_min, mask, dtype)
+
+
+# ------------------------------------------------------------------------------- recomputed operator inputs
+
+
+def _outer_saved_tensors_hooks():
+    """(pack, unpack) of the saved-tensor hooks in force (activation checkpointing, offloading, a memory
+    counter), None when there are none; False when they cannot be read (then nothing is recomputed)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        return top(False)
+    except Exception:  # noqa: BLE001 - a torch without this private API behaves as "unknown"
+        return False
+
+
+@contextlib.contextmanager
+def recompute_saved(recipes: Sequence[tuple[torch.Tensor, object, torch.Tensor]]):
+    """Within the block, a tensor that autograd saves for backward and that is (a view of) one of the `output`s of
+    recipes [(output, fn, input)], output = fn(input), is not kept: its input is, and fn(input) is recomputed
+    when backward needs it (the same elementwise operation on the same values: bitwise the same tensor).
+
+    The GSA layer wraps the operator call in this: the operator saves its q, k, v, which are swish(W x); swish
+    saves W x itself, so keeping both doubles the bytes. Every other saved tensor goes through the saved-tensor
+    hooks already in force, if any (recipes' inputs too), so checkpointing and offloading still see them all.
+    Does nothing under torch.compile, when saved-tensor hooks are disabled, or when no gradient is recorded.
+    """
+    outer = _outer_saved_tensors_hooks()
+    usable = [
+        (out, fn, inp)
+        for out, fn, inp in recipes
+        if out is not inp and out.requires_grad and out.is_contiguous() and out.storage_offset() == 0
+    ]
+    if (
+        not usable
+        or not fused_enabled()
+        or outer is False
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+    ):
+        yield
+        return
+    by_storage = {out.untyped_storage().data_ptr(): (out, fn, inp) for out, fn, inp in usable}
+    outer_pack, outer_unpack = outer if outer else (None, None)
+
+    def pack(t: torch.Tensor):
+        recipe = by_storage.get(t.untyped_storage().data_ptr())
+        if recipe is not None:
+            out, fn, inp = recipe
+            if t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
+                kept = outer_pack(inp) if outer_pack else inp
+                return ("recompute", fn, kept, out.shape, t.shape, t.stride(), t.storage_offset())
+        return ("kept", outer_pack(t) if outer_pack else t)
+
+    def unpack(packed):
+        if packed[0] == "kept":
+            return outer_unpack(packed[1]) if outer_unpack else packed[1]
+        _, fn, kept, shape, size, stride, offset = packed
+        inp = outer_unpack(kept) if outer_unpack else kept
+        out = fn(inp)
+        assert out.shape == shape and out.is_contiguous()
+        return out.as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -1,0 +1,378 @@
+"""The fused autograd Functions (gsa.layers.fused) against the plain PyTorch compositions they replace.
+
+Each Function: gradcheck in float64; forward bitwise equal to the plain composition in float32, bfloat16 and
+under CPU autocast; gradients equal up to rounding (float32: 1e-6 relative; bfloat16: no further from the float64
+gradient than the plain composition's, within a small margin); and it saves only what it should for backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gsa.layers import fused
+from gsa.layers.fused import (
+    plain_rms_norm,
+    plain_slot_gates,
+    plain_swiglu_linear,
+    recompute_saved,
+    rms_norm,
+    rms_norm_linear,
+    slot_gates,
+    swiglu_linear,
+    use_fused,
+)
+from tests.helpers import rel_err
+
+
+def randn(*shape, seed=0, dtype=torch.float64, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+
+
+def run(fn, tensors, seed=7):
+    """Outputs of fn(*tensors) and the gradients of all floating inputs for fixed random cotangents."""
+    xs = leaves(tensors)
+    outs = fn(*xs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    needs = [x for x in xs if x is not None and x.requires_grad]
+    grads = torch.autograd.grad(outs, needs, cotangents)
+    return [o.detach() for o in outs], list(grads)
+
+
+def saved_storages(fn, tensors):
+    """The storages autograd saves running fn(*tensors): {data_ptr: (shape, dtype)}."""
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), (tuple(t.shape), t.dtype))
+        return t
+
+    xs = leaves(tensors)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*xs)
+    return saved, xs
+
+
+def fused_and_plain(fused_fn, plain_fn, tensors, autocast=False):
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        got = run(fused_fn, tensors)
+        want = run(plain_fn, tensors)
+    return got, want
+
+
+def check_against_plain(fused_fn, plain_fn, tensors, autocast=False, margin=1.05, slack=2e-3):
+    """Forward bitwise equal; gradients: float32 within 1e-6; low precision no worse than plain vs float64."""
+    (got_out, got_grads), (want_out, want_grads) = fused_and_plain(fused_fn, plain_fn, tensors, autocast)
+    for a, b in zip(got_out, want_out):
+        assert a.dtype == b.dtype and torch.equal(a, b), "forward differs from the plain composition"
+    low = autocast or any(t is not None and t.dtype in (torch.bfloat16, torch.float16) for t in tensors)
+    if not low:
+        for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+            assert a.dtype == b.dtype and rel_err(a, b) < 1e-6, (i, rel_err(a, b))
+        return
+    exact = run(plain_fn, [t.double() if t is not None and t.is_floating_point() else t for t in tensors])[1]
+    for i, (a, b, e) in enumerate(zip(got_grads, want_grads, exact)):
+        assert a.dtype == b.dtype, i
+        assert rel_err(a, e) <= margin * rel_err(b, e) + slack, (i, rel_err(a, e), rel_err(b, e))
+
+
+# ---------------------------------------------------------------------------------------------------- RMSNorm
+
+NORM_CASES = [  # (pre_silu, affine, outputs, bias)
+    (False, True, 0, False),
+    (False, False, 0, False),
+    (True, True, 0, False),
+    (False, True, 1, False),
+    (False, True, 3, False),
+    (True, True, 1, False),
+    (False, False, 2, True),
+]
+
+
+def norm_inputs(pre_silu, affine, outputs, bias, dtype=torch.float64, D=24, shape=(2, 5)):
+    x = randn(*shape, D, seed=1, dtype=dtype, scale=2.0)
+    w = (1 + randn(D, seed=2, scale=0.3)).to(dtype) if affine else None
+    weights = [randn(7 + 3 * i, D, seed=10 + i, dtype=dtype, scale=D**-0.5) for i in range(outputs)]
+    biases = [randn(7 + 3 * i, seed=20 + i, dtype=dtype) if bias else None for i in range(outputs)]
+    return [x, w, *weights, *biases]
+
+
+def norm_fns(pre_silu, outputs, eps=1e-6):
+    def fused_fn(x, w, *params):
+        if outputs == 0:
+            return rms_norm(x, w, eps, pre_silu)
+        return rms_norm_linear(x, w, eps, params[:outputs], params[outputs:], pre_silu)
+
+    def plain_fn(x, w, *params):
+        y = plain_rms_norm(x, w, eps, pre_silu)
+        if outputs == 0:
+            return y
+        return tuple(F.linear(y, W, b) for W, b in zip(params[:outputs], params[outputs:]))
+
+    return fused_fn, plain_fn
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_rms_norm_linear_gradcheck(case):
+    pre_silu, affine, outputs, bias = case
+    fused_fn, _ = norm_fns(pre_silu, outputs)
+    tensors = [t for t in leaves(norm_inputs(*case))]
+    assert torch.autograd.gradcheck(fused_fn, tensors, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_rms_norm_linear_equals_plain(case, dtype):
+    pre_silu, affine, outputs, bias = case
+    check_against_plain(*norm_fns(pre_silu, outputs), norm_inputs(*case, dtype=dtype, D=64, shape=(3, 40)))
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_rms_norm_linear_equals_plain_under_autocast(case):
+    """float32 weights and input, CPU autocast to bfloat16: the matrix products run in bf16 in both."""
+    pre_silu, affine, outputs, bias = case
+    tensors = norm_inputs(*case, dtype=torch.float32, D=64, shape=(3, 40))
+    check_against_plain(*norm_fns(pre_silu, outputs), tensors, autocast=True)
+
+
+def test_rms_norm_linear_mixed_dtypes_under_autocast():
+    """bf16 activations with float32 weights (the trainer: autocast outputs feeding float32 norms) and the output
+    norm's bf16 input: the norm computes in float32 and returns the input dtype, as the composition does."""
+    x = randn(3, 40, 64, seed=3, dtype=torch.bfloat16)
+    w = 1 + randn(64, seed=4, dtype=torch.float32, scale=0.2)
+    W = randn(32, 64, seed=5, dtype=torch.float32, scale=0.125)
+    for pre_silu in (False, True):
+        check_against_plain(*norm_fns(pre_silu, 1), [x, w, W, None], autocast=True)
+
+
+def test_backward_inside_autocast_region_changes_nothing():
+    """On CPU, backward runs on the calling thread: calling it inside an autocast region must not recast."""
+    tensors = norm_inputs(True, True, 2, False, dtype=torch.float32, D=64, shape=(3, 40))
+    fused_fn = norm_fns(True, 2)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run(fused_fn, tensors)
+    xs = leaves(tensors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = fused_fn(*xs)
+    gen = torch.Generator().manual_seed(7)
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    outside = torch.autograd.grad(outs, [x for x in xs if x is not None], cot)
+    for a, b in zip(inside[1], outside):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("outputs", [0, 2])
+def test_rms_norm_saves_input_and_rstd_only(outputs):
+    tensors = norm_inputs(False, True, outputs, False, dtype=torch.bfloat16, D=64, shape=(2, 8))
+    saved, xs = saved_storages(norm_fns(False, outputs)[0], tensors)
+    params = {t.untyped_storage().data_ptr() for t in xs[1:] if t is not None}
+    activations = {k: v for k, v in saved.items() if k not in params}
+    assert xs[0].untyped_storage().data_ptr() in activations
+    assert sorted(activations.values()) == sorted([((2, 8, 64), torch.bfloat16), ((2, 8, 1), torch.float32)])
+
+
+def test_rms_norm_module_and_switch():
+    from gsa.layers import RMSNorm
+
+    norm = RMSNorm(32, 1e-5).double()
+    x = randn(4, 32, seed=9, dtype=torch.float32)
+    norm = norm.float()
+    with use_fused(False):
+        assert not fused.fused_enabled()
+        want = norm(x)
+    assert fused.fused_enabled()
+    assert torch.equal(norm(x), want)
+
+
+# ----------------------------------------------------------------------------------------------------- SwiGLU
+
+
+def swiglu_inputs(dtype=torch.float64, I=40, D=16, shape=(2, 9)):
+    gate = randn(*shape, I, seed=30, dtype=dtype, scale=2.0)
+    up = randn(*shape, I, seed=31, dtype=dtype)
+    W = randn(D, I, seed=32, dtype=dtype, scale=I**-0.5)
+    return [gate, up, W]
+
+
+def test_swiglu_linear_gradcheck():
+    assert torch.autograd.gradcheck(swiglu_linear, leaves(swiglu_inputs()), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_linear_equals_plain(dtype):
+    check_against_plain(swiglu_linear, plain_swiglu_linear, swiglu_inputs(dtype, I=128, D=48, shape=(3, 30)))
+
+
+def test_swiglu_linear_equals_plain_under_autocast():
+    gate, up, W = swiglu_inputs(torch.float32, I=128, D=48, shape=(3, 30))
+    # under autocast the projections give bf16 gate and up; the down projection's weight stays float32
+    check_against_plain(swiglu_linear, plain_swiglu_linear, [gate.bfloat16(), up.bfloat16(), W], autocast=True)
+
+
+def test_swiglu_saves_gate_and_up_only():
+    tensors = swiglu_inputs(torch.bfloat16, I=64, D=16, shape=(2, 8))
+    saved, xs = saved_storages(swiglu_linear, tensors)
+    want = {t.untyped_storage().data_ptr() for t in xs}  # gate, up and the weight (a parameter)
+    assert set(saved) == want
+
+
+def test_swiglu_module_with_norm_equals_plain():
+    from gsa.layers import RMSNorm, SwiGLU
+
+    torch.manual_seed(0)
+    mlp, norm = SwiGLU(32, 80).double(), RMSNorm(32).double()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x = randn(2, 11, 32, seed=40)
+    fused_out = run(lambda x: mlp(x, norm=norm), [x])
+    with use_fused(False):
+        plain_out = run(lambda x: mlp(norm(x)), [x])
+    assert rel_err(fused_out[0][0], plain_out[0][0]) < 1e-14
+    assert rel_err(fused_out[1][0], plain_out[1][0]) < 1e-13
+
+
+# ------------------------------------------------------------------------------------------------- slot gates
+
+GATE_CASES = [(None, False), (-0.3, False), (None, True), (-0.3, True)]  # (clamp_min, mask)
+
+
+def gate_inputs(masked, dtype=torch.float64, shape=(2, 13, 3, 8)):
+    f = randn(*shape, seed=50, dtype=dtype, scale=3.0)
+    mask = None
+    if masked:
+        mask = (torch.arange(shape[1]) % 4 != 0).to(torch.int64)[None, :, None, None].expand(shape[0], -1, 1, 1)
+    return f, mask
+
+
+def gate_fns(clamp_min, mask, dtype, tau=8.0):
+    return (
+        lambda f: slot_gates(f, tau, clamp_min, mask, dtype),
+        lambda f: plain_slot_gates(f, tau, clamp_min, mask, dtype),
+    )
+
+
+@pytest.mark.parametrize("case", GATE_CASES, ids=str)
+def test_slot_gates_gradcheck(case):
+    clamp_min, masked = case
+    f, mask = gate_inputs(masked)
+    fn = gate_fns(clamp_min, mask, torch.float64)[0]
+    assert torch.autograd.gradcheck(fn, leaves([f]), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GATE_CASES, ids=str)
+def test_slot_gates_equal_plain(case, dtype):
+    clamp_min, masked = case
+    f, mask = gate_inputs(masked, dtype)
+    got, want = fused_and_plain(*gate_fns(clamp_min, mask, dtype), [f])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # the same operations: bitwise equal, gradients too
+
+
+def test_slot_gates_at_the_clamp_boundary():
+    """Gradient passes where logsigmoid(f)/τ >= clamp_min, ties included, as torch.clamp's backward."""
+    f = torch.tensor([-3.0, 0.0, 2.0], dtype=torch.float64)
+    clamp_min = float(F.logsigmoid(f[0]) / 8)  # exactly the first value
+    got, want = fused_and_plain(*gate_fns(clamp_min, None, torch.float64), [f])
+    assert torch.equal(got[1][0], want[1][0]) and got[1][0][0] != 0
+
+
+def test_slot_gates_save_f_only():
+    f, _ = gate_inputs(False, torch.bfloat16)
+    saved, xs = saved_storages(gate_fns(None, None, torch.bfloat16)[0], [f])
+    assert list(saved) == [xs[0].untyped_storage().data_ptr()]
+
+
+# ---------------------------------------------------------------------------------------- recomputed outputs
+
+
+class _SavesInputs(torch.autograd.Function):
+    """Stands for the operator: saves its inputs, y = a * b."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b, grad * a
+
+
+def _op_through_silu(x, z, recompute=True):
+    a = F.silu(x)
+    b = z * 2
+    context = recompute_saved([(a, F.silu, x)]) if recompute else contextlib.nullcontext()
+    with context:
+        return _SavesInputs.apply(a.view(-1, a.shape[-1]), b)
+
+
+def test_recompute_saved_keeps_the_input_not_the_output():
+    x, z = randn(6, 5, seed=60), randn(6, 5, seed=61)
+    for recompute in (False, True):
+        saved, (xl, zl) = saved_storages(lambda x, z: _op_through_silu(x, z, recompute), [x, z])
+        # silu saves x; the stand-in saves silu(x) (unless recomputed) and b
+        assert len(saved) == (2 if recompute else 3)
+        assert xl.untyped_storage().data_ptr() in saved
+    got = run(lambda x, z: _op_through_silu(x, z, True), [x, z])
+    want = run(lambda x, z: _op_through_silu(x, z, False), [x, z])
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert torch.equal(a, b)
+    assert torch.autograd.gradcheck(lambda x, z: _op_through_silu(x, z, True), leaves([x, z]))
+
+
+def test_recompute_saved_goes_through_outer_hooks():
+    """Offloading / checkpointing hooks in force still see every saved tensor (the recipe's input included)."""
+    x, z = randn(6, 5, seed=62), randn(6, 5, seed=63)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.untyped_storage().data_ptr())
+        return ("outer", t.clone())  # a copy, as offloading makes
+
+    def unpack(p):
+        unpacked.append(1)
+        return p[1]
+
+    xs = leaves([x, z])
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = _op_through_silu(*xs)
+    assert xs[0].untyped_storage().data_ptr() in packed and len(packed) == 3  # silu: x; stand-in: x again, b
+    cotangent = randn(6, 5, seed=64)
+    (y * cotangent).sum().backward()
+    assert len(unpacked) == 3
+    plain = leaves([x, z])
+    (_op_through_silu(*plain, recompute=False) * cotangent).sum().backward()
+    assert torch.equal(xs[0].grad, plain[0].grad) and torch.equal(xs[1].grad, plain[1].grad)
+
+
+def test_recompute_saved_under_checkpointing():
+    x, z = randn(6, 5, seed=65), randn(6, 5, seed=66)
+    from torch.utils.checkpoint import checkpoint
+
+    cotangent = randn(6, 5, seed=69)
+    plain = leaves([x, z])
+    (_op_through_silu(*plain, recompute=False) * cotangent).sum().backward()
+    for reentrant in (False, True):
+        xs = leaves([x, z])
+        (checkpoint(_op_through_silu, *xs, use_reentrant=reentrant) * cotangent).sum().backward()
+        for a, b in zip(xs, plain):
+            assert torch.equal(a.grad, b.grad), reentrant
+
+
+def test_recompute_saved_is_off_with_plain_layers():
+    x, z = randn(6, 5, seed=67), randn(6, 5, seed=68)
+    with use_fused(False):
+        saved, _ = saved_storages(_op_through_silu, [x, z])
+    assert len(saved) == 3

@@ -1,0 +1,113 @@
+"""Triton kernels of the fused Functions (gsa.layers.fused_triton) against the torch path of the same Functions.
+
+On CPU they run in Triton's interpreter (tests/conftest.py), at small shapes; on a GPU the same tests run natively.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+fused_triton = pytest.importorskip("gsa.layers.fused_triton")
+if not fused_triton.KERNELS_AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from gsa.layers.fused import rms_norm, rms_norm_linear, swiglu_linear, use_triton_kernels  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def grads_of(fn, tensors, seed=5):
+    xs = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    outs = fn(*xs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, [x for x in xs if x is not None], cot)
+    return [o.detach() for o in outs], list(grads)
+
+
+def both_paths(fn, tensors):
+    with use_triton_kernels(True):
+        got = grads_of(fn, tensors)
+    with use_triton_kernels(False):
+        want = grads_of(fn, tensors)
+    return got, want
+
+
+def assert_close(got, want, dtype, what):
+    (go, gg), (wo, wg) = got, want
+    for i, (a, b) in enumerate(zip(go + gg, wo + wg)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
+        assert rel_err(a, b) < TOL[dtype], (what, i, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pre_silu", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_kernels_match_torch(dtype, pre_silu, affine):
+    x = randn(3, 7, 100, seed=1, dtype=dtype, scale=2.0)  # width off the power-of-two grid
+    w = 1 + randn(100, seed=2, scale=0.3) if affine else None  # float32 weight (the trainer's master copy)
+    tensors = [x, w] if affine else [x]
+    got, want = both_paths(lambda x, *w: rms_norm(x, w[0] if w else None, 1e-6, pre_silu), tensors)
+    assert_close(got, want, dtype, "rms_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pre_silu", [False, True])
+def test_rms_norm_linear_with_kernels_matches_torch(dtype, pre_silu):
+    x = randn(2, 33, 48, seed=3, dtype=dtype, scale=2.0)
+    w = (1 + randn(48, seed=4, scale=0.3)).to(dtype)
+    W1, W2 = randn(40, 48, seed=5, dtype=dtype, scale=0.15), randn(24, 48, seed=6, dtype=dtype, scale=0.15)
+    got, want = both_paths(lambda x, w, a, b: rms_norm_linear(x, w, 1e-6, [a, b], pre_silu=pre_silu), [x, w, W1, W2])
+    assert_close(got, want, dtype, "rms_norm_linear")
+
+
+def test_rms_norm_linear_with_kernels_under_autocast():
+    x = randn(2, 33, 48, seed=7, scale=2.0)
+    w, W = 1 + randn(48, seed=8, scale=0.3), randn(40, 48, seed=9, scale=0.15)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = both_paths(lambda x, w, a: rms_norm_linear(x, w, 1e-6, [a]), [x, w, W])
+    assert_close(got, want, torch.bfloat16, "autocast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_kernels_match_torch(dtype):
+    gate, up = randn(2, 19, 72, seed=10, dtype=dtype, scale=2.0), randn(2, 19, 72, seed=11, dtype=dtype)
+    W = randn(24, 72, seed=12, dtype=dtype, scale=0.1)
+    got, want = both_paths(swiglu_linear, [gate, up, W])
+    assert_close(got, want, dtype, "swiglu_linear")
+
+
+def test_kernel_outputs_directly():
+    """The kernels alone: forward values equal the torch operations they stand for."""
+    x = randn(5, 64, seed=13, scale=3.0)
+    w = 1 + randn(64, seed=14, scale=0.2)
+    y, rstd = fused_triton.rms_norm_rows_fwd(x, w, 1e-5, False)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    assert rel_err(y, want) < 1e-6 and rstd.shape == (5, 1)
+    gate, up = randn(300, seed=15), randn(300, seed=16)  # numel off the block grid
+    h = fused_triton.swiglu_rows_fwd(gate, up)
+    assert rel_err(h, torch.nn.functional.silu(gate) * up) < 1e-6
+
+
+def test_functions_call_the_kernels(monkeypatch):
+    """use_triton_kernels(True) routes the Functions' row-wise work to the kernels (forward and backward)."""
+    calls = []
+    for name in ("rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd", "swiglu_rows_bwd"):
+        kernel = getattr(fused_triton, name)
+        monkeypatch.setattr(fused_triton, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
+    x, w, W = randn(2, 5, 48, seed=20), 1 + randn(48, seed=21), randn(8, 48, seed=22)
+    gate, up, D = randn(3, 40, seed=23), randn(3, 40, seed=24), randn(5, 40, seed=25)
+    both_paths(lambda x, w, W: rms_norm_linear(x, w, 1e-6, [W], pre_silu=True), [x, w, W])
+    both_paths(swiglu_linear, [gate, up, D])
+    # forward, the rebuilt y in backward, backward; then SwiGLU forward and backward; the torch runs add nothing
+    assert calls == ["rms_norm_rows_fwd", "rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd",
+                     "swiglu_rows_bwd"]

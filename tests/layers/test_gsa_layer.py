@@ -1,0 +1,42 @@
+"""GatedSlotAttention: prefill + token-by-token decoding (the operator's fused decode step) equals one call over
+the whole sequence, padding tokens included (they neither decay nor write the slots)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsa.layers import GatedSlotAttention
+from tests.helpers import rel_err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(use_short_conv=True, conv_size=3), dict(feature_map="relu", num_slots=5), dict(clamp_min=-0.05)],
+    ids=["swish", "short_conv", "relu", "clamp"],
+)
+def test_decoding_with_padding_tokens_equals_full_call(options):
+    torch.manual_seed(0)
+    layer = GatedSlotAttention(hidden_size=32, num_heads=4, num_kv_heads=2, **{"num_slots": 6, **options})
+    layer = layer.double().eval()
+    torch.nn.init.normal_(layer.f_proj.weight, std=0.7)  # gates that differ across slots and steps
+    B, T, prefill = 2, 21, 9
+    x = torch.randn(B, T, 32, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[0, 13] = 0  # a padding token inside the decoded part
+    mask[1, 17] = 0
+    with torch.no_grad():
+        want, want_state = layer(x, attention_mask=mask, use_cache=True)
+        got, state = layer(x[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+        steps = [got]
+        hk_before = None
+        for t in range(prefill, T):
+            if t == 13:
+                hk_before = state.hk[0].clone()
+            y, state = layer(x[:, t : t + 1], attention_mask=mask[:, : t + 1], state=state)
+            if t == 13:
+                assert torch.equal(state.hk[0], hk_before), "a padding token changed the slot keys"
+            steps.append(y)
+    assert rel_err(torch.cat(steps, 1), want) < 1e-10
+    assert rel_err(state.hk, want_state.hk) < 1e-10 and rel_err(state.hv, want_state.hv) < 1e-10
