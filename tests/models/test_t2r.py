@@ -197,8 +197,17 @@ def test_convert_command(tmp_path, capsys):
     out = str(tmp_path / "gsa")
     parser = argparse.ArgumentParser()
     t2r.add_arguments(parser)  # what `gsa convert` builds its arguments with
-    assert t2r.run(parser.parse_args([src, out, "--num-slots", "8", "--gate-logit-normalizer", "16"])) == 0
+    assert t2r.run(parser.parse_args([src, out, "--num-slots", "8", "--gate-logit-normalizer", "16", "--plain"])) == 0
     printed = capsys.readouterr().out
     assert "sliding_window=32" in printed and "slots 8 per kv head" in printed
     config = GSAForCausalLM.from_pretrained(out).config
     assert (config.num_slots, config.gate_logit_normalizer) == (8, 16)
+
+
+def test_default_command_calibrates_on_shakespeare_and_can_be_turned_off():
+    parser = argparse.ArgumentParser()
+    t2r.add_arguments(parser)
+    args = parser.parse_args(["src", "out"])
+    assert args.data == "shakespeare" and args.calibrate and args.distill_steps == t2r.DEFAULT_DISTILL_STEPS
+    assert not parser.parse_args(["src", "out", "--no-calibrate"]).calibrate
+    assert parser.parse_args(["src", "out", "--plain"]).plain

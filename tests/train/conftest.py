@@ -1,12 +1,8 @@
-"""Training tests run their tiny models on one thread: as fast as two for these sizes, and immune to a busy CPU."""
+"""Training tests run their tiny models on one thread (the `one_thread` fixture of tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

