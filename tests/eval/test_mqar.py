@@ -7,7 +7,8 @@ import torch
 
 from gsa.eval.mqar import IGNORE_INDEX, MQARTask, mqar_examples
 from gsa.eval.mqar_sweep import (
-    PROFILES, MQARRun, ModelOptions, TrainSettings, format_table, run_sweep, summarize, train_and_test, with_overrides,
+    PROFILES, MQARRun, ModelOptions, TrainSettings, format_table, paper_comparison, report_text, run_sweep, summarize,
+    train_and_test, with_overrides,
 )
 from tests.eval.conftest import run_eval
 
@@ -99,12 +100,25 @@ def test_summary_takes_the_best_learning_rate_per_width():
     assert cell["best_lr"] == 3e-3 and cell["accuracy"] == pytest.approx(0.6) and cell["seed_accuracies"] == [0.5, 0.7]
     table = format_table(summarize(runs), include_paper=True)
     assert "60.0" in table and "GSA (paper)" in table
+    assert paper_comparison(summarize(runs)) == [
+        "d=64: gsa 60.0% vs paper 28%: at least the paper's", "d=128: not run (paper 98%)",
+        "d=256: not run (paper 99%)", "d=512: not run (paper 99%)",
+    ]
+
+
+def test_at_the_papers_setting_the_report_holds_the_paper_values_and_the_target():
+    summary = {"gsa": {64: {"accuracy": 0.25}}, "attention": {64: {"accuracy": 0.9}}}
+    report = report_text(PROFILES["gpu"], summary, 400.0)
+    assert "GSA (paper)       28.0     98.0     99.0     99.0" in report
+    assert "- d=64: gsa 25.0% vs paper 28%: below the paper's" in report
+    assert "paper" not in report_text(PROFILES["smoke"], summary, 1.0)
 
 
 def test_mqar_command_writes_json_and_the_plot(tmp_path, capsys):
     assert run_eval(["mqar", "--profile", "smoke", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "MQAR accuracy (%)" in printed and "attention" in printed
+    assert "Accuracy (%) of the best learning rate per cell" in printed and "attention" in printed
+    assert (tmp_path / "mqar.md").read_text().startswith("# MQAR: seq 32, 4 pairs, vocab 64")
     report = json.loads((tmp_path / "mqar.json").read_text())
     assert {r["model"] for r in report["runs"]} == {"gsa", "attention"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["runs"])

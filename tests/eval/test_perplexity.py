@@ -69,7 +69,7 @@ def test_perplexity_is_exp_of_the_models_own_mean_loss(gsa_model, tokenizer):
     result = evaluate_perplexity(gsa_model, tokenizer, docs, max_length=128, batch_size=2)
     total_loss, total_tokens = 0.0, 0
     for _, text in docs:  # the model's own loss path (chunked linear cross-entropy), one document at a time
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+        ids = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(text)]])
         with torch.no_grad():
             loss = gsa_model(input_ids=ids, labels=ids).loss
         total_loss += float(loss) * (ids.shape[1] - 1)
@@ -84,7 +84,7 @@ def test_perplexity_is_exp_of_the_models_own_mean_loss(gsa_model, tokenizer):
 def test_windowed_perplexity_matches_a_direct_window_by_window_sum(gsa_model, tokenizer):
     text = "Now is the winter of our discontent made glorious summer by this sun of York"
     result = evaluate_perplexity(gsa_model, tokenizer, [("doc", text)], max_length=16, stride=8)
-    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    ids = [tokenizer.bos_id, *tokenizer.encode(text)]
     nll = 0.0
     for context, continuation in rolling_windows(ids[1:], ids[0], 16, 8):
         inputs = torch.tensor([context + continuation[:-1]])

@@ -12,7 +12,7 @@ from tests.eval.conftest import run_eval, tiny_model
 
 
 def tokens(tokenizer, text):
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer.encode(text))
 
 
 @pytest.mark.parametrize("length", [128, 512])
@@ -69,5 +69,7 @@ def test_recall_command_compares_two_models_side_by_side(model_dir, tmp_path, ca
     assert set(report["models"]) == {"gsa", "attention"}
     for name in ("recall.png", "needle_gsa.png", "needle_attention.png"):
         assert (output / name).read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="once per --model"):
-        run_eval(["recall", "--model", "a", "--model", "b", "--model", "c", "--tokenizer", "bytes", "--tokenizer", "x"])
+    capsys.readouterr()
+    assert run_eval(["recall", "--model", "a", "--model", "b", "--model", "c", "--tokenizer", "bytes",
+                     "--tokenizer", "x"]) == 2
+    assert "gsa eval recall: error: give --tokenizer once or once per --model (3), got 2" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 # Byte vocabulary (260): four special tokens first, so bos = 1 and eos = 2 as GSAConfig's defaults and the Mistral
-# tokenizer have them, then byte b as id b + BYTE_OFFSET. `gsa.eval` builds the same ids for `--tokenizer bytes`.
+# tokenizer have them, then byte b as id b + BYTE_OFFSET. `gsa eval --tokenizer bytes` uses this class too.
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 BYTE_OFFSET = len(BYTE_SPECIAL_TOKENS)
 BYTE_VOCAB_SIZE = BYTE_OFFSET + 256
@@ -128,14 +128,30 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-        self.name = self.folder.name
-        self.vocab_size = len(self.tokenizer)
-        self.bos_id, self.eos_id, self.pad_id = (
-            self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        )
         files = sorted(p for p in self.folder.iterdir() if p.is_file() and (p.suffix in (".json", ".model", ".txt")))
-        self.fingerprint = f"hf-{_sha256_of_files(files)}"
+        self._adopt(AutoTokenizer.from_pretrained(str(self.folder)), self.folder.name, f"hf-{_sha256_of_files(files)}")
+
+    @classmethod
+    def from_loaded(cls, tokenizer, name: str | None = None) -> HFTokenizer:
+        """A transformers tokenizer already in memory (loaded or built by the caller). Its fingerprint hashes the
+        fast tokenizer's full serialisation, or a slow one's vocabulary and special tokens."""
+        self = cls.__new__(cls)
+        self.folder = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            content = backend.to_str()
+        else:
+            content = repr((sorted(tokenizer.get_vocab().items()), tokenizer.special_tokens_map, type(tokenizer)))
+        fingerprint = f"hf-{hashlib.sha256(content.encode()).hexdigest()[:16]}"
+        self._adopt(tokenizer, name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, fingerprint)
+        return self
+
+    def _adopt(self, tokenizer, name: str, fingerprint: str) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = len(tokenizer)
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.fingerprint = fingerprint
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]

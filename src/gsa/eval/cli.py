@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ..data.corpora import BUNDLED_CORPORA
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -25,14 +28,15 @@ def _model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> 
         parser.add_argument("--model", action="append", required=True, metavar="DIR",
                             help="model folder (GSA or any transformers causal LM); repeat to compare models")
         parser.add_argument("--tokenizer", action="append", metavar="TOK",
-                            help="'bytes' or a tokenizer folder: once for all models or once per --model "
-                                 "(default: the tokenizer saved in each model folder)")
+                            help="bytes, mistral, a SentencePiece .model file or a tokenizer folder: once for all "
+                                 "models or once per --model (default: the tokenizer saved in each model folder)")
         parser.add_argument("--label", action="append", help="a name per --model for tables and plots")
     else:
         parser.add_argument("--model", required=True, metavar="DIR",
                             help="model folder (GSA or any transformers causal LM)")
         parser.add_argument("--tokenizer", metavar="TOK",
-                            help="'bytes' or a tokenizer folder (default: the tokenizer saved in the model folder)")
+                            help="bytes, mistral, a SentencePiece .model file or a tokenizer folder (default: the "
+                                 "tokenizer saved in the model folder)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, ...")
@@ -45,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl = sub.add_parser("ppl", help="perplexity and bits per byte on text files or a bundled corpus")
     _model_arguments(ppl)
     source = ppl.add_mutually_exclusive_group(required=True)
-    source.add_argument("--corpus", help="a bundled corpus by name: shakespeare")
-    source.add_argument("--files", nargs="+", metavar="FILE", help="UTF-8 text files, one document each")
+    source.add_argument("--corpus", help=f"a bundled corpus by name: {', '.join(BUNDLED_CORPORA)}")
+    source.add_argument("--files", nargs="+", metavar="FILE",
+                        help="UTF-8 text files (one document each), JSON-lines files (one document a line, field "
+                             "'text'), folders of those or glob patterns, read as gsa train --data reads them")
     ppl.add_argument("--max-length", type=int, default=2048, help="tokens a window reads (default 2048)")
     ppl.add_argument("--stride", type=int, help="tokens each later window predicts (default: max-length, disjoint)")
     ppl.add_argument("--max-documents", type=int, help="evaluate only the first N documents")
@@ -55,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.set_defaults(eval_run=_run_ppl)
 
     mqar = sub.add_parser("mqar", help="train and test small models on MQAR (the paper's Fig. 3a)")
-    mqar.add_argument("--profile", default="cpu", help="gpu (the paper's setting, ~8 min on one H200 with "
-                      "--workers 8), cpu (minutes on a laptop) or smoke (seconds); flags below override it")
+    mqar.add_argument("--profile", default="cpu", help="gpu (the paper's setting: 24 runs, 360 s of training; about "
+                      "7 min on one H200 with --workers 8), cpu (about 9 min on 2 cores) or smoke (seconds); flags "
+                      "below override it")
     mqar.add_argument("--models", nargs="+", help="gsa, attention, fla-gsa, fla-gla (default: the profile's, plus "
                       "fla-gsa and fla-gla when flash-linear-attention and a GPU are there)")
     mqar.add_argument("--widths", nargs="+", type=int, help="model widths (hidden sizes)")
@@ -77,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--gsa-backend", choices=("auto", "torch", "triton"), help="operator backend of our GSA layers")
     mqar.add_argument("--workers", type=int, default=1, help="processes training runs side by side (GPU: 8)")
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"), help="where mqar.json and mqar.png go")
+    mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"),
+                      help="where mqar.json, mqar.md (the table) and mqar.png go")
     mqar.set_defaults(eval_run=_run_mqar)
 
     harness = sub.add_parser("harness", help="lm-evaluation-harness tasks (offline: gsa_offline, ruler_vt)")
@@ -90,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     harness.add_argument("--add-bos-token", action="store_true", help="start every context with BOS")
     harness.add_argument("--data-dir", type=Path, help="where offline task data is built (default $GSA_EVAL_DATA "
                          "or ~/.cache/gsa/eval)")
-    harness.add_argument("--ruler-lengths", nargs="+", type=int, default=[1024], help="prompt lengths of RULER tasks")
+    harness.add_argument("--ruler-lengths", nargs="+", type=int, default=[1024],
+                         help="prompt lengths (tokens) of RULER tasks (ruler_vt needs about 960 or more with a "
+                              "32k-50k subword vocabulary; a shorter one is refused with the minimum)")
     harness.add_argument("--bootstrap-iters", type=int, default=0, help="bootstrap resamples for standard errors")
     harness.add_argument("--output", type=Path, help="write lm-eval's results to this JSON file")
     harness.set_defaults(eval_run=_run_harness)
@@ -108,21 +118,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the chosen evaluation; bad input (a ValueError, naming what is wrong) is one line on stderr, exit 2."""
     if getattr(args, "eval_command", None) is None:
         print("usage: gsa eval {ppl,mqar,harness,recall} ... (gsa eval <evaluation> --help for its options)")
         return 2
-    return args.eval_run(args)
+    try:
+        return args.eval_run(args)
+    except ValueError as error:
+        print(f"gsa eval {args.eval_command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _run_ppl(args) -> int:
     from itertools import islice
 
-    from .loading import corpus_documents, file_documents, load_causal_lm, load_tokenizer
+    from ..data import Corpus
+    from .loading import load_causal_lm, model_tokenizer
     from .perplexity import evaluate_perplexity
 
+    if args.corpus is not None and args.corpus not in BUNDLED_CORPORA:
+        raise ValueError(f"unknown corpus {args.corpus!r}; expected one of {', '.join(BUNDLED_CORPORA)}")
+    corpus = Corpus((args.corpus,) if args.corpus else tuple(args.files))  # checks every path before the model loads
+    tokenizer = model_tokenizer(args.model, args.tokenizer)
     model = load_causal_lm(args.model, args.device, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer, args.model)
-    documents = corpus_documents(args.corpus) if args.corpus else file_documents(args.files)
+    documents = corpus.documents()
     if args.max_documents is not None:
         documents = islice(documents, args.max_documents)
     if args.max_chars is not None:
@@ -149,7 +168,8 @@ def _run_ppl(args) -> int:
 def _run_mqar(args) -> int:
     from .loading import resolve_device
     from .mqar_sweep import (
-        PROFILES, default_models, format_table, plot_accuracy_by_width, run_sweep, summarize, with_overrides,
+        PAPER_ACCURACY, PROFILES, default_models, is_paper_setting, plot_accuracy_by_width, report_text, run_sweep,
+        summarize, with_overrides,
     )
 
     if args.profile not in PROFILES:
@@ -199,24 +219,29 @@ def _run_mqar(args) -> int:
     seconds = time.perf_counter() - started
     summary = summarize(results)
     summary = {model: summary[model] for model in sweep.models if model in summary}  # the order asked for
-    paper_setting = (sweep.task.seq_len, sweep.task.num_pairs) == (512, 64)
-    table = format_table(summary, include_paper=paper_setting)
-    print(f"\nMQAR accuracy (%), best learning rate per cell, {seconds:.0f} s in all\n{table}")
+    paper_setting = is_paper_setting(sweep.task)
+    report = report_text(sweep, summary, seconds)
+    print("\n" + report)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.output_dir / "mqar.json", args.output_dir / "mqar.png"
-    _write_json(json_path, {"sweep": sweep.as_dict(), "summary": summary, "runs": results, "seconds": round(seconds, 1),
-                            "environment": _environment(device)})
+    paths = [args.output_dir / name for name in ("mqar.json", "mqar.md", "mqar.png")]
+    _write_json(paths[0], {"sweep": sweep.as_dict(), "summary": summary,
+                           "paper": PAPER_ACCURACY if paper_setting else None, "runs": results,
+                           "seconds": round(seconds, 1), "environment": _environment(device)})
+    paths[1].write_text(report, encoding="utf-8")
     plot_accuracy_by_width(
-        summary, png_path, f"MQAR, seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs", include_paper=paper_setting
+        summary, paths[2], f"MQAR, seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs", include_paper=paper_setting
     )
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {', '.join(map(str, paths))}")
     return 0
 
 
 def _run_harness(args) -> int:
-    from lm_eval.utils import make_table
+    try:
+        from lm_eval.utils import make_table
 
-    from .harness import GSAEvalLM, run_harness
+        from .harness import GSAEvalLM, run_harness
+    except ImportError as error:
+        raise ValueError(f"gsa eval harness needs lm-eval ({error}): pip install 'lm-eval>=0.4.8,<0.5'") from None
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -242,7 +267,7 @@ def _run_harness(args) -> int:
 
 
 def _run_recall(args) -> int:
-    from .loading import load_causal_lm, load_tokenizer
+    from .loading import load_causal_lm, model_tokenizer
     from .recall import RecallSettings, evaluate_recall, format_tables, plot_needle_grid, plot_recall
 
     models = args.model
@@ -258,8 +283,8 @@ def _run_recall(args) -> int:
     )
     by_model = {}
     for index, (label, path) in enumerate(zip(labels, models)):
+        tokenizer = model_tokenizer(path, tokenizers[index if len(tokenizers) > 1 else 0])
         model = load_causal_lm(path, args.device, args.dtype)
-        tokenizer = load_tokenizer(tokenizers[index if len(tokenizers) > 1 else 0], path)
 
         def progress(task: str, row: dict, label=label) -> None:
             depth = "" if row["depth"] is None else f" depth {row['depth']:.2f}"

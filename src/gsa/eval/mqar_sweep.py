@@ -41,63 +41,54 @@ def fla_available() -> bool:
     return True
 
 
-def _gsa_model(width: int, vocab_size: int, options: dict):
-    config = GSAConfig(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        num_hidden_layers=2,
-        num_heads=max(1, width // options["gsa_head_dim"]),
-        num_slots=options["num_slots"],
-        use_short_conv=options["short_conv"],
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GSAForCausalLM(config)
-    for module in model.modules():
-        if isinstance(module, GatedSlotAttention):
-            module.backend = options["gsa_backend"]
-    return model
+NUM_LAYERS = 2  # the paper's MQAR models
 
 
-def _attention_model(width: int, vocab_size: int, options: dict):
-    heads = max(1, width // options["attention_head_dim"])
-    config = GSAConfig(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        num_hidden_layers=2,
-        num_heads=heads,
-        attn={"layers": [0, 1], "num_heads": heads},
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return GSAForCausalLM(config)
+def _sizes(width: int, vocab_size: int, head_dim: int) -> dict:
+    """What every MQAR model shares: two layers at `width`, heads of `head_dim` (at least one head)."""
+    return {"vocab_size": vocab_size, "hidden_size": width, "num_hidden_layers": NUM_LAYERS,
+            "num_heads": max(1, width // head_dim)}
 
 
-def _fla_model(name: str):
+def _our_model(kind: str):
+    """`gsa`: GSA in both layers; `attention`: our blocks with softmax attention (RoPE) in both layers instead."""
+
+    def build(width: int, vocab_size: int, options: dict):
+        if kind == "attention":
+            sizes = _sizes(width, vocab_size, options["attention_head_dim"])
+            mixer = {"attn": {"layers": list(range(NUM_LAYERS)), "num_heads": sizes["num_heads"]}}
+        else:
+            sizes = _sizes(width, vocab_size, options["gsa_head_dim"])
+            mixer = {"num_slots": options["num_slots"], "use_short_conv": options["short_conv"]}
+        model = GSAForCausalLM(GSAConfig(**sizes, **mixer, bos_token_id=None, eos_token_id=None))
+        for module in model.modules():
+            if isinstance(module, GatedSlotAttention):
+                module.backend = options["gsa_backend"]
+        return model
+
+    return build
+
+
+def _fla_model(kind: str):
+    """FLA's own GSA / GLA models at the same sizes as ours."""
+
     def build(width: int, vocab_size: int, options: dict):
         import fla.models as fla_models
 
         config_class, model_class = {
             "fla-gsa": (fla_models.GSAConfig, fla_models.GSAForCausalLM),
             "fla-gla": (fla_models.GLAConfig, fla_models.GLAForCausalLM),
-        }[name]
-        extra = {"num_slots": options["num_slots"]} if name == "fla-gsa" else {}
-        config = config_class(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_heads=max(1, width // options["gsa_head_dim"]),
-            use_short_conv=options["short_conv"],
-            **extra,
-        )
-        return model_class(config)
+        }[kind]
+        extra = {"num_slots": options["num_slots"]} if kind == "fla-gsa" else {}
+        sizes = _sizes(width, vocab_size, options["gsa_head_dim"])
+        return model_class(config_class(**sizes, use_short_conv=options["short_conv"], **extra))
 
     return build
 
 
 MODEL_BUILDERS: dict[str, Callable] = {
-    "gsa": _gsa_model,
-    "attention": _attention_model,
+    "gsa": _our_model("gsa"),
+    "attention": _our_model("attention"),
     "fla-gsa": _fla_model("fla-gsa"),
     "fla-gla": _fla_model("fla-gla"),
 }
@@ -214,8 +205,8 @@ class Sweep:
 
 
 # Named configurations. "gpu" is the paper's setting, bounded to 6 minutes of training (8 workers on one H200:
-# about 8 minutes with start-up and testing); "cpu" is a small task of the same kind, minutes on a laptop;
-# "smoke" checks the plumbing in seconds.
+# 3 waves of 120 s runs, an estimated 7 minutes with start-up and testing, not yet measured); "cpu" is a small
+# task of the same kind, minutes on 2 cores; "smoke" checks the plumbing in seconds.
 PROFILES: dict[str, Sweep] = {
     "gpu": Sweep(
         task=MQARTask(vocab_size=8192, seq_len=512, num_pairs=64),
@@ -413,10 +404,10 @@ def summarize(results: Iterable[dict]) -> dict:
 
 def format_table(summary: dict, include_paper: bool) -> str:
     """Accuracy (%) by model and width, one row per model, the paper's rows underneath when asked."""
-    widths = sorted({w for by_width in summary.values() for w in by_width})
     rows = [(model, {w: v["accuracy"] * 100 for w, v in by_width.items()}) for model, by_width in summary.items()]
     if include_paper:
         rows += list(PAPER_ACCURACY.items())
+    widths = sorted({w for _, values in rows for w in values})  # the paper's widths too, where its rows are shown
     name_width = max(len("model"), *(len(name) for name, _ in rows))
     header = f"{'model':<{name_width}}" + "".join(f"{'d=' + str(w):>9}" for w in widths)
     lines = [header, "-" * len(header)]
@@ -424,6 +415,44 @@ def format_table(summary: dict, include_paper: bool) -> str:
         cells = "".join(f"{values[w]:>9.1f}" if w in values else f"{'-':>9}" for w in widths)
         lines.append(f"{name:<{name_width}}{cells}")
     return "\n".join(lines)
+
+
+def is_paper_setting(task: MQARTask) -> bool:
+    """Fig. 3a's task (seq 512, 64 pairs), where the paper's values are the reference."""
+    return (task.seq_len, task.num_pairs) == (512, 64)
+
+
+def paper_comparison(summary: dict) -> list[str]:
+    """Our `gsa` against the paper's GSA at each of its widths; the target is at least the paper's accuracy."""
+    ours = summary.get("gsa", {})
+    lines = []
+    for width, paper in PAPER_ACCURACY["GSA (paper)"].items():
+        if width not in ours:
+            lines.append(f"d={width}: not run (paper {paper}%)")
+            continue
+        accuracy = 100 * ours[width]["accuracy"]
+        verdict = "at least the paper's" if accuracy >= paper else "below the paper's"
+        lines.append(f"d={width}: gsa {accuracy:.1f}% vs paper {paper}%: {verdict}")
+    return lines
+
+
+def report_text(sweep: Sweep, summary: dict, seconds: float) -> str:
+    """The table (and, at the paper's setting, the comparison with its GSA values) as mqar.md holds it."""
+    task = sweep.task
+    lines = [
+        f"# MQAR: seq {task.seq_len}, {task.num_pairs} pairs, vocab {task.vocab_size}",
+        "",
+        f"Accuracy (%) of the best learning rate per cell (lrs {', '.join(f'{lr:g}' for lr in sweep.lrs)}; seeds "
+        f"{', '.join(map(str, sweep.seeds))}); {seconds:.0f} s in all.",
+        "",
+        "```",
+        format_table(summary, include_paper=is_paper_setting(task)),
+        "```",
+    ]
+    if is_paper_setting(task):
+        lines += ["", "Target, our GSA at least the paper's at every width:", ""]
+        lines += [f"- {line}" for line in paper_comparison(summary)]
+    return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_by_width(summary: dict, path, title: str, include_paper: bool) -> None:

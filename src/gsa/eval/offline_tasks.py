@@ -20,10 +20,9 @@ import random
 import re
 from pathlib import Path
 
-from .loading import corpus_documents
+from ..data.corpora import shakespeare_documents
 
 BUILD_VERSION = 1
-CORPUS = "shakespeare"
 OFFLINE_TASKS = ("gsa_shakespeare_ppl", "gsa_shakespeare_cloze", "gsa_shakespeare_next_line")
 PPL_PASSAGES, PPL_PASSAGE_CHARS = 100, 3000
 CLOZE_EXAMPLES, CLOZE_CONTEXT_CHARS = 500, 800
@@ -54,7 +53,8 @@ def _speeches(paragraphs: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _works() -> list[tuple[str, list[str]]]:
-    return [(name, _paragraphs(text)) for name, text in corpus_documents(CORPUS)]
+    """(work, paragraphs) of every Shakespeare work, the work named without the corpus prefix ("hamlet")."""
+    return [(name.removeprefix("shakespeare/"), _paragraphs(text)) for name, text in shakespeare_documents()]
 
 
 def build_ppl(works, rng: random.Random) -> list[dict]:

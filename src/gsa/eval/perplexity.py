@@ -17,15 +17,10 @@ from .scoring import rolling_windows, score_continuations
 
 def prefix_token_id(tokenizer) -> int:
     """The token a document is read after: BOS, else EOS (as lm-eval does)."""
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+    for token_id in (tokenizer.bos_id, tokenizer.eos_id):
         if token_id is not None:
             return token_id
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a document with")
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of text alone: no special tokens added."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def evaluate_perplexity(
@@ -39,13 +34,15 @@ def evaluate_perplexity(
 ) -> dict:
     """Perplexity of `model` on (name, text) documents; returns totals and one entry per document.
 
+    tokenizer: a `gsa.data` tokenizer (`gsa.eval.loading.model_tokenizer` finds a model's).
+
     max_length: tokens a window reads; stride: tokens each window after the first predicts (default max_length,
     disjoint windows; smaller strides give every prediction more context and cost max_length / stride times more).
     """
     prefix = prefix_token_id(tokenizer)
     names, sizes, windows, owners = [], [], [], []
     for name, text in documents:
-        tokens = encode(tokenizer, text)
+        tokens = tokenizer.encode(text)
         if not tokens:
             continue  # an empty document predicts nothing
         for window in rolling_windows(tokens, prefix, max_length, stride):

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .loading import corpus_documents
-from .perplexity import encode, prefix_token_id
+from ..data.corpora import shakespeare_documents
+from .perplexity import prefix_token_id
 from .scoring import greedy_generate, score_continuations
 
 FIRST_NAMES = (
@@ -74,11 +74,11 @@ def phonebook_example(tokenizer, length: int, rng: random.Random) -> RecallExamp
     names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     rng.shuffle(names)
     entries, used = [], 0
-    longest_name = max(names, key=lambda name: len(encode(tokenizer, name)))
-    budget = length - len(encode(tokenizer, f"{longest_name}: 000-0000\n"))  # room for the query and its answer
+    longest_name = max(names, key=lambda name: len(tokenizer.encode(name)))
+    budget = length - len(tokenizer.encode(f"{longest_name}: 000-0000\n"))  # room for the query and its answer
     for name in names:
         line = f"{name}: {_phone_number(rng)}\n"
-        cost = len(encode(tokenizer, line))
+        cost = len(tokenizer.encode(line))
         if used + cost > budget:
             break
         entries.append(line)
@@ -92,7 +92,7 @@ def phonebook_example(tokenizer, length: int, rng: random.Random) -> RecallExamp
 @functools.cache
 def _haystack_lines() -> tuple[str, ...]:
     lines = []
-    for _, text in corpus_documents("shakespeare"):
+    for _, text in shakespeare_documents():
         lines.extend(line for line in text.split("\n") if line.strip())
     return tuple(lines)
 
@@ -102,12 +102,12 @@ def needle_example(tokenizer, length: int, depth: float, haystack: Sequence[str]
     inserted at the line boundary nearest to `depth` (0 = first line, 1 = just before the question)."""
     number = str(rng.randint(1_000_000, 9_999_999))
     needle = f"The secret number is {number}."
-    budget = length - len(encode(tokenizer, needle + "\n" + NEEDLE_QUESTION)) - 12
+    budget = length - len(tokenizer.encode(needle + "\n" + NEEDLE_QUESTION)) - 12
     start = rng.randrange(len(haystack))
     lines, used = [], 0
     while True:
         line = haystack[(start + len(lines)) % len(haystack)] + "\n"
-        cost = len(encode(tokenizer, line))
+        cost = len(tokenizer.encode(line))
         if used + cost > budget:
             break
         lines.append(line)
@@ -141,8 +141,8 @@ def build_examples(
 def score_examples(model: torch.nn.Module, tokenizer, examples: list[RecallExample], batch_size: int) -> dict:
     """Exact-match accuracy of greedy continuations, teacher-forced answer token accuracy, mean prompt tokens."""
     prefix = prefix_token_id(tokenizer)
-    prompts = [[prefix, *encode(tokenizer, e.prompt)] for e in examples]
-    answers = [encode(tokenizer, e.prompt + e.answer)[len(p) - 1 :] for e, p in zip(examples, prompts)]
+    prompts = [[prefix, *tokenizer.encode(e.prompt)] for e in examples]
+    answers = [tokenizer.encode(e.prompt + e.answer)[len(p) - 1 :] for e, p in zip(examples, prompts)]
     longest_answer = max(len(a) for a in answers)
     generated = greedy_generate(model, prompts, longest_answer + 2, batch_size=batch_size)
     hits = [tokenizer.decode(g).strip().startswith(e.answer.strip()) for g, e in zip(generated, examples)]
