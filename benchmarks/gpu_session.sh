@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Every pending GPU measurement, by stage, each under its own time cap, logs and JSON under $OUT.
+# The device tool gives 30 minutes a session and 10 minutes a command, so a session runs a few stages a call:
+#
+#   bash benchmarks/gpu_session.sh tests ops decode train     # one H200, ~9 min
+#   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7 min
+#   bash benchmarks/gpu_session.sh compare activation         # one H200, ~6 min
+#   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
+#   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
+#   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
+#   bash benchmarks/gpu_session.sh t2r-more                   # same warm machine, ~6 min
+#
+# Corpora and the Mistral tokenizer travel in .cache/gpu-data (carry it: the GPU machine has no network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-/tmp/gpu-out}"
+mkdir -p "$OUT"
+DATA="$PWD/.cache/gpu-data"
+export OUT
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a cap, keep the log, never stop the session on a failure
+    local name=$1 cap=$2
+    shift 2
+    echo "=== $name (cap ${cap}s) $(date +%T)"
+    timeout --signal=INT --kill-after=20 "$cap" "$@" > "$OUT/$name.log" 2>&1
+    echo "=== $name exit $? $(date +%T)"
+    tail -n 25 "$OUT/$name.log"
+}
+
+keep_reports() {  # copy a run folder's small reports (not its weights) under $OUT
+    local dir
+    for dir in "$@"; do
+        mkdir -p "$OUT/$(basename "$dir")"
+        find "$dir" -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \) \
+            -size -5M -exec cp --parents {} "$OUT/$(basename "$dir")/" \; 2>/dev/null
+    done
+}
+
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+for what in "$@"; do
+    case "$what" in
+        tests)  # the kernel, layer and model tests on the GPU machine: Triton tests run natively, GPU-only tests run
+            stage tests 150 python -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/models/test_model.py \
+                tests/test_graph_decoder.py ;;
+        ops)
+            stage ops 170 python benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
+        decode)
+            stage decode 150 python benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 256 \
+                --batch64 --out "$OUT/decode_h200.json" ;;
+        train)
+            stage train 170 python benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+                --out "$OUT/train_h200.json" ;;
+        activation)
+            stage activation 60 python benchmarks/activation_memory.py ;;
+        mqar)
+            stage mqar 420 python benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
+                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 1e-2 --seeds 0 --time-budget 360 \
+                --workers 8 --device cuda --output-dir "$OUT/mqar" ;;
+        compare)  # issue 5: ~100M GSA vs Transformer++ at equal tokens on the bundled corpora
+            stage compare 280 python benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
+                "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
+            keep_reports /tmp/compare ;;
+        fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
+            stage fsdp-2gpu 200 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
+                --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
+                --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-2gpu
+            stage fsdp-1gpu 200 python -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
+                "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
+                --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-1gpu
+            stage fsdp-table 30 python benchmarks/train_throughput.py /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu
+            keep_reports /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu ;;
+        t2r)  # issue 6: (a) original, (b) plain conversion, (t) calibrated + attention transfer, (c) (t) finetuned
+            stage t2r-abt 330 python benchmarks/t2r_smollm2.py --parts abt --json "$OUT/abt.json"
+            stage t2r-c1 210 python benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 1e-4 --json "$OUT/c1.json" ;;
+        t2r-more)  # (d) from scratch on the same tokens, and (c) at a second learning rate
+            stage t2r-d 190 python benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
+            stage t2r-c3 190 python benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
+        *)
+            echo "unknown stage $what (tests ops decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
+    esac
+done
