@@ -1,6 +1,7 @@
 """GPU: whole-model training throughput and memory, 1.3B size, 16K tokens a step (paper Fig. 4a protocol).
 
     python benchmarks/bench_train.py                     # ours vs HF Llama (SDPA); --with-fla adds FLA's model
+    python benchmarks/bench_train.py --models ours ours-plain --contexts 2048   # fused layers against plain PyTorch
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gsa.layers.fused import use_fused
 from gsa.models import GSAForCausalLM, preset_config
 
 CONTEXTS = (2048, 4096, 8192, 16384)
@@ -24,7 +26,7 @@ TOKENS_PER_STEP = 16384
 
 
 def build(kind: str):
-    if kind == "ours":
+    if kind in ("ours", "ours-plain"):
         return GSAForCausalLM(preset_config("gsa-1.3b"))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,8 +60,9 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
         if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = model(input_ids=data[i], labels=data[i]).loss
-        loss.backward()
+        with use_fused(kind != "ours-plain"):  # ours-plain: the layers' plain PyTorch compositions
+            loss = model(input_ids=data[i], labels=data[i]).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -102,7 +105,7 @@ def main():
     for context in args.contexts:
         cells = []
         for kind in models:
-            r = results["runs"][f"{kind}@{context}"]
+            r = results["runs"].get(f"{kind}@{context}", {})
             cells += [f"{r.get('tokens_per_s', 0):>14.0f}", f"{r.get('peak_gib', 0):>10.1f}"]
         print(f"{context:>8} " + " ".join(cells))
 

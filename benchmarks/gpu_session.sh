@@ -37,45 +37,46 @@ keep_reports() {  # copy a run folder's small reports (not its weights) under $O
     done
 }
 
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 for what in "$@"; do
     case "$what" in
         tests)  # the kernel, layer and model tests on the GPU machine: Triton tests run natively, GPU-only tests run
-            stage tests 150 python -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/models/test_model.py \
+            stage tests 120 python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/models/test_model.py \
                 tests/test_graph_decoder.py ;;
         ops)
-            stage ops 170 python benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
+            stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
-            stage decode 150 python benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 256 \
+            stage decode 140 python3 benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 128 \
                 --batch64 --out "$OUT/decode_h200.json" ;;
         train)
-            stage train 170 python benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+            stage train 200 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+                --models ours llama ours-plain \
                 --out "$OUT/train_h200.json" ;;
         activation)
-            stage activation 60 python benchmarks/activation_memory.py ;;
+            stage activation 60 python3 benchmarks/activation_memory.py ;;
         mqar)
-            stage mqar 420 python benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
+            stage mqar 420 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 1e-2 --seeds 0 --time-budget 360 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar" ;;
         compare)  # issue 5: ~100M GSA vs Transformer++ at equal tokens on the bundled corpora
-            stage compare 280 python benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
+            stage compare 280 python3 benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
             keep_reports /tmp/compare ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
             stage fsdp-2gpu 200 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
                 --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-2gpu
-            stage fsdp-1gpu 200 python -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
+            stage fsdp-1gpu 200 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-1gpu
-            stage fsdp-table 30 python benchmarks/train_throughput.py /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu
+            stage fsdp-table 30 python3 benchmarks/train_throughput.py /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu
             keep_reports /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu ;;
         t2r)  # issue 6: (a) original, (b) plain conversion, (t) calibrated + attention transfer, (c) (t) finetuned
-            stage t2r-abt 330 python benchmarks/t2r_smollm2.py --parts abt --json "$OUT/abt.json"
-            stage t2r-c1 210 python benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 1e-4 --json "$OUT/c1.json" ;;
+            stage t2r-abt 330 python3 benchmarks/t2r_smollm2.py --parts abt --json "$OUT/abt.json"
+            stage t2r-c1 210 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 1e-4 --json "$OUT/c1.json" ;;
         t2r-more)  # (d) from scratch on the same tokens, and (c) at a second learning rate
-            stage t2r-d 190 python benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
-            stage t2r-c3 190 python benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
+            stage t2r-d 190 python3 benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
+            stage t2r-c3 190 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
         *)
             echo "unknown stage $what (tests ops decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
