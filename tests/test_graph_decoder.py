@@ -24,12 +24,13 @@ def _hf_greedy(model, prompt, new_tokens, eos=None, pad=0):
                               do_sample=False, eos_token_id=eos, pad_token_id=pad)
 
 
+@pytest.mark.parametrize("new_tokens", [1, 2, 40])  # 1 and 2: fewer tokens than the capture's warm-up steps
 @pytest.mark.parametrize("device", DEVICES)
-def test_greedy_without_end_token_equals_generate(device):
+def test_greedy_without_end_token_equals_generate(device, new_tokens):
     model = _model(device)
     prompt = torch.randint(4, 200, (3, 70), generator=torch.Generator().manual_seed(1)).to(device)
-    want = _hf_greedy(model, prompt, 40)
-    got = GraphDecoder(model, check_every=7).generate(prompt, 40)
+    want = _hf_greedy(model, prompt, new_tokens)
+    got = GraphDecoder(model, check_every=7).generate(prompt, new_tokens)
     assert torch.equal(got, want)
 
 

@@ -35,6 +35,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
 
+_WARMUP_STEPS = 2  # eager steps before a capture
+
+
 class GraphDecoder:
     """Prefill with the chunked kernels, then decode with a captured CUDA graph of one model step.
 
@@ -66,7 +69,9 @@ class GraphDecoder:
         use_graph = self.use_graph if self.use_graph is not None else input_ids.is_cuda
         out = model(input_ids, use_cache=True, logits_to_keep=1)
         cache: GSACache = _cache_of(out)
-        run = _DecodeRun(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        # warm-up and capture run the step before the real tokens and write columns the run then rewinds over:
+        # room for them even when max_new_tokens is small
+        run = _DecodeRun(input_ids, max_new_tokens + _WARMUP_STEPS + 1, eos_token_id, pad_token_id)
         run.accept(sample_next(out.logits[:, -1], temperature, top_k, top_p), step=0)
         greedy = temperature <= 0
 
@@ -101,7 +106,7 @@ class GraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on the side stream (compiles, allocates)
+            for _ in range(_WARMUP_STEPS):  # on the side stream (compiles, allocates)
                 model_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -123,15 +128,15 @@ class GraphDecoder:
 
 
 class _DecodeRun:
-    """Device buffers of one decoding run: the next input token [B, 1], the generated tokens [B, new], each
+    """Device buffers of one decoding run: the next input token [B, 1], the generated tokens [B, columns], each
     sequence's end flag and the device-side step counter (so a captured step writes to the right column)."""
 
-    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, pad_token_id):
+    def __init__(self, input_ids: torch.Tensor, columns: int, eos_token_id, pad_token_id):
         B, device = input_ids.shape[0], input_ids.device
         self.eos = eos_token_id
         self.fill = pad_token_id if pad_token_id is not None else eos_token_id
         self.token = input_ids.new_zeros(B, 1)
-        self.tokens = input_ids.new_zeros(B, max_new_tokens)
+        self.tokens = input_ids.new_zeros(B, columns)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
 
