@@ -47,7 +47,10 @@ def plot_train(data):
     runs = data["runs"]
     contexts = sorted({int(k.split("@")[1]) for k in runs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for kind, label in (("ours", "gsa"), ("llama", "Transformer++ (HF Llama, SDPA)")):
+    kinds = [("ours", "gsa"), ("ours-plain", "gsa, plain layers"), ("llama", "Transformer++ (HF Llama, SDPA)")]
+    for kind, label in kinds:
+        if not all(f"{kind}@{c}" in runs for c in contexts):
+            continue
         axes[0].plot(contexts, [runs[f"{kind}@{c}"]["tokens_per_s"] / 1e3 for c in contexts], "o-", label=label)
         axes[1].plot(contexts, [runs[f"{kind}@{c}"]["peak_gib"] for c in contexts], "o-", label=label)
     axes[0].plot(list(FLA_ANCHORS["train"]), [v / 1e3 for v in FLA_ANCHORS["train"].values()], "s--",
