@@ -75,6 +75,34 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
     return result
 
 
+def count_saved(kind: str, context: int) -> dict:
+    """Bytes autograd keeps for backward over one forward + loss (unique storages, parameters left out), per token
+    per block: the GPU-side check of benchmarks/activation_memory.py's CPU count."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build(kind).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    batch = TOKENS_PER_STEP // context
+    data = torch.randint(0, 32000, (batch, context), device="cuda")
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with use_fused(kind != "ours-plain"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=data, labels=data).loss
+    blocks = model.config.num_hidden_layers
+    result = {"saved_gib": sum(storages.values()) / 2**30,
+              "bytes_per_token_per_block": sum(storages.values()) / TOKENS_PER_STEP / blocks}
+    del model, loss, data
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["ours", "llama"])
@@ -83,6 +111,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--count-saved", action="store_true", help="also count the bytes saved for backward")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train_h200.json"))
     args = parser.parse_args()
     models = args.models + (["fla"] if args.with_fla else [])
@@ -97,6 +126,8 @@ def main():
                 results["runs"][key] = {"error": "out of memory"}
                 gc.collect()
                 torch.cuda.empty_cache()
+            if args.count_saved and kind != "fla":
+                results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

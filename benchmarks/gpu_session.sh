@@ -50,7 +50,7 @@ for what in "$@"; do
                 --batch64 --out "$OUT/decode_h200.json" ;;
         train)
             stage train 200 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
-                --models ours llama ours-plain \
+                --models ours llama ours-plain --count-saved \
                 --out "$OUT/train_h200.json" ;;
         activation)
             stage activation 60 python3 benchmarks/activation_memory.py ;;

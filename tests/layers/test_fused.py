@@ -376,3 +376,12 @@ def test_recompute_saved_is_off_with_plain_layers():
     with use_fused(False):
         saved, _ = saved_storages(_op_through_silu, [x, z])
     assert len(saved) == 3
+
+
+def test_recompute_saved_works_with_the_hook_stack_query_without_argument(monkeypatch):
+    """Some torch versions' `_top_saved_tensors_default_hooks` takes no argument: recomputation must still happen."""
+    real = torch._C._autograd._top_saved_tensors_default_hooks
+    monkeypatch.setattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda: real(False))
+    x, z = randn(5, 7, seed=30), randn(5, 7, seed=31)
+    saved, _ = saved_storages(lambda x, z: _op_through_silu(x, z, True), [x, z])
+    assert len(saved) == 2

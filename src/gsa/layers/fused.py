@@ -377,10 +377,14 @@ def _outer_saved_tensors_hooks():
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
         return False
-    try:
-        return top(False)
-    except Exception:  # noqa: BLE001 - a torch without this private API behaves as "unknown"
-        return False
+    for args in ((False,), ()):  # its argument (ignore_is_tracing) is not there in every torch version
+        try:
+            return top(*args)
+        except TypeError:
+            continue
+        except Exception:  # noqa: BLE001 - a torch without this private API behaves as "unknown"
+            return False
+    return False
 
 
 @contextlib.contextmanager
