@@ -24,6 +24,7 @@ from gsa.layers.fused import (
     slot_gates,
     swiglu_linear,
     use_fused,
+    use_triton_kernels,
 )
 from tests.helpers import rel_err
 
@@ -385,3 +386,28 @@ def test_recompute_saved_works_with_the_hook_stack_query_without_argument(monkey
     x, z = randn(5, 7, seed=30), randn(5, 7, seed=31)
     saved, _ = saved_storages(lambda x, z: _op_through_silu(x, z, True), [x, z])
     assert len(saved) == 2
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+def test_inference_path_equals_the_functions_forward(triton, autocast):
+    """Without autograd recording (generate()), the Functions are skipped: the values must be the same bits."""
+    if triton and not pytest.importorskip("gsa.layers.fused_triton").KERNELS_AVAILABLE:
+        pytest.skip("triton is not installed")
+    x, w = randn(2, 9, 24, seed=70, dtype=torch.float32), randn(24, seed=71, dtype=torch.float32)
+    linears = [randn(8, 24, seed=72 + i, dtype=torch.float32) for i in range(2)]
+    gate, up, down = (randn(*shape, seed=80 + i, dtype=torch.float32) for i, shape in
+                      enumerate([(2, 9, 16), (2, 9, 16), (24, 16)]))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def outputs(record: bool):
+        args = [t.clone().requires_grad_(record) for t in (x, w, *linears, gate, up, down)]
+        xs, ws, l0, l1, gs, us, ds = args
+        with use_triton_kernels(triton), context, torch.set_grad_enabled(record):
+            return [*rms_norm_linear(xs, ws, 1e-6, [l0, l1], pre_silu=True), rms_norm(xs, ws, 1e-6),
+                    swiglu_linear(gs, us, ds)]
+
+    recorded, inference = outputs(True), outputs(False)
+    assert all(r.grad_fn is not None for r in recorded) and all(i.grad_fn is None for i in inference)
+    for a, b in zip(recorded, inference):
+        assert a.dtype == b.dtype and torch.equal(a.detach(), b)

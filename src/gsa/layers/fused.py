@@ -122,6 +122,30 @@ def _scale(xhat: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) 
 # ------------------------------------------------------------------------------------ RMSNorm (+ linear maps)
 
 
+def _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, triton: bool):
+    """(the outputs of _RMSNormLinear: y itself without weights, else the tuple of F.linear(y, W_i, b_i); 1/rms),
+    matrix products cast as autocast would cast them."""
+    if triton:
+        from .fused_triton import rms_norm_rows_fwd
+
+        y, rstd = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu)
+    else:
+        xhat, rstd = _normalize(x, eps, pre_silu)
+        y = _scale(xhat, norm_weight, x.dtype)
+    if not weights:
+        return y, rstd
+    mm_dtype = _autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _cast(y, mm_dtype)
+        return tuple(F.linear(y, _cast(w, mm_dtype), _cast(b, mm_dtype)) for w, b in zip(weights, biases)), rstd
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd would record an operation on these tensors (else the Functions' bookkeeping is skipped:
+    inference, e.g. generate(), pays no Python for it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _RMSNormLinear(torch.autograd.Function):
     """y = RMSNorm(silu(x) or x) * w, then outputs F.linear(y, W_i, b_i) (or y itself when there are no W_i).
     Saves x, w, 1/rms (float32) and the W_i."""
@@ -130,24 +154,14 @@ class _RMSNormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_weight, eps, pre_silu, count, *params):
         weights, biases = params[:count], params[count:]
         ctx.triton = _triton(x)
-        if ctx.triton:
-            from .fused_triton import rms_norm_rows_fwd
-
-            y, rstd = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu)
-        else:
-            xhat, rstd = _normalize(x, eps, pre_silu)
-            y = _scale(xhat, norm_weight, x.dtype)
         ctx.eps, ctx.pre_silu, ctx.count = eps, pre_silu, count
         ctx.device_type = x.device.type
         ctx.mm_dtype = _autocast_dtype(x.device.type)
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
         ctx.set_materialize_grads(False)
+        outputs, rstd = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, ctx.triton)
         ctx.save_for_backward(x, norm_weight, rstd, *weights)
-        if count == 0:
-            return y
-        with torch.autocast(ctx.device_type, enabled=False):
-            y = _cast(y, ctx.mm_dtype)
-            return tuple(F.linear(y, _cast(w, ctx.mm_dtype), _cast(b, ctx.mm_dtype)) for w, b in zip(weights, biases))
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -224,6 +238,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu:
     """RMSNorm(silu(x) if pre_silu else x) * weight; saves x and 1/rms (float32) for backward."""
     if not fused_enabled():
         return plain_rms_norm(x, weight, eps, pre_silu)
+    if not _records_grad(x, weight):
+        return _rms_norm_linear_values(x, weight, eps, pre_silu, (), (), _triton(x))[0]
     return _RMSNormLinear.apply(x, weight, eps, pre_silu, 0)
 
 
@@ -242,6 +258,8 @@ def rms_norm_linear(
     if not fused_enabled():
         y = plain_rms_norm(x, norm_weight, eps, pre_silu)
         return tuple(F.linear(y, w, b) for w, b in zip(weights, biases))
+    if not _records_grad(x, norm_weight, *weights, *biases):
+        return _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, _triton(x))[0]
     return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
 
 
@@ -253,6 +271,19 @@ def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_s
 # ----------------------------------------------------------------------------------------------------- SwiGLU
 
 
+def _swiglu_linear_values(gate, up, weight, triton: bool) -> torch.Tensor:
+    """F.linear(silu(gate) * up, weight), the product cast as autocast would cast it."""
+    mm_dtype = _autocast_dtype(gate.device.type)
+    with torch.autocast(gate.device.type, enabled=False):
+        if triton:
+            from .fused_triton import swiglu_rows_fwd
+
+            hidden = swiglu_rows_fwd(gate, up)
+        else:
+            hidden = F.silu(gate) * up
+        return F.linear(_cast(hidden, mm_dtype), _cast(weight, mm_dtype))
+
+
 class _SwiGLULinear(torch.autograd.Function):
     """F.linear(silu(gate) * up, W). Saves gate, up and W."""
 
@@ -262,14 +293,7 @@ class _SwiGLULinear(torch.autograd.Function):
         ctx.mm_dtype = _autocast_dtype(gate.device.type)
         ctx.triton = _triton(gate, up)
         ctx.save_for_backward(gate, up, weight)
-        with torch.autocast(ctx.device_type, enabled=False):
-            if ctx.triton:
-                from .fused_triton import swiglu_rows_fwd
-
-                hidden = swiglu_rows_fwd(gate, up)
-            else:
-                hidden = F.silu(gate) * up
-            return F.linear(_cast(hidden, ctx.mm_dtype), _cast(weight, ctx.mm_dtype))
+        return _swiglu_linear_values(gate, up, weight, ctx.triton)
 
     @staticmethod
     def backward(ctx, grad):
@@ -303,6 +327,8 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
     """F.linear(silu(gate) * up, weight); saves gate and up only."""
     if not fused_enabled():
         return plain_swiglu_linear(gate, up, weight)
+    if not _records_grad(gate, up, weight):
+        return _swiglu_linear_values(gate, up, weight, _triton(gate, up))
     return _SwiGLULinear.apply(gate, up, weight)
 
 
