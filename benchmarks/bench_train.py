@@ -103,6 +103,67 @@ def count_saved(kind: str, context: int) -> dict:
     return result
 
 
+OPERATOR_KERNELS = ("_local_states", "_local_dstates", "_scan_slots", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
+ROW_KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    if any(k in name for k in OPERATOR_KERNELS):
+        return "GSA operator (Triton)"
+    if any(k in name for k in ROW_KERNELS):
+        return "norm / SwiGLU rows (Triton)"
+    if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")):
+        return "matrix products"
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+        return "attention (SDPA)"
+    if "adam" in lowered or "multi_tensor" in lowered or "foreach" in lowered:
+        return "optimizer"
+    return "other (elementwise, copies, reductions)"
+
+
+def profile_step(kind: str, context: int, steps: int = 2) -> dict:
+    """GPU time per training step by kernel group, next to the wall time: where a step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build(kind).to(torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    data = torch.randint(0, 32000, (steps + 1, TOKENS_PER_STEP // context, context), device="cuda")
+
+    def step(i):
+        with use_fused(kind != "ours-plain"):
+            model(input_ids=data[i], labels=data[i]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(steps)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    groups: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        fields = ("device_time_total", "self_device_time_total", "cuda_time_total", "self_cuda_time_total")
+        ms = max((getattr(event, field, 0.0) or 0.0) for field in fields) / 1e3 / steps
+        groups[kernel_group(event.key)] = groups.get(kernel_group(event.key), 0.0) + ms
+        kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + ms
+    del model, optimizer, data
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"wall_ms_profiled": wall * 1e3, "gpu_ms_by_group": dict(sorted(groups.items(), key=lambda x: -x[1])),
+            "top_kernels_ms": dict(sorted(kernels.items(), key=lambda x: -x[1])[:15])}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["ours", "llama"])
@@ -111,7 +172,10 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--count-saved", action="store_true", help="also count the bytes saved for backward")
+    parser.add_argument("--count-saved", action="store_true",
+                        help="also count the bytes saved for backward (at the first context)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print GPU time per step by kernel group (at the first context)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train_h200.json"))
     args = parser.parse_args()
     models = args.models + (["fla"] if args.with_fla else [])
@@ -126,9 +190,19 @@ def main():
                 results["runs"][key] = {"error": "out of memory"}
                 gc.collect()
                 torch.cuda.empty_cache()
-            if args.count_saved and kind != "fla":
+            if args.count_saved and kind != "fla" and context == args.contexts[0]:
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
+    if args.profile:
+        for kind in [m for m in models if m != "fla"]:
+            result = profile_step(kind, args.contexts[0])
+            results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
+            print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled);"
+                  f" GPU ms by kernel group:")
+            for group, ms in result["gpu_ms_by_group"].items():
+                print(f"  {ms:8.1f}  {group}")
+            for name, ms in list(result["top_kernels_ms"].items())[:8]:
+                print(f"  {ms:8.1f}    {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n1.3B training, {TOKENS_PER_STEP} tokens/step, bf16, fused AdamW on {results['device']}")

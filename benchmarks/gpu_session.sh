@@ -49,8 +49,8 @@ for what in "$@"; do
             stage decode 140 python3 benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 128 \
                 --batch64 --out "$OUT/decode_h200.json" ;;
         train)
-            stage train 200 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
-                --models ours llama ours-plain --count-saved \
+            stage train 260 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+                --models ours llama ours-plain --count-saved --profile \
                 --out "$OUT/train_h200.json" ;;
         activation)
             stage activation 60 python3 benchmarks/activation_memory.py ;;
