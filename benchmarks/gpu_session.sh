@@ -2,9 +2,10 @@
 # Every pending GPU measurement, by stage, each under its own time cap, logs and JSON under $OUT.
 # The device tool gives 30 minutes a session and 10 minutes a command, so a session runs a few stages a call:
 #
-#   bash benchmarks/gpu_session.sh tests ops decode train     # one H200, ~9 min
+#   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
+#   bash benchmarks/gpu_session.sh tests ops                  # one H200, ~5 min (the tests need more: see NOTES)
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7 min
-#   bash benchmarks/gpu_session.sh compare activation         # one H200, ~6 min
+#   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
