@@ -3,7 +3,8 @@
 # The device tool gives 30 minutes a session and 10 minutes a command, so a session runs a few stages a call:
 #
 #   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
-#   bash benchmarks/gpu_session.sh tests ops                  # one H200, ~5 min (the tests need more: see NOTES)
+#   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
+#   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
@@ -41,9 +42,11 @@ keep_reports() {  # copy a run folder's small reports (not its weights) under $O
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 for what in "$@"; do
     case "$what" in
-        tests)  # the kernel, layer and model tests on the GPU machine: Triton tests run natively, GPU-only tests run
-            stage tests 120 python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/models/test_model.py \
-                tests/test_graph_decoder.py ;;
+        tests)  # layer, model and decoder tests natively on the GPU (Triton kernels compiled, GPU-only tests run)
+            stage tests 150 python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_graph_decoder.py \
+                tests/models/test_model.py ;;
+        tests-ops)  # the operator's Triton tests natively: ~80 tests, each kernel variant compiled (~4 minutes)
+            stage tests-ops 300 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py ;;
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
@@ -79,6 +82,6 @@ for what in "$@"; do
             stage t2r-d 190 python3 benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
             stage t2r-c3 190 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
         *)
-            echo "unknown stage $what (tests ops decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops ops decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
