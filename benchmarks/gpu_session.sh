@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
 #   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
+#   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
@@ -81,7 +82,17 @@ for what in "$@"; do
         t2r-more)  # (d) from scratch on the same tokens, and (c) at a second learning rate
             stage t2r-d 190 python3 benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
             stage t2r-c3 190 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
+        fla)  # FLA side by side, same run (carry .whl, and .cache/triton when an earlier session left autotune results).
+            # FLA autotunes every kernel on first use (~9 minutes on a fresh machine); Triton caches the winners as
+            # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
+            # .cache/triton here and carry that folder next time, and FLA starts in seconds.
+            python3 -c "import fla" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/*.whl
+            export TRITON_CACHE_DIR="$PWD/.cache/triton" FLA_CACHE_RESULTS=1
+            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-16k h32-d64 \
+                --out "$OUT/ops_h200_fla.json"
+            mkdir -p "$OUT/triton-autotune"
+            (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$OUT/triton-autotune/" \;) ;;
         *)
-            echo "unknown stage $what (tests tests-ops ops decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops ops fla decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
