@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
-#   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7 min
+#   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
@@ -59,9 +59,9 @@ for what in "$@"; do
                 --out "$OUT/train_h200.json" ;;
         activation)
             stage activation 60 python3 benchmarks/activation_memory.py ;;
-        mqar)
-            stage mqar 420 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
-                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 1e-2 --seeds 0 --time-budget 360 \
+        mqar)  # issue 7: 16 runs in 2 waves of 150 s (warm-up and compilation outside each run's budget)
+            stage mqar 560 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
+                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 1e-2 --seeds 0 --time-budget 300 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar" ;;
         compare)  # issue 5: ~100M GSA vs Transformer++ at equal tokens on the bundled corpora
             stage compare 280 python3 benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \

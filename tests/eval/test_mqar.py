@@ -1,14 +1,16 @@
 """MQAR: the generator's statistics and reproducibility, and a CPU smoke run of the training sweep."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+import gsa.eval.mqar_sweep as mqar_sweep
 from gsa.eval.mqar import IGNORE_INDEX, MQARTask, mqar_examples
 from gsa.eval.mqar_sweep import (
-    PROFILES, MQARRun, ModelOptions, TrainSettings, format_table, paper_comparison, report_text, run_sweep, summarize,
-    train_and_test, with_overrides,
+    PROFILES, MQARRun, ModelOptions, TrainSettings, build_model, format_table, learning_rates, paper_comparison,
+    planned_steps, report_text, run_sweep, summarize, train_and_test, with_overrides,
 )
 from tests.eval.conftest import run_eval
 
@@ -118,11 +120,14 @@ def test_mqar_command_writes_json_and_the_plot(tmp_path, capsys):
     assert run_eval(["mqar", "--profile", "smoke", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "Accuracy (%) of the best learning rate per cell" in printed and "attention" in printed
+    assert "steps/s; warm-up" in printed  # every run's pace, with the warm-up it did outside its budget
     assert (tmp_path / "mqar.md").read_text().startswith("# MQAR: seq 32, 4 pairs, vocab 64")
     report = json.loads((tmp_path / "mqar.json").read_text())
     assert {r["model"] for r in report["runs"]} == {"gsa", "attention"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in report["runs"])
     assert (tmp_path / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written_as_they_finished = [json.loads(line) for line in (tmp_path / "mqar.runs.jsonl").read_text().splitlines()]
+    assert sorted(r["model"] for r in written_as_they_finished) == ["attention", "gsa"]
 
 
 def test_profiles_are_valid_and_the_gpu_one_is_the_papers_setting():
@@ -143,3 +148,100 @@ def test_a_time_budget_is_shared_out_over_the_runs():
     assert gpu.train_settings(workers=8).max_train_seconds == pytest.approx(gpu.time_budget_seconds * 8 / runs)
     assert with_overrides(gpu, time_budget_seconds=None).train_settings(8).max_train_seconds is None
     assert [r.width for r in gpu.runs()][:2] == [512, 512]  # widest (slowest) runs start first
+
+
+class FakeClock:
+    """A clock for train_and_test that moves `tick` seconds per reading, plus whatever a test adds."""
+
+    def __init__(self, tick: float = 0.0):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+SMOKE = PROFILES["smoke"]
+SMOKE_RUN = MQARRun("gsa", 16, 3e-3, 0)
+NEVER_STOP = dict(stop_accuracy=1.01)  # validation accuracy never reaches it: runs take all their planned steps
+
+
+def test_the_schedule_warms_up_then_decays_to_zero_over_the_planned_steps():
+    settings = TrainSettings(warmup_fraction=0.1)
+    lrs = learning_rates(200, settings, 1e-2)
+    assert len(lrs) == 200 and lrs[0] < 1e-3 and max(lrs) == pytest.approx(1e-2, rel=1e-3)
+    assert lrs.index(max(lrs)) == 20  # the warm-up is the first 10 % of the planned steps
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 1e-5
+
+
+def test_a_time_budget_plans_the_steps_that_fit_in_it():
+    budgeted = TrainSettings(steps=1000, eval_every=5, max_train_seconds=10.0)
+    # 0.5 s a step plus a 1 s validation pass every 5 steps: 0.7 s a step, 14 steps in 10 s
+    assert planned_steps(budgeted, step_seconds=0.5, eval_seconds=1.0) == 14
+    assert planned_steps(replace(budgeted, steps=9), 0.5, 1.0) == 9  # the step limit still holds
+    assert planned_steps(budgeted, step_seconds=100.0) == 1
+    assert planned_steps(TrainSettings(steps=30), step_seconds=0.5) == 30  # no budget: the step count
+
+
+def test_a_budgeted_run_spans_its_schedule_over_its_planned_steps_and_equals_that_step_count_run(monkeypatch):
+    monkeypatch.setattr(mqar_sweep, "_time_steps", lambda *args: (0.5, 1.0))  # as measured on a device
+    settings = replace(SMOKE.train, steps=1000, eval_every=5, max_train_seconds=10.0, **NEVER_STOP)
+    budgeted = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu", clock=FakeClock())
+    assert budgeted["planned_steps"] == budgeted["steps"] == 14 and budgeted["stopped"] == "planned steps"
+    expected = learning_rates(14, settings, SMOKE_RUN.lr)
+    assert [h["lr"] for h in budgeted["history"]] == [expected[4], expected[9], expected[13]]
+    assert budgeted["history"][-1]["lr"] < 0.05 * SMOKE_RUN.lr  # the cosine has run out, not a 1000-step warm-up
+    by_steps = train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, steps=14, max_train_seconds=None),
+                              SMOKE.options, "cpu")
+    assert by_steps["history"] == budgeted["history"] and by_steps["accuracy"] == budgeted["accuracy"]
+
+
+def test_warm_up_and_calibration_change_nothing_the_run_computes(monkeypatch):
+    settings = replace(SMOKE.train, steps=6, eval_every=3, **NEVER_STOP)
+    # a clock that stands still: the calibration measures 0 s a step, so the plan is the step limit
+    budgeted = train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, max_train_seconds=5.0), SMOKE.options, "cpu",
+                              clock=FakeClock())
+    by_steps = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu")
+    monkeypatch.setattr(mqar_sweep, "_warm_up", lambda *args: None)
+    cold = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu")
+    assert budgeted["planned_steps"] == 6 and budgeted["calibrated_step_seconds"] == 0
+    assert by_steps["history"] == budgeted["history"] == cold["history"]
+    assert by_steps["accuracy"] == budgeted["accuracy"] == cold["accuracy"]
+
+
+def test_warm_up_and_compilation_are_not_counted_against_the_budget(monkeypatch):
+    clock = FakeClock(tick=1e-3)
+    warm_up = mqar_sweep._warm_up
+
+    def slow_warm_up(*args):  # a first call that compiles kernels for 1000 s
+        warm_up(*args)
+        clock.now += 1000.0
+
+    monkeypatch.setattr(mqar_sweep, "_warm_up", slow_warm_up)
+    settings = replace(SMOKE.train, steps=6, max_train_seconds=5.0, **NEVER_STOP)
+    result = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu", clock=clock)
+    assert result["warmup_seconds"] >= 1000 and result["train_seconds"] < 1
+    assert result["steps"] == result["planned_steps"] == 6 and result["stopped"] == "planned steps"
+    assert result["steps_per_second"] > 0
+
+
+def test_a_run_slower_than_calibrated_re_plans_and_its_schedule_follows(monkeypatch):
+    monkeypatch.setattr(mqar_sweep, "_time_steps", lambda *args: (0.01, 0.0))  # calibrated: 100 steps a second
+    clock = FakeClock(tick=1.0)  # but each step takes a second (one reading a step): 10 steps fit in 10 s
+    settings = replace(SMOKE.train, steps=50, eval_every=100, max_train_seconds=10.0, **NEVER_STOP)
+    result = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu", clock=clock)
+    assert result["replans"] == [{"step": 1, "seconds": 1.0, "planned_steps": 10}]
+    assert result["steps"] == result["planned_steps"] == 10
+    assert result["history"][-1]["lr"] == learning_rates(10, settings, SMOKE_RUN.lr)[-1]
+
+
+def test_query_logits_are_those_at_the_query_positions_in_order():
+    torch.manual_seed(0)
+    model = build_model("attention", 16, SMOKE.task.vocab_size, SMOKE.options).eval()
+    inputs, targets = mqar_examples(SMOKE.task, 3, seed=0)
+    with torch.no_grad():
+        logits, wanted = mqar_sweep._query_logits(model, inputs, targets, SMOKE.task.num_pairs)
+        every = model(input_ids=inputs).logits
+    queries = targets != IGNORE_INDEX
+    assert torch.equal(wanted, targets[queries])
+    torch.testing.assert_close(logits, every[queries].float())

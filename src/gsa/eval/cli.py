@@ -61,15 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.set_defaults(eval_run=_run_ppl)
 
     mqar = sub.add_parser("mqar", help="train and test small models on MQAR (the paper's Fig. 3a)")
-    mqar.add_argument("--profile", default="cpu", help="gpu (the paper's setting: 24 runs, 360 s of training; about "
-                      "7 min on one H200 with --workers 8), cpu (about 9 min on 2 cores) or smoke (seconds); flags "
-                      "below override it")
+    mqar.add_argument("--profile", default="cpu", help="gpu (the paper's task: 16 runs, 300 s of training; about "
+                      "7 min on one H200 with --workers 8, estimated), cpu (a small task; about 4.5 min on 2 cores "
+                      "with --workers 2) or smoke (seconds); flags below override it")
     mqar.add_argument("--models", nargs="+", help="gsa, attention, fla-gsa, fla-gla (default: the profile's, plus "
                       "fla-gsa and fla-gla when flash-linear-attention and a GPU are there)")
     mqar.add_argument("--widths", nargs="+", type=int, help="model widths (hidden sizes)")
     mqar.add_argument("--lrs", nargs="+", type=float, help="learning rates to sweep")
     mqar.add_argument("--seeds", nargs="+", type=int, help="training seeds")
-    mqar.add_argument("--steps", type=int, help="training steps per run (at most; runs stop at --stop-accuracy)")
+    mqar.add_argument("--steps", type=int, help="training steps per run (at most: runs stop at --stop-accuracy, "
+                      "and a time budget can plan fewer)")
     mqar.add_argument("--batch-size", type=int, help="training examples per step")
     mqar.add_argument("--seq-len", type=int, help="tokens per example")
     mqar.add_argument("--num-pairs", type=int, help="key-value pairs per example")
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--test-examples", type=int, help="examples in the fixed test set")
     mqar.add_argument("--stop-accuracy", type=float, help="stop a run once validation accuracy reaches this")
     mqar.add_argument("--time-budget", type=float, help="training seconds for the whole sweep, shared out over the "
-                      "runs (each run's learning-rate schedule follows its share); gpu profile: 360")
+                      "runs, --workers at a time; each run warms up outside its share, times a few steps and plans "
+                      "its steps (and learning-rate schedule) to fit in it; gpu and cpu profiles: 300")
     mqar.add_argument("--gsa-head-dim", type=int, help="head width of GSA (and FLA) models: heads = width // this "
                       "(default 64)")
     mqar.add_argument("--no-short-conv", action="store_true", help="GSA without the short causal conv on q/k/v")
@@ -166,6 +168,8 @@ def _run_ppl(args) -> int:
 
 
 def _run_mqar(args) -> int:
+    from dataclasses import asdict
+
     from .loading import resolve_device
     from .mqar_sweep import (
         PAPER_ACCURACY, PROFILES, default_models, is_paper_setting, plot_accuracy_by_width, report_text, run_sweep,
@@ -200,9 +204,14 @@ def _run_mqar(args) -> int:
     )
     started = time.perf_counter()
     done = []
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.output_dir / "mqar.runs.jsonl"  # every finished run at once: a sweep cut short keeps them
+    partial.write_text("", encoding="utf-8")
 
     def report(result: dict) -> None:
         done.append(result)
+        with partial.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(result) + "\n")
         if result.get("error"):
             print(f"[{len(done)}/{len(runs)}] {result['model']} d={result['width']} lr={result['lr']:.0e} "
                   f"seed={result['seed']} FAILED: {result['error']}", flush=True)
@@ -211,7 +220,9 @@ def _run_mqar(args) -> int:
             f"[{len(done)}/{len(runs)} {time.perf_counter() - started:6.0f}s] {result['model']:>9} "
             f"d={result['width']:<4} "
             f"lr={result['lr']:.0e} seed={result['seed']}: accuracy {100 * result['accuracy']:5.1f}% after "
-            f"{result['steps']} steps ({result['train_seconds']:.0f} s)",
+            f"{result['steps']}/{result['planned_steps']} steps ({result['train_seconds']:.0f} s, "
+            f"{result['steps_per_second'] or 0:.1f} steps/s; warm-up {result['warmup_seconds']:.0f} s; "
+            f"stopped: {result['stopped']})",
             flush=True,
         )
 
@@ -222,9 +233,10 @@ def _run_mqar(args) -> int:
     paper_setting = is_paper_setting(sweep.task)
     report = report_text(sweep, summary, seconds)
     print("\n" + report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     paths = [args.output_dir / name for name in ("mqar.json", "mqar.md", "mqar.png")]
-    _write_json(paths[0], {"sweep": sweep.as_dict(), "summary": summary,
+    _write_json(paths[0], {"sweep": {**sweep.as_dict(), "workers": args.workers,
+                                     "train_per_run": asdict(sweep.train_settings(args.workers))},
+                           "summary": summary,
                            "paper": PAPER_ACCURACY if paper_setting else None, "runs": results,
                            "seconds": round(seconds, 1), "environment": _environment(device)})
     paths[1].write_text(report, encoding="utf-8")

@@ -5,8 +5,14 @@ checks a held-out validation set every `eval_every` steps (stopping once it reac
 scored on a fixed test set: accuracy = the fraction of queries whose value is the argmax prediction. A model
 kind's accuracy at a width is that of its best learning rate (mean over seeds), as Zoology reports it.
 
-Runs are independent, so a sweep spreads them over worker processes; on one GPU several small models train
-side by side far faster than one after another (each alone leaves the GPU mostly idle).
+A run warms up before any clock starts (Triton compilation of the GSA kernels happens in its first call, per
+process and shape). Under a time budget it then times a few throwaway steps and plans its step count from them,
+and its learning-rate schedule spans the planned steps (see `train_and_test`); a training step reads nothing back
+from the device, so worker processes sharing a GPU never wait on each other's queues for it.
+
+Runs are independent, so a sweep spreads them over worker processes that share the device. Separate processes
+on one GPU time-slice it (no MPS), so they overlap each other's host work and idle gaps rather than run kernels
+together: each run's steps/s in the results shows what it got.
 """
 
 from __future__ import annotations
@@ -113,16 +119,25 @@ class TrainSettings:
     stop_accuracy: float = 0.99
     test_examples: int = 1000
     eval_batch_size: int = 256
-    max_train_seconds: float | None = None  # a wall-clock cap per run, so a sweep's length is bounded
+    # A wall-clock budget per run, so a sweep's length is bounded. The run first warms up (kernel compilation,
+    # allocation: not counted), times `calibration_steps` throwaway steps, and plans min(steps, what fits in the
+    # budget) steps; the learning-rate schedule spans the plan. When its pace drifts from the calibration (a
+    # device shared with other runs) it re-plans; `overrun` x the budget is a hard stop.
+    max_train_seconds: float | None = None
+    calibration_steps: int = 5
+    overrun: float = 1.5
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size"):
+        for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size",
+                     "calibration_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
             raise ValueError(f"max_train_seconds must be > 0, got {self.max_train_seconds}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.overrun < 1:
+            raise ValueError(f"overrun must be >= 1, got {self.overrun}")
 
 
 @dataclass(frozen=True)
@@ -204,27 +219,29 @@ class Sweep:
         return replace(self.train, max_train_seconds=cap)
 
 
-# Named configurations. "gpu" is the paper's setting, bounded to 6 minutes of training (8 workers on one H200:
-# 3 waves of 120 s runs, an estimated 7 minutes with start-up and testing, not yet measured); "cpu" is a small
-# task of the same kind, minutes on 2 cores; "smoke" checks the plumbing in seconds.
+# Named configurations. "gpu" is the paper's task (Fig. 3a) sized for one ~7-minute call on one H200: 16 runs
+# (2 models x 4 widths x 2 learning rates), 8 worker processes, 300 s of training for the whole sweep (150 s a run,
+# warm-up and testing not counted); 50000 steps (Zoology's 64 epochs of 100K examples at batch 128) is only a cap,
+# the budget decides. "cpu" is a small task of the same kind that both models learn in minutes on 2 cores
+# (--workers 2); "smoke" checks the plumbing in seconds.
 PROFILES: dict[str, Sweep] = {
     "gpu": Sweep(
         task=MQARTask(vocab_size=8192, seq_len=512, num_pairs=64),
-        train=TrainSettings(steps=20000, batch_size=128, eval_every=200, validation_examples=512, test_examples=1000),
+        train=TrainSettings(steps=50000, batch_size=128, eval_every=200, validation_examples=512, test_examples=1000),
         models=("gsa", "attention"),
         widths=(64, 128, 256, 512),
-        lrs=(1e-3, 3e-3, 1e-2),
-        seeds=(0,),
-        time_budget_seconds=360,
-    ),
-    "cpu": Sweep(
-        task=MQARTask(vocab_size=256, seq_len=64, num_pairs=4),
-        train=TrainSettings(steps=1000, batch_size=64, eval_every=50, test_examples=256),
-        models=("gsa", "attention"),
-        widths=(32, 64),
         lrs=(3e-3, 1e-2),
         seeds=(0,),
-        time_budget_seconds=480,
+        time_budget_seconds=300,
+    ),
+    "cpu": Sweep(
+        task=MQARTask(vocab_size=256, seq_len=64, num_pairs=8),
+        train=TrainSettings(steps=5000, batch_size=64, eval_every=50, test_examples=256),
+        models=("gsa", "attention"),
+        widths=(64,),
+        lrs=(3e-3, 1e-2),
+        seeds=(0,),
+        time_budget_seconds=300,
     ),
     "smoke": Sweep(
         task=MQARTask(vocab_size=64, seq_len=32, num_pairs=4),
@@ -244,11 +261,21 @@ def build_model(kind: str, width: int, vocab_size: int, options: ModelOptions) -
     return MODEL_BUILDERS[kind](width, vocab_size, asdict(options))
 
 
-def _query_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-    """Logits at the query positions only (the LM head over every position would cost more than the model)."""
-    hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
-    queries = targets != IGNORE_INDEX
-    return model.get_output_embeddings()(hidden[queries]).float(), targets[queries]
+def _query_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_queries: int):
+    """Logits at the query positions only (the LM head over every position would cost more than the model), in
+    order (example by example, position by position), and their targets.
+
+    Every example holds exactly `num_queries` queries, so their positions come from a stable sort of the query
+    mask: fixed shapes and no host sync (a boolean index, or the model's check of the token ids, would make every
+    step wait for the device). The embeddings are looked up here for the same reason: MQAR's ids are in range.
+    """
+    embeds = model.get_input_embeddings()(inputs)
+    hidden = model.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    queries = (targets != IGNORE_INDEX).to(torch.int32)
+    positions = queries.argsort(dim=1, descending=True, stable=True)[:, :num_queries]  # ascending within a row
+    hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    logits = model.get_output_embeddings()(hidden.flatten(0, 1)).float()
+    return logits, targets.gather(1, positions).flatten()
 
 
 def _autocast(device: torch.device):
@@ -257,20 +284,28 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> float:
+def accuracy(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, num_queries: int
+) -> float:
     """Fraction of query positions whose argmax prediction is the key's value."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = torch.zeros((), dtype=torch.int64, device=inputs.device)
+    total = 0
     for start in range(0, len(inputs), batch_size):
         with _autocast(inputs.device):
             batch = slice(start, start + batch_size)
-            logits, wanted = _query_logits(model, inputs[batch], targets[batch])
-        correct += int((logits.argmax(-1) == wanted).sum())
+            logits, wanted = _query_logits(model, inputs[batch], targets[batch], num_queries)
+        correct += (logits.argmax(-1) == wanted).sum()
         total += wanted.numel()
     model.train(was_training)
-    return correct / total
+    return int(correct) / total
 
 
 def _learning_rate(progress: float, settings: TrainSettings, peak: float) -> float:
@@ -281,56 +316,175 @@ def _learning_rate(progress: float, settings: TrainSettings, peak: float) -> flo
     return peak * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
 
 
+def learning_rates(planned_steps: int, settings: TrainSettings, peak: float) -> list[float]:
+    """The learning rate of each step of a run of `planned_steps` steps: warm-up over the first
+    warmup_fraction of them, cosine decay to zero over the rest."""
+    return [_learning_rate(step / planned_steps, settings, peak) for step in range(planned_steps)]
+
+
+def planned_steps(settings: TrainSettings, step_seconds: float | None, eval_seconds: float = 0.0) -> int:
+    """How many steps a run takes: `settings.steps`, or fewer when a time budget is set and the measured step
+    (plus its share of the validation passes) would overrun it. At least one."""
+    if settings.max_train_seconds is None or step_seconds is None:
+        return settings.steps
+    per_step = step_seconds + eval_seconds / settings.eval_every
+    if per_step <= 0:
+        return settings.steps
+    return max(1, min(settings.steps, int(settings.max_train_seconds / per_step)))
+
+
+# A time-budgeted run compares its pace with its plan this many times; it re-plans when the projection is off by
+# more than REPLAN_TOLERANCE of the plan (a device shared by several runs gets slower or faster as they come and go).
+REPLAN_CHECKS = 20
+REPLAN_TOLERANCE = 0.1
+# Seeds of the batches that warm-up and calibration draw (never the training stream's, whose seed is the run's).
+WARMUP_SEED = 3_000_017
+CALIBRATION_SEED = 4_000_037
+
+
+def _optimizer(model: torch.nn.Module, lr: float, settings: TrainSettings, device: torch.device):
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
+        fused=device.type == "cuda",
+    )
+
+
+def _train_step(model, optimizer, task: MQARTask, settings: TrainSettings, stream, device, lr: float):
+    """One optimizer step on a fresh batch; returns the loss (a device tensor: reading it would sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    inputs, targets = task.sample(settings.batch_size, stream)
+    with _autocast(device):
+        logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
+    loss = F.cross_entropy(logits, wanted)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
+def _warm_up(model, task: MQARTask, settings: TrainSettings, validation, device: torch.device) -> None:
+    """One forward and backward pass at the training batch size and one evaluation batch: what runs once per
+    process and shape (Triton compilation of the GSA kernels, cuBLAS and allocator set-up) happens here, outside
+    the time budget. Changes no parameter, no optimizer state and no random stream of the run."""
+    generator = torch.Generator(device=device).manual_seed(WARMUP_SEED)
+    inputs, targets = task.sample(settings.batch_size, generator)
+    with _autocast(device):
+        logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
+    F.cross_entropy(logits, wanted).backward()
+    model.zero_grad(set_to_none=True)
+    batch = min(settings.eval_batch_size, len(validation[0]))
+    accuracy(model, validation[0][:batch], validation[1][:batch], settings.eval_batch_size, task.num_pairs)
+    _synchronize(device)
+
+
+def _time_steps(
+    model, run: "MQARRun", task: MQARTask, settings: TrainSettings, validation, device: torch.device, clock
+) -> tuple[float, float]:
+    """(seconds per training step, seconds per validation pass), measured on throwaway steps: the model's
+    parameters are restored afterwards, so the run trains exactly as a step-count run of its planned length."""
+    initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    lr = _learning_rate(0.0, settings, run.lr)  # the schedule's first: the model stays near its start
+    optimizer = _optimizer(model, lr, settings, device)
+    generator = torch.Generator(device=device).manual_seed(CALIBRATION_SEED)
+    _train_step(model, optimizer, task, settings, generator, device, lr)  # the optimizer's first step: untimed
+    _synchronize(device)
+    start = clock()
+    for _ in range(settings.calibration_steps):
+        _train_step(model, optimizer, task, settings, generator, device, lr)
+    _synchronize(device)
+    step_seconds = (clock() - start) / settings.calibration_steps
+    start = clock()
+    accuracy(model, *validation, settings.eval_batch_size, task.num_pairs)
+    eval_seconds = clock() - start
+    model.load_state_dict(initial)
+    model.zero_grad(set_to_none=True)
+    return step_seconds, eval_seconds
+
+
 def train_and_test(
-    run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device: str | torch.device
+    run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device: str | torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
-    """Train one model on `task` and return its test accuracy with how it got there."""
+    """Train one model on `task` and return its test accuracy with how it got there.
+
+    Every run first warms up (one forward/backward and one evaluation batch: kernel compilation and allocation
+    happen there, before any clock starts, and change nothing the run computes). Without a time budget the run
+    takes `settings.steps` steps (fewer if it reaches `stop_accuracy`), exactly reproducible. With one, it times
+    a few throwaway steps (parameters restored afterwards) and plans the steps that fit in the budget; the
+    learning-rate schedule (warm-up, cosine decay) spans the plan, so the run is the same as a step-count run of
+    that length. If its pace drifts more than REPLAN_TOLERANCE from the plan (a device shared with other runs),
+    the plan, and with it the rest of the schedule, follows the pace; `overrun` x the budget is a hard stop.
+    `clock` is for tests.
+    """
     device = torch.device(device)
     torch.manual_seed(run.seed)
     model = build_model(run.model, run.width, task.vocab_size, options).to(device).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=run.lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
-        fused=device.type == "cuda",
-    )
-    stream = torch.Generator(device=device).manual_seed(run.seed)
     validation = mqar_examples(task, settings.validation_examples, VALIDATION_SEED, device)
-    started = time.perf_counter()
-    history = []
+    warm_start = clock()
+    _warm_up(model, task, settings, validation, device)
+    step_seconds = eval_seconds = None
+    if settings.max_train_seconds is not None:
+        step_seconds, eval_seconds = _time_steps(model, run, task, settings, validation, device, clock)
+    plan = first_plan = planned_steps(settings, step_seconds, eval_seconds or 0.0)
+    warmup_seconds = clock() - warm_start
+    optimizer = _optimizer(model, run.lr, settings, device)
+    stream = torch.Generator(device=device).manual_seed(run.seed)
+    budget = settings.max_train_seconds
+    history, replans = [], []
+    stopped = "planned steps"
     step = 0
-
-    def progress() -> float:
-        """How far training is: by steps, or by time when a cap is set and it runs out first."""
-        by_steps = step / settings.steps
-        if settings.max_train_seconds is None:
-            return by_steps
-        return max(by_steps, (time.perf_counter() - started) / settings.max_train_seconds)
-
-    while progress() < 1:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(progress(), settings, run.lr)
-        inputs, targets = task.sample(settings.batch_size, stream)
-        with _autocast(device):
-            logits, wanted = _query_logits(model, inputs, targets)
-        loss = F.cross_entropy(logits, wanted)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    next_check = None if budget is None else budget / REPLAN_CHECKS
+    started = clock()
+    while step < plan:
+        lr = _learning_rate(step / plan, settings, run.lr)
+        loss = _train_step(model, optimizer, task, settings, stream, device, lr)
         step += 1
-        if step % settings.eval_every == 0 or progress() >= 1:
-            val = accuracy(model, *validation, settings.eval_batch_size)
-            history.append({"step": step, "loss": loss.detach().item(), "validation_accuracy": val})
-            if not math.isfinite(history[-1]["loss"]) or val >= settings.stop_accuracy:
+        overrun = False
+        if budget is not None:
+            elapsed = clock() - started
+            overrun = elapsed > settings.overrun * budget
+            if not overrun and elapsed >= next_check:
+                # the pace so far (a shared device can be slower than at calibration): re-plan when it is off
+                next_check = elapsed + budget / REPLAN_CHECKS
+                projected = min(settings.steps, step + int(max(0.0, budget - elapsed) * step / elapsed))
+                if abs(projected - plan) > REPLAN_TOLERANCE * plan:
+                    plan = projected
+                    replans.append({"step": step, "seconds": round(elapsed, 2), "planned_steps": plan})
+        if step % settings.eval_every == 0 or step >= plan or overrun:
+            val = accuracy(model, *validation, settings.eval_batch_size, task.num_pairs)
+            history.append({"step": step, "lr": lr, "loss": loss.item(), "validation_accuracy": val})
+            if not math.isfinite(history[-1]["loss"]):
+                stopped = "non-finite loss"
+            elif val >= settings.stop_accuracy:
+                stopped = "stop accuracy"
+            elif overrun:
+                stopped = "overrun"
+            if stopped != "planned steps":
                 break
-    train_seconds = time.perf_counter() - started
-    test = accuracy(model, *mqar_examples(task, settings.test_examples, TEST_SEED, device), settings.eval_batch_size)
+    _synchronize(device)
+    train_seconds = clock() - started
+    test = accuracy(
+        model, *mqar_examples(task, settings.test_examples, TEST_SEED, device), settings.eval_batch_size,
+        task.num_pairs,
+    )
     return {
         **asdict(run),
         "accuracy": test,
         "steps": step,
+        "planned_steps": plan,
+        "stopped": stopped,
         "reached_stop_accuracy": history[-1]["validation_accuracy"] >= settings.stop_accuracy,
         "final_validation_accuracy": history[-1]["validation_accuracy"],
         "train_seconds": round(train_seconds, 2),
+        "steps_per_second": round(step / train_seconds, 2) if train_seconds > 0 else None,
+        "warmup_seconds": round(warmup_seconds, 2),
+        "calibrated_step_seconds": None if step_seconds is None else round(step_seconds, 5),
+        "calibrated_eval_seconds": None if eval_seconds is None else round(eval_seconds, 5),
+        "first_planned_steps": first_plan,
+        "replans": replans,
+        "max_train_seconds": settings.max_train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": history,
     }
