@@ -55,3 +55,19 @@ def test_devices_and_dtypes_are_checked():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8", resolve_device("cpu"))
+
+
+def test_a_gsa_folder_loads_our_class_when_another_package_registered_the_model_type(model_dir, monkeypatch):
+    """flash-linear-attention registers its own GSA classes for model_type "gsa" with the Auto classes on import;
+    our folders must still load as ours."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from gsa.models import GSAForCausalLM
+
+    class OtherConfig(PretrainedConfig):
+        model_type = "gsa"
+
+    monkeypatch.setitem(CONFIG_MAPPING._extra_content, "gsa", OtherConfig)
+    model = load_causal_lm(model_dir, device="cpu")
+    assert type(model) is GSAForCausalLM

@@ -145,8 +145,14 @@ def test_a_time_budget_is_shared_out_over_the_runs():
     gpu = PROFILES["gpu"]
     runs = len(gpu.runs())
     assert runs == len(gpu.models) * len(gpu.widths) * len(gpu.lrs) * len(gpu.seeds)
-    assert gpu.train_settings(workers=8).max_train_seconds == pytest.approx(gpu.time_budget_seconds * 8 / runs)
+    assert runs == 16  # 2 waves of 8
+    assert gpu.train_settings(workers=8).max_train_seconds == pytest.approx(gpu.time_budget_seconds / 2)
     assert with_overrides(gpu, time_budget_seconds=None).train_settings(8).max_train_seconds is None
+    # whole waves, never more concurrent runs than there are runs: the sweep stays within its budget
+    cpu = PROFILES["cpu"]
+    assert len(cpu.runs()) == 4
+    for workers, waves in ((8, 1), (4, 1), (3, 2), (1, 4)):
+        assert cpu.train_settings(workers).max_train_seconds == pytest.approx(cpu.time_budget_seconds / waves)
     assert [r.width for r in gpu.runs()][:2] == [512, 512]  # widest (slowest) runs start first
 
 

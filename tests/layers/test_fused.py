@@ -411,3 +411,71 @@ def test_inference_path_equals_the_functions_forward(triton, autocast):
     assert all(r.grad_fn is not None for r in recorded) and all(i.grad_fn is None for i in inference)
     for a, b in zip(recorded, inference):
         assert a.dtype == b.dtype and torch.equal(a.detach(), b)
+
+
+def test_recompute_saved_ignores_outputs_that_do_not_fill_their_storage():
+    """A recipe whose output is part of a larger buffer (or shares its storage with another recipe's) is not used:
+    other tensors on that storage are kept as they are, and the gradients are those of plain autograd."""
+    a, w = randn(10, seed=90), randn(5, seed=91)
+
+    def fn(a, w, recipes_of):
+        buf = F.silu(a)
+        with recompute_saved(recipes_of(buf, a)):
+            return ((buf[5:] * w).sum() + (buf[:5] * w).sum()).reshape(1)
+
+    want = run(lambda a, w: fn(a, w, lambda buf, a: []), [a, w])
+    for recipes_of in (lambda buf, a: [(buf[:5], F.silu, a[:5])],
+                       lambda buf, a: [(buf[:5], F.silu, a[:5]), (buf[5:], F.silu, a[5:])]):
+        got = run(lambda a, w: fn(a, w, recipes_of), [a, w])
+        for x, y in zip(got[0] + got[1], want[0] + want[1]):
+            assert torch.equal(x, y)
+
+
+def test_swiglu_triton_path_is_not_taken_for_broadcast_inputs():
+    if not pytest.importorskip("gsa.layers.fused_triton").KERNELS_AVAILABLE:
+        pytest.skip("triton is not installed")
+    gate, up, down = randn(2, 5, 16, seed=92, dtype=torch.float32), randn(1, 5, 16, seed=93, dtype=torch.float32), \
+        randn(8, 16, seed=94, dtype=torch.float32)
+    want = plain_swiglu_linear(gate, up, down)
+    for record in (False, True):
+        with use_triton_kernels(True), torch.set_grad_enabled(record):
+            got = swiglu_linear(gate.clone().requires_grad_(record), up, down)
+        assert rel_err(got.detach(), want) < 1e-6
+
+
+def test_layers_call_modules_that_have_hooks_or_wrap_linear():
+    """A forward hook on a projection, or a Linear subclass (as a LoRA wrapper is), is honoured: the layers then
+    call the modules (the plain composition) instead of reading their weights."""
+    from gsa.layers import GatedSlotAttention, RMSNorm
+    from gsa.layers.mlp import SwiGLU
+
+    class ScaledLinear(torch.nn.Linear):  # stands for an adapter: its forward is not F.linear(x, weight)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    layer, mlp, norm = GatedSlotAttention(16, num_heads=2, num_slots=4), SwiGLU(16, 32), RMSNorm(16)
+    x = torch.randn(2, 7, 16)
+
+    def outputs():
+        return layer(x, norm=norm)[0], mlp(x, norm=norm)
+
+    with use_fused(False):
+        plain = outputs()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs(), plain))
+    seen = []
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+               for m in (layer.q_proj, mlp.down_proj, norm)]
+    outputs()
+    assert {"Linear", "RMSNorm"} <= set(seen) and len(seen) >= 4, seen
+    for handle in handles:
+        handle.remove()
+    for owner, name in ((layer, "o_proj"), (mlp, "down_proj"), (mlp, "up_proj")):
+        old = getattr(owner, name)
+        new = ScaledLinear(old.in_features, old.out_features, bias=False)
+        new.weight = old.weight
+        setattr(owner, name, new)
+    with use_fused(False):
+        plain = outputs()
+    got = outputs()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, plain))

@@ -8,6 +8,7 @@ any transformers causal LM folder take the same path. Tokenizers (and documents)
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -74,7 +75,11 @@ def load_causal_lm(path: str | os.PathLike, device: str | None = "auto", dtype: 
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"model folder {str(path)!r} has no config.json")
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, target))
+    # a GSA folder loads with our class by name: flash-linear-attention registers its own classes for the same
+    # model_type ("gsa") with the Auto classes when it is imported, and the last registration wins there
+    model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    loader = gsa.models.GSAForCausalLM if model_type == gsa.models.GSAConfig.model_type else AutoModelForCausalLM
+    model = loader.from_pretrained(path, dtype=resolve_dtype(dtype, target))
     return model.to(target).eval()
 
 

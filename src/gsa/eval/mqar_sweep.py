@@ -214,7 +214,9 @@ class Sweep:
         """The training settings with the time budget shared out: runs go `workers` at a time."""
         if self.time_budget_seconds is None:
             return self.train
-        share = self.time_budget_seconds * workers / len(self.runs())
+        runs = len(self.runs())
+        waves = math.ceil(runs / max(1, min(workers, runs)))  # runs go min(workers, runs) at a time, in whole waves
+        share = self.time_budget_seconds / waves
         cap = share if self.train.max_train_seconds is None else min(share, self.train.max_train_seconds)
         return replace(self.train, max_train_seconds=cap)
 

@@ -29,6 +29,7 @@ Per token and block of the 1.3B model with bf16 weights this is 48.7 KB saved in
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import torch
@@ -36,41 +37,42 @@ import torch.nn.functional as F
 
 from ..ops.projections import slot_gates as float_slot_gates
 
-_ENABLED = [True]
-_TRITON = [None]  # None: the Triton kernels on CUDA tensors, torch elsewhere; True / False: forced (tests)
+# Per thread (and task): a switch made in one thread does not change what the model does in another.
+_ENABLED = contextvars.ContextVar("gsa_fused_enabled", default=True)
+# None: the Triton kernels on CUDA tensors, torch elsewhere; True / False: forced (tests)
+_TRITON = contextvars.ContextVar("gsa_fused_triton", default=None)
 
 
 def fused_enabled() -> bool:
     """Whether the layers use the Functions here (default) or the plain PyTorch compositions."""
-    return _ENABLED[0]
+    return _ENABLED.get()
 
 
 @contextlib.contextmanager
 def use_fused(enabled: bool = True):
     """Within the block, layers use the fused Functions (True) or the plain compositions (False)."""
-    previous = _ENABLED[0]
-    _ENABLED[0] = enabled
+    token = _ENABLED.set(enabled)
     try:
         yield
     finally:
-        _ENABLED[0] = previous
+        _ENABLED.reset(token)
 
 
 @contextlib.contextmanager
 def use_triton_kernels(enabled: bool | None = True):
     """Within the block, the Functions run their row-wise parts with the Triton kernels (gsa.layers.fused_triton)
     always (True: on CPU tensors that needs TRITON_INTERPRET=1), never (False), or on CUDA tensors (None)."""
-    previous = _TRITON[0]
-    _TRITON[0] = enabled
+    token = _TRITON.set(enabled)
     try:
         yield
     finally:
-        _TRITON[0] = previous
+        _TRITON.reset(token)
 
 
 def _triton(*tensors: torch.Tensor) -> bool:
     """Whether the row-wise work on these tensors goes to the Triton kernels."""
-    wanted = _TRITON[0] if _TRITON[0] is not None else all(t.is_cuda for t in tensors)
+    forced = _TRITON.get()
+    wanted = forced if forced is not None else all(t.is_cuda for t in tensors)
     if not wanted or torch.compiler.is_compiling():
         return False
     from . import fused_triton
@@ -263,8 +265,22 @@ def rms_norm_linear(
     return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
 
 
+def must_call(*modules: torch.nn.Module) -> bool:
+    """Whether these modules have to be called rather than read for their weights: forward hooks on them (or global
+    ones), or linear maps that are not plain nn.Linear (a LoRA wrapper, a quantized layer). Then the layers run the
+    plain composition, which calls every module."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_silu: bool = False):
     """The outputs of `linears` applied to norm(silu(x) if pre_silu else x), norm an RMSNorm module."""
+    if must_call(norm, *linears) or any(type(m) is not torch.nn.Linear for m in linears):
+        y = norm(F.silu(x) if pre_silu else x)
+        return tuple(m(y) for m in linears)
     return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu)
 
 
@@ -291,7 +307,7 @@ class _SwiGLULinear(torch.autograd.Function):
     def forward(ctx, gate, up, weight):
         ctx.device_type = gate.device.type
         ctx.mm_dtype = _autocast_dtype(gate.device.type)
-        ctx.triton = _triton(gate, up)
+        ctx.triton = _triton(gate, up) and gate.shape == up.shape  # the row kernels do not broadcast
         ctx.save_for_backward(gate, up, weight)
         return _swiglu_linear_values(gate, up, weight, ctx.triton)
 
@@ -328,7 +344,7 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
     if not fused_enabled():
         return plain_swiglu_linear(gate, up, weight)
     if not _records_grad(gate, up, weight):
-        return _swiglu_linear_values(gate, up, weight, _triton(gate, up))
+        return _swiglu_linear_values(gate, up, weight, _triton(gate, up) and gate.shape == up.shape)
     return _SwiGLULinear.apply(gate, up, weight)
 
 
@@ -425,11 +441,15 @@ def recompute_saved(recipes: Sequence[tuple[torch.Tensor, object, torch.Tensor]]
     Does nothing under torch.compile, when saved-tensor hooks are disabled, or when no gradient is recorded.
     """
     outer = _outer_saved_tensors_hooks()
+    # only outputs that fill their own storage exactly (a saved tensor on that storage is then a view of the output)
     usable = [
         (out, fn, inp)
         for out, fn, inp in recipes
         if out is not inp and out.requires_grad and out.is_contiguous() and out.storage_offset() == 0
+        and out.untyped_storage().nbytes() == out.numel() * out.element_size()
     ]
+    pointers = [out.untyped_storage().data_ptr() for out, _, _ in usable]
+    usable = [recipe for recipe, ptr in zip(usable, pointers) if pointers.count(ptr) == 1]
     if (
         not usable
         or not fused_enabled()
@@ -447,7 +467,7 @@ def recompute_saved(recipes: Sequence[tuple[torch.Tensor, object, torch.Tensor]]
         recipe = by_storage.get(t.untyped_storage().data_ptr())
         if recipe is not None:
             out, fn, inp = recipe
-            if t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
+            if t.dtype == out.dtype:  # a view of out (out fills the storage): rebuilt as the same view
                 kept = outer_pack(inp) if outer_pack else inp
                 return ("recompute", fn, kept, out.shape, t.shape, t.stride(), t.storage_offset())
         return ("kept", outer_pack(t) if outer_pack else t)

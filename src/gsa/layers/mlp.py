@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import norm_linear, swiglu_linear
+from .fused import must_call, norm_linear, swiglu_linear
 
 
 def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -28,4 +28,7 @@ class SwiGLU(nn.Module):
             gate, up = norm_linear(x, norm, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return swiglu_linear(gate, up, self.down_proj.weight)
+        down = self.down_proj
+        if type(down) is not nn.Linear or down.bias is not None or must_call(down):
+            return down(torch.nn.functional.silu(gate) * up)
+        return swiglu_linear(gate, up, down.weight)
