@@ -41,10 +41,12 @@ def main():
     parser.add_argument("--prompts", nargs="*", type=int, default=[2048, 4096, 8192, 16384])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch64", action="store_true", help="also tokens/s at batch 64 after a 2K prompt")
+    parser.add_argument("--models", nargs="+", default=["ours", "llama"], choices=["ours", "llama", "fla"],
+                        help="fla: flash-linear-attention's GSAForCausalLM through generate() (autotunes on first use)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "decode_h200.json"))
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "ms_per_token": {}}
-    for kind in ("ours", "llama"):
+    for kind in args.models:
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = build(kind).to(torch.bfloat16).eval()
@@ -74,10 +76,12 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nDecoding, batch 1, greedy, 1.3B bf16 on {results['device']} (ms per token)")
-    print(f"{'prompt':>7} {'ours generate()':>16} {'ours CUDA graph':>16} {'Llama generate()':>17}")
+    columns = [(kind, method) for kind in args.models for method in ("hf_generate", "cuda_graph")
+               if method == "hf_generate" or kind == "ours"]
+    print(f"{'prompt':>7} " + " ".join(f"{kind + ' ' + method:>18}" for kind, method in columns))
     for length in args.prompts:
-        o, l = results["ms_per_token"][f"ours@{length}"], results["ms_per_token"][f"llama@{length}"]
-        print(f"{length:>7} {o['hf_generate']:>16.2f} {o['cuda_graph']:>16.2f} {l['hf_generate']:>17.2f}")
+        rows = results["ms_per_token"]
+        print(f"{length:>7} " + " ".join(f"{rows[f'{kind}@{length}'][method]:>18.2f}" for kind, method in columns))
     if "batch64_tokens_per_s" in results:
         print("batch 64 tokens/s:", {k: round(v) for k, v in results["batch64_tokens_per_s"].items()})
 

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
+#   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
@@ -38,6 +39,16 @@ keep_reports() {  # copy a run folder's small reports (not its weights) under $O
         find "$dir" -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \) \
             -size -5M -exec cp --parents {} "$OUT/$(basename "$dir")/" \; 2>/dev/null
     done
+}
+
+fla_setup() {  # flash-linear-attention from the carried wheels; Triton's autotune results kept across calls
+    python3 -c "import fla" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/*.whl
+    export TRITON_CACHE_DIR="$PWD/.cache/triton" FLA_CACHE_RESULTS=1
+}
+
+keep_autotune() {  # bring FLA's (and our) autotune results back under $OUT/triton-autotune
+    mkdir -p "$OUT/triton-autotune"
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$OUT/triton-autotune/" \;)
 }
 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -86,13 +97,18 @@ for what in "$@"; do
             # FLA autotunes every kernel on first use (~9 minutes on a fresh machine); Triton caches the winners as
             # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
-            python3 -c "import fla" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/*.whl
-            export TRITON_CACHE_DIR="$PWD/.cache/triton" FLA_CACHE_RESULTS=1
+            fla_setup
             stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-16k h32-d64 \
                 --out "$OUT/ops_h200_fla.json"
-            mkdir -p "$OUT/triton-autotune"
-            (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$OUT/triton-autotune/" \;) ;;
+            keep_autotune ;;
+        fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
+            fla_setup
+            stage fla-train 300 python3 benchmarks/bench_train.py --models ours --with-fla --contexts 2048 8192 \
+                --steps 4 --warmup 2 --out "$OUT/train_h200_fla.json"
+            stage fla-decode 240 python3 benchmarks/bench_decode.py --models ours fla --prompts 2048 16384 \
+                --new-tokens 64 --out "$OUT/decode_h200_fla.json"
+            keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops ops fla decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops ops fla fla-model decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
