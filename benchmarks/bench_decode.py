@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench_train import build
+from bench_train import cuda_model
 from gsa.generation import GraphDecoder
 
 
@@ -47,9 +47,7 @@ def main():
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "ms_per_token": {}}
     for kind in args.models:
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = build(kind).to(torch.bfloat16).eval()
+        model = cuda_model(kind).eval()
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
 

@@ -44,10 +44,15 @@ def build(kind: str):
     raise ValueError(kind)
 
 
-def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: bool):
+def cuda_model(kind: str):
+    """The model, seeded, built on the GPU in bf16."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = build(kind).to(torch.bfloat16)
+        return build(kind).to(torch.bfloat16)
+
+
+def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: bool):
+    model = cuda_model(kind)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -78,9 +83,7 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
 def count_saved(kind: str, context: int) -> dict:
     """Bytes autograd keeps for backward over one forward + loss (unique storages, parameters left out), per token
     per block: the GPU-side check of benchmarks/activation_memory.py's CPU count."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = build(kind).to(torch.bfloat16)
+    model = cuda_model(kind)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     batch = TOKENS_PER_STEP // context
     data = torch.randint(0, 32000, (batch, context), device="cuda")
@@ -127,10 +130,7 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = build(kind).to(torch.bfloat16)
-    model.train()
+    model = cuda_model(kind).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     data = torch.randint(0, 32000, (steps + 1, TOKENS_PER_STEP // context, context), device="cuda")
 

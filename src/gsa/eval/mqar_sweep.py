@@ -351,14 +351,19 @@ def _optimizer(model: torch.nn.Module, lr: float, settings: TrainSettings, devic
     )
 
 
+def _batch_loss(model, task: MQARTask, settings: TrainSettings, stream, device) -> torch.Tensor:
+    """Cross-entropy at the query positions of a fresh training batch."""
+    inputs, targets = task.sample(settings.batch_size, stream)
+    with _autocast(device):
+        logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
+    return F.cross_entropy(logits, wanted)
+
+
 def _train_step(model, optimizer, task: MQARTask, settings: TrainSettings, stream, device, lr: float):
     """One optimizer step on a fresh batch; returns the loss (a device tensor: reading it would sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    inputs, targets = task.sample(settings.batch_size, stream)
-    with _autocast(device):
-        logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
-    loss = F.cross_entropy(logits, wanted)
+    loss = _batch_loss(model, task, settings, stream, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -371,10 +376,7 @@ def _warm_up(model, task: MQARTask, settings: TrainSettings, validation, device:
     process and shape (Triton compilation of the GSA kernels, cuBLAS and allocator set-up) happens here, outside
     the time budget. Changes no parameter, no optimizer state and no random stream of the run."""
     generator = torch.Generator(device=device).manual_seed(WARMUP_SEED)
-    inputs, targets = task.sample(settings.batch_size, generator)
-    with _autocast(device):
-        logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
-    F.cross_entropy(logits, wanted).backward()
+    _batch_loss(model, task, settings, generator, device).backward()
     model.zero_grad(set_to_none=True)
     batch = min(settings.eval_batch_size, len(validation[0]))
     accuracy(model, validation[0][:batch], validation[1][:batch], settings.eval_batch_size, task.num_pairs)

@@ -273,12 +273,15 @@ def must_call(*modules: torch.nn.Module) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear)
+        for m in modules
+    )
 
 
 def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_silu: bool = False):
     """The outputs of `linears` applied to norm(silu(x) if pre_silu else x), norm an RMSNorm module."""
-    if must_call(norm, *linears) or any(type(m) is not torch.nn.Linear for m in linears):
+    if must_call(norm, *linears):
         y = norm(F.silu(x) if pre_silu else x)
         return tuple(m(y) for m in linears)
     return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu)
@@ -448,8 +451,6 @@ def recompute_saved(recipes: Sequence[tuple[torch.Tensor, object, torch.Tensor]]
         if out is not inp and out.requires_grad and out.is_contiguous() and out.storage_offset() == 0
         and out.untyped_storage().nbytes() == out.numel() * out.element_size()
     ]
-    pointers = [out.untyped_storage().data_ptr() for out, _, _ in usable]
-    usable = [recipe for recipe, ptr in zip(usable, pointers) if pointers.count(ptr) == 1]
     if (
         not usable
         or not fused_enabled()

@@ -29,6 +29,6 @@ class SwiGLU(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         down = self.down_proj
-        if type(down) is not nn.Linear or down.bias is not None or must_call(down):
+        if down.bias is not None or must_call(down):
             return down(torch.nn.functional.silu(gate) * up)
         return swiglu_linear(gate, up, down.weight)
