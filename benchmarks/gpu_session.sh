@@ -5,9 +5,12 @@
 #   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
 #   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
+#   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
+#   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
+#   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
@@ -59,6 +62,18 @@ for what in "$@"; do
                 tests/models/test_model.py ;;
         tests-ops)  # the operator's Triton tests natively: ~80 tests, each kernel variant compiled (~4 minutes)
             stage tests-ops 300 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py ;;
+        state-pass)  # issue 3: state passes (walk / split) at every shape, then num_warps/num_stages per kernel
+            stage tests-walk 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
+                -k "chunk_kernels or steep or varlen or gpu_real or gpu_long"
+            stage tune 200 python3 benchmarks/tune_ops.py --skip-tune --out "$OUT/tune_ops_h200.json" ;;
+        tune-launch)  # num_warps / num_stages per kernel at paper-2k (sets LAUNCH in gsa/ops/triton/chunk.py)
+            stage tune-launch 330 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k \
+                --out "$OUT/tune_launch_h200.json" ;;
+        mqar-step)  # issue 7: one MQAR training step per model and width, alone on the GPU, and its profile
+            stage mqar-profile 150 python3 benchmarks/profile_mqar_step.py --widths 64 512 ;;
+        train-ours)  # issue 8: ours only, saved bytes and where a step's GPU time goes
+            stage train-ours 150 python3 benchmarks/bench_train.py --contexts 2048 16384 --steps 4 --warmup 2 \
+                --models ours --count-saved --profile --out "$OUT/train_h200_ours.json" ;;
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
@@ -74,6 +89,23 @@ for what in "$@"; do
             stage mqar 560 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 1e-2 --seeds 0 --time-budget 300 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar" ;;
+        mqar-gsa)  # issue 7: GSA alone, one wave of 8 runs (4 widths x 2 learning rates), 240 s of training each
+            stage mqar-gsa 370 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
+                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 --seeds 0 --time-budget 240 \
+                --workers 8 --device cuda --output-dir "$OUT/mqar-gsa" ;;
+        harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
+            # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
+            # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-eval \
+                .whl-eval/*.whl
+            export PYTHONPATH="$PYTHONPATH:/tmp/site-eval"
+            stage harness-train 150 python3 -m gsa train --recipe gsa-100m --data "$DATA/bible-kjv" \
+                --tokenizer "$DATA/tokenizer.model" --steps 300 --warmup-steps 30 --eval-every 100 --save-every 300 \
+                --no-progress --run-dir /tmp/harness-gsa
+            stage harness 300 python3 -m gsa eval harness --model /tmp/harness-gsa/model --data-dir "$DATA/eval" \
+                --tasks gsa_offline,ruler_vt --ruler-lengths 1024 --limit 200 --batch-size 16 \
+                --output "$OUT/harness_h200.json"
+            keep_reports /tmp/harness-gsa ;;
         compare)  # issue 5: ~100M GSA vs Transformer++ at equal tokens on the bundled corpora
             stage compare 280 python3 benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
@@ -109,6 +141,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops ops fla fla-model decode train activation mqar compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-model decode train activation mqar mqar-gsa harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

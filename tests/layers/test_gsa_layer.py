@@ -40,3 +40,28 @@ def test_decoding_with_padding_tokens_equals_full_call(options):
             steps.append(y)
     assert rel_err(torch.cat(steps, 1), want) < 1e-10
     assert rel_err(state.hk, want_state.hk) < 1e-10 and rel_err(state.hv, want_state.hv) < 1e-10
+
+
+def test_short_conv_under_autocast_hands_the_operator_the_autocast_dtype(monkeypatch):
+    """float32 weights under bfloat16 autocast: the short convolutions keep the projections' bf16 (as a conv layer
+    under autocast would), so the operator runs its bf16 kernels, not the exact-float32 ones; the layer's output
+    stays within bf16 rounding of the float32 layer's."""
+    import gsa.layers.gsa as gsa_layer
+
+    seen = []
+    real = gsa_layer.gated_slot_attention
+
+    def spy(q, k, v, s, g, *args, **kwargs):
+        seen.append({q.dtype, k.dtype, v.dtype, s.dtype, g.dtype})
+        return real(q, k, v, s, g, *args, **kwargs)
+
+    monkeypatch.setattr(gsa_layer, "gated_slot_attention", spy)
+    torch.manual_seed(1)
+    layer = GatedSlotAttention(hidden_size=32, num_heads=2, num_slots=8, use_short_conv=True, conv_size=4)
+    x = torch.randn(2, 24, 32)
+    want, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = layer(x)
+    assert seen[0] == {torch.float32} and seen[1] == {torch.bfloat16}
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) < 3e-2

@@ -16,8 +16,17 @@ triton_ops = pytest.importorskip("gsa.ops.triton")
 if not triton_ops.KERNELS_AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from gsa.ops.triton import chunk as chunk_kernels  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["walk", "split"])
+def state_pass(request, monkeypatch):
+    """Both ways of computing the chunk states (and their gradients), whatever the shape would pick."""
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", request.param)
+    return request.param
 
 
 def reference(q, k, v, s, g, hk=None, hv=None, cu_seqlens=None, scale=None):
@@ -45,7 +54,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_chunk_kernels_match_reference(shape):
+def test_chunk_kernels_match_reference(shape, state_pass):
     B, T, HQ, H, K, V, M = shape
     tensors = gsa_inputs(*shape, dtype=torch.float32, seed=sum(shape), device=DEVICE)
     tensors += list(random_state(B, H, K, V, M, dtype=torch.float32, seed=3, device=DEVICE))
@@ -54,14 +63,14 @@ def test_chunk_kernels_match_reference(shape):
     assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
 
 
-def test_chunk_kernels_without_initial_state():
+def test_chunk_kernels_without_initial_state(state_pass):
     tensors = gsa_inputs(2, 90, 2, 2, 8, 8, 16, dtype=torch.float32, seed=4, device=DEVICE)
     got = outputs_and_grads(triton_call, tensors)
     want = outputs_and_grads(reference, tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
 
 
-def test_steep_gates_take_the_exact_path():
+def test_steep_gates_take_the_exact_path(state_pass):
     """Chunks whose gate span exceeds the factored form's limit (gates at -inf, -1e4, -30) stay exact."""
     q, k, v, s, g = gsa_inputs(1, 130, 2, 1, 8, 8, 16, dtype=torch.float32, seed=5, device=DEVICE)
     gen = torch.Generator().manual_seed(6)
@@ -77,7 +86,25 @@ def test_steep_gates_take_the_exact_path():
     assert_close_all([t.cpu() for t in got[:7]], want[:7], 1e-4, names=["o", "hk", "hv", "dq", "dk", "dv", "ds"])
 
 
-def test_varlen_matches_reference():
+def test_steep_chunks_with_gentle_sub_chunks_take_the_sub_chunk_form():
+    """Gates that forget fast (chunk span far above the factored limit, every 16-step sub-chunk's below it: the
+    sub-chunk form) next to gentle ones and one exact-path chunk; all outputs and gradients exact."""
+    from gsa.ops.chunk import FACTORED_SPAN_LIMIT
+
+    q, k, v, s, g = gsa_inputs(2, 192, 2, 2, 8, 8, 16, dtype=torch.float32, seed=9, device=DEVICE)
+    gen = torch.Generator().manual_seed(10)
+    g = g.clone().cpu()
+    g[:, :128, :, :6] = -3.0 * torch.rand(g[:, :128, :, :6].shape, generator=gen)  # span ~96 a chunk, ~24-48 a sub
+    g[1, 128:, 1, 3] = -40.0  # one sub-chunk over the limit: that chunk stays exact
+    chunks, subs = -g.view(2, 3, 64, 2, 16).sum(2), -g.view(2, 12, 16, 2, 16).sum(2)
+    assert (chunks.amax(-1)[:, :2] > FACTORED_SPAN_LIMIT).all() and (subs.amax(-1)[:, :8] <= FACTORED_SPAN_LIMIT).all()
+    g = g.to(DEVICE)
+    got = outputs_and_grads(triton_call, [q, k, v, s, g])
+    want = outputs_and_grads(reference, [q, k, v, s, g])
+    assert_close_all([t.cpu() for t in got], want, 1e-4, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
+
+
+def test_varlen_matches_reference(state_pass):
     offsets = [0, 5, 70, 71, 200]
     N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
     tensors = gsa_inputs(1, offsets[-1], 4, H, K, V, M, dtype=torch.float32, seed=7, device=DEVICE)
@@ -86,6 +113,24 @@ def test_varlen_matches_reference():
     got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
     want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5)
+
+
+def test_state_pass_rule(monkeypatch):
+    """Auto walks when sequences x heads x row blocks fill the GPU and splits otherwise; a misspelled override is
+    refused by name."""
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "auto")
+    monkeypatch.setattr(chunk_kernels, "WALK_MIN_PROGRAMS", 256)
+    assert chunk_kernels.walk_block(8, 4, 512, 512) == 64  # 8 x 4 x 16 = 512 programs
+    assert chunk_kernels.walk_block(2, 4, 512, 512) is None  # 128 programs
+    assert chunk_kernels.walk_block(64, 2, 5, 7) == 16  # narrow heads: the block follows the width
+    assert chunk_kernels.walk_block(63, 2, 5, 7) is None  # 252 programs
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walk")
+    assert chunk_kernels.walk_block(1, 1, 512, 512) == 64
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "split")
+    assert chunk_kernels.walk_block(64, 32, 512, 512) is None
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walking")
+    with pytest.raises(ValueError, match="auto, walk or split"):
+        chunk_kernels.walk_block(1, 1, 8, 8)
 
 
 @pytest.mark.parametrize("inplace", [True, False])

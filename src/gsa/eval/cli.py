@@ -268,13 +268,14 @@ def _run_harness(args) -> int:
         lm, tasks, args.data_dir, limit, args.num_fewshot, tuple(args.ruler_lengths),
         bootstrap_iters=args.bootstrap_iters,
     )
+    seconds = time.perf_counter() - started
+    if args.output:  # first: a failure while printing the table must not lose the results
+        _write_json(args.output, {k: v for k, v in results.items() if k != "samples"})
+        print(f"wrote {args.output}")
     print(make_table(results))
     if "groups" in results and results["groups"]:
         print(make_table(results, "groups"))
-    print(f"{time.perf_counter() - started:.0f} s")
-    if args.output:
-        _write_json(args.output, {k: v for k, v in results.items() if k != "samples"})
-        print(f"wrote {args.output}")
+    print(f"{seconds:.0f} s")
     return 0
 
 

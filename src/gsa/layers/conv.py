@@ -26,8 +26,14 @@ class ShortConvolution(nn.Module):
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return F.silu(y) if self.activation else y
+
+    def _taps(self, x: torch.Tensor) -> torch.Tensor:
+        """[D, W] in x's dtype: under autocast the projections give bf16 while the weight stays float32, and a
+        float32 product here would hand the operator float32 q, k, v (its slow exact-float32 kernels), as a
+        convolution layer under autocast would not."""
+        return self.weight[:, 0, :].to(x.dtype)
 
     def forward(
         self,
@@ -40,7 +46,7 @@ class ShortConvolution(nn.Module):
         state [B, D, W - 1]: the previous inputs, oldest first. Returns (y, new state or None)."""
         B, T, D = x.shape
         W = self.kernel_size
-        w = self.weight[:, 0, :]  # [D, W], tap W-1 is the current step
+        w = self._taps(x)  # [D, W], tap W-1 is the current step
         if state is not None:
             history = torch.cat([state.transpose(1, 2).to(x.dtype), x], 1)  # [B, W-1+T, D]
         else:
@@ -56,7 +62,7 @@ class ShortConvolution(nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """One token x [B, D]; updates state [B, D, W - 1] in place."""
-        w = self.weight[:, 0, :]
+        w = self._taps(x)
         window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], -1)  # [B, D, W]
         y = (window * w).sum(-1)
         state.copy_(window[:, :, 1:])

@@ -5,18 +5,23 @@ of length T). Chunks of BT steps never straddle sequences. The joint slot state 
 halves decay along the slots) is kept per chunk boundary in `states` [slots, H, K + V, M]; sequence i owns slots
 slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chunk n (the last one: its final state).
 
-States come in two steps so that no kernel walks chunks doing matrix work: `_local_states` computes every chunk's
-contribution in parallel, then `_scan_slots` runs the recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise
-(many programs, memory-bound). Forward: those two, then `_output_fwd`, every chunk in parallel: logits over K
-blocks, softmax over slots, output over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel:
-slot gradients, dq and the within-chunk parts of dk, dv, ds); `_local_dstates` + a reverse `_scan_slots` for the
-state gradient; `_state_grads_bwd` (chunk-parallel: the state parts of dk, dv, ds, and dg as a reverse cumulative
-sum within each chunk).
+States come one of two ways, chosen by shape (`state_pass`):
+- "walk": `_walk_states`, one program per (sequence, head, block of state rows) walks the sequence's chunks,
+  adding each chunk's contribution to a state held in registers and storing it at every boundary. No
+  intermediate tensor; needs sequences x heads x row blocks to fill the GPU (many short sequences).
+- "split": `_local_states` computes every chunk's contribution in parallel, then `_scan_slots` runs the
+  recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise (many programs, memory-bound; few long sequences).
+Forward: the states, then `_output_fwd`, every chunk in parallel: logits over K blocks, softmax over slots, output
+over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel: slot gradients, dq and the
+within-chunk parts of dk, dv, ds); the state gradient the same two ways (`_walk_dstates`, or `_local_dstates` +
+a reverse `_scan_slots`); `_state_grads_bwd` (chunk-parallel: the state parts of dk, dv, ds, and dg as a reverse
+cumulative sum within each chunk).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -30,13 +35,18 @@ from .common import (
     key_grad_exact,
     load_rows,
     next_power_of_2,
+    key_grad_sub,
     pairs_exact,
+    pairs_sub,
     rows_exact,
+    rows_sub,
     state_offsets,
     store_rows,
+    sub_span,
 )
 
 CHUNK = 64
+SUB_CHUNK = 16  # rows of a sub-chunk in the steep-gate form (see common.py)
 
 
 @triton.jit
@@ -145,12 +155,121 @@ def _scan_slots(
 
 
 @triton.jit
+def _joint_block(i_d, K, V, BD: tl.constexpr):
+    """Row block i_d of the joint state [K + V, M] (key blocks first): (is a key block, first row in its half,
+    the half's first joint row, the half's width)."""
+    blocks_k = tl.cdiv(K, BD)
+    is_key = i_d < blocks_k
+    d0 = tl.where(is_key, i_d, i_d - blocks_k) * BD
+    return is_key, d0, tl.where(is_key, 0, K), tl.where(is_key, K, V)
+
+
+@triton.jit
+def _walk_states(
+    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
+    H, K, V, M, KV,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr, HAS_START: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """States of one sequence and head, rows of one block, at every chunk boundary: S_n+1 = S_n exp(G_C) +
+    xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; plus each chunk's decay exp(G_C)."""
+    i_nh = tl.program_id(0)
+    i_d = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    chunk0 = slot0 - i_n
+    is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
+    if is_key:
+        x_ptr = k_ptr
+    else:
+        x_ptr = v_ptr
+    rows = tl.arange(0, BT)
+    dd = tl.arange(0, BD)
+    ms = tl.arange(0, BM)
+    offs, mask = state_offsets(0, 0, 1, KV, M, row0 + d0, row0 + W, dd, ms)  # within one (slot, head)
+    state = tl.zeros([BD, BM], dtype=tl.float32)
+    if HAS_START:
+        state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+    for n in range(num_chunks):
+        t0 = bos + n * BT
+        tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
+                 mask=mask)
+        _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+        x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd)
+        s_to_end = s * tl.exp(g_end[None, :] - cum)
+        state = state * tl.exp(g_end)[None, :] + tl.dot(
+            tl.trans(x.to(DOT_DT)), s_to_end.to(DOT_DT), input_precision=PRECISION)
+        if i_d == 0:
+            tl.store(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, tl.exp(g_end), mask=ms < M)
+    tl.store(states_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
+             state.to(states_ptr.dtype.element_ty), mask=mask)
+    tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+
+
+@triton.jit
+def _walk_dstates(
+    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, scale,
+    H, HQ, K, V, M, KV, GROUP,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The state gradient, walking one sequence's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
+    over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows;
+    dS_n is stored in slot n, the final-state gradient (start) in the last slot."""
+    i_nh = tl.program_id(0)
+    i_d = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT)
+    chunk0 = slot0 - i_n
+    is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
+    if is_key:
+        x_ptr = q_ptr
+        y_ptr = dl_ptr
+    else:
+        x_ptr = do_ptr
+        y_ptr = p_ptr
+    x_scale = tl.where(is_key, scale, 1.0)
+    rows = tl.arange(0, BT)
+    dd = tl.arange(0, BD)
+    ms = tl.arange(0, BM)
+    offs, mask = state_offsets(0, 0, 1, KV, M, row0 + d0, row0 + W, dd, ms)
+    state = tl.zeros([BD, BM], dtype=tl.float32)
+    if HAS_START:
+        state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dstates_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
+             state.to(dstates_ptr.dtype.element_ty), mask=mask)
+    for back in range(num_chunks):
+        n = num_chunks - 1 - back
+        t0 = bos + n * BT
+        local = tl.zeros([BD, BM], dtype=tl.float32)
+        for i_g in range(GROUP):
+            i_hq = i_h * GROUP + i_g
+            x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
+            y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
+            local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
+        decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
+        state = state * decay[None, :] + x_scale * local
+        tl.store(dstates_ptr + ((slot0 + n) * H + i_h) * KV * M + offs,
+                 state.to(dstates_ptr.dtype.element_ty), mask=mask)
+    tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+
+
+@triton.jit
 def _output_fwd(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, o_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
@@ -181,8 +300,11 @@ def _output_fwd(
         q_state += tl.dot(q, hk, input_precision=PRECISION)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     scores = tl.where(causal, scores, 0.0)
+    sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     if fast:
         intra = decay_start * tl.dot(scores.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION)
+    elif sub:
+        intra = rows_sub(scores, s, cum, rows, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         intra = rows_exact(scores, s, cum, rows, cols, BT, BM)
     logits = scale * (decay_start * q_state + intra)
@@ -196,6 +318,8 @@ def _output_fwd(
     if fast:
         probs = tl.dot(p_decayed.to(DOT_DT), tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION)
         probs = tl.where(causal, probs, 0.0)
+    elif sub:
+        probs = pairs_sub(p, s, cum, rows, causal, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         probs = pairs_exact(p, s, cum, rows, cols, BT)
     for i_v in range(tl.cdiv(V, BV)):
@@ -214,7 +338,8 @@ def _intra_bwd(
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
     summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
@@ -253,10 +378,14 @@ def _intra_bwd(
         do_state += tl.dot(do, hv_t, input_precision=PRECISION)
         d_pv += tl.dot(do, tl.trans(v), input_precision=PRECISION)
     d_pv = tl.where(causal, d_pv, 0.0)
+    sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     if fast:
         dp = decay_start * (do_state + tl.dot(d_pv.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION))
         probs = tl.where(causal, tl.dot((p * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)),
                                         input_precision=PRECISION), 0.0)
+    elif sub:
+        dp = decay_start * do_state + rows_sub(d_pv, s, cum, rows, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
+        probs = pairs_sub(p, s, cum, rows, causal, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         dp = decay_start * do_state + rows_exact(d_pv, s, cum, rows, cols, BT, BM)
         probs = pairs_exact(p, s, cum, rows, cols, BT)
@@ -273,6 +402,8 @@ def _intra_bwd(
     if fast:
         d_scores = tl.dot((dlogits * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION)
         d_scores = tl.where(causal, d_scores, 0.0)
+    elif sub:
+        d_scores = pairs_sub(dlogits, s, cum, rows, causal, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         d_scores = pairs_exact(dlogits, s, cum, rows, cols, BT)
     dl_dec = (dlogits * decay_start).to(DOT_DT)
@@ -295,6 +426,8 @@ def _intra_bwd(
         ds = tl.dot(tl.trans(scores.to(DOT_DT)), dl_dec, input_precision=PRECISION)
         ds += tl.dot(tl.trans(d_pv.to(DOT_DT)), (p * decay_start).to(DOT_DT), input_precision=PRECISION)
         ds = ds * tl.exp(-cum)
+    elif sub:
+        ds = key_grad_sub(scores, dlogits, d_pv, p, cum, rows, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         ds = key_grad_exact(scores, dlogits, d_pv, p, cum, rows, cols, BT, BM)
     store_rows(ds_ptr, ds, t0, eos, i_hq, HQ, M, 0, rows, ms)
@@ -411,6 +544,14 @@ def _dot_args(dtype: torch.dtype):
 
 SCAN_BLOCK = 1024
 
+# num_warps / num_stages of each kernel, measured on an H200 (benchmarks/tune_ops.py; NOTES.md has the sweep).
+# Kernels absent here, or with an empty entry, run with Triton's defaults.
+LAUNCH: dict[str, dict[str, int]] = {
+    name: {}
+    for name in ("_walk_states", "_walk_dstates", "_local_states", "_local_dstates", "_scan_slots", "_output_fwd",
+                 "_intra_bwd", "_state_grads_bwd")
+}
+
 
 def _joint(hk: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
     """(Hk [N, H, K, M], Hv [N, H, M, V]) -> the joint state [N, H, K + V, M] in float32."""
@@ -429,8 +570,29 @@ def _scan(slots, decay, start, layout, reverse):
     _scan_slots[grid](
         slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
         H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
+        **LAUNCH["_scan_slots"],
     )
     return end
+
+
+# "walk", "split" or "auto" (see the module docstring); GSA_TRITON_STATE_PASS overrides it, for benchmarks.
+STATE_PASS = os.environ.get("GSA_TRITON_STATE_PASS", "auto")
+# Walking programs (sequences x heads x row blocks of 64) needed before "auto" walks: below it the sequential
+# walk leaves SMs idle and the split form's extra memory traffic is the cheaper cost. H200, 16K tokens, K=V=512:
+# walking won at 512 programs (8 x 2048 tokens: f+b 1.82 vs 2.18 ms) and lost at 128 (2 x 8192: 1.80 vs 1.59);
+# 32-row blocks (twice the programs) never won (benchmarks/tune_ops.py, NOTES.md).
+WALK_MIN_PROGRAMS = int(os.environ.get("GSA_TRITON_WALK_MIN_PROGRAMS", "256"))
+
+
+def walk_block(num_sequences: int, H: int, K: int, V: int) -> int | None:
+    """Row block of the walking state kernels for this shape, or None when the split form runs."""
+    if STATE_PASS not in ("auto", "walk", "split"):
+        raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk or split, got {STATE_PASS!r}")
+    block = min(64, next_power_of_2(max(K, V)))
+    if STATE_PASS != "auto":
+        return block if STATE_PASS == "walk" else None
+    programs = num_sequences * H * (triton.cdiv(K, block) + triton.cdiv(V, block))
+    return block if programs >= WALK_MIN_PROGRAMS else None
 
 
 def _scan_states(k, v, s, g, h0, layout, state_dtype):
@@ -440,14 +602,26 @@ def _scan_states(k, v, s, g, h0, layout, state_dtype):
     BM = next_power_of_2(M)
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=state_dtype)
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
+    start = _joint(*h0) if h0 is not None else None
+    BD = walk_block(layout.num_sequences, H, K, V)
+    if BD is not None:
+        final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
+        _walk_states[(layout.num_sequences * H, triton.cdiv(K, BD) + triton.cdiv(V, BD))](
+            k, v, s, g, states, decay, start if start is not None else final, final, layout.cu_seqlens,
+            layout.slot_base, H, K, V, M, K + V,
+            BT=CHUNK, BD=BD, BM=BM, FLOOR=LOG_GATE_FLOOR, HAS_START=start is not None, **_dot_args(k.dtype),
+            **LAUNCH["_walk_states"],
+        )
+        return states, decay, final
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
         _local_states[(layout.num_chunks, triton.cdiv(width, BD), H)](
             x, s, g, states, decay, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, width, M, K + V, row0,
             BT=CHUNK, BD=BD, BM=BM, FLOOR=LOG_GATE_FLOOR, STORE_DECAY=row0 == 0, **_dot_args(k.dtype),
+            **LAUNCH["_local_states"],
         )
-    final = _scan(states, decay, _joint(*h0) if h0 is not None else None, layout, reverse=False)
+    final = _scan(states, decay, start, layout, reverse=False)
     return states, decay, final
 
 
@@ -472,7 +646,8 @@ class ChunkGSAFunction(torch.autograd.Function):
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, HQ // H,
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
-            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, **_dot_args(q.dtype),
+            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype),
+            **LAUNCH["_output_fwd"],
         )
         ctx.save_for_backward(q, k, v, s, g, hk0, hv0, logits)
         ctx.scale, ctx.layout = scale, layout
@@ -503,37 +678,48 @@ class ChunkGSAFunction(torch.autograd.Function):
             q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, **dot,
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **dot,
+            **LAUNCH["_intra_bwd"],
         )
         if group > 1:
             dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
             dv = dv.view(TT, H, group, V).sum(2).to(v.dtype)
 
         dstates = torch.empty_like(states)
-        for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
-            BD = min(64, next_power_of_2(width))
-            _local_dstates[(layout.num_chunks, triton.cdiv(width, BD), H)](
-                x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, x_scale,
-                H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot,
-            )
         dfinal = None
         if dfinal_k is not None or dfinal_v is not None:
             dfinal = _joint(
                 dfinal_k if dfinal_k is not None else torch.zeros(layout.num_sequences, H, K, M, device=q.device),
                 dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
             )
-        dh0_k, dh0_v = _split(_scan(dstates, decay, dfinal, layout, reverse=True), K)
-        ds = torch.empty(TT, H, M, device=q.device, dtype=torch.float32)
-        dg = torch.empty(TT, H, M, device=q.device, dtype=torch.float32)
+        walk = walk_block(layout.num_sequences, H, K, V)
+        if walk is not None:
+            dh0 = torch.empty(layout.num_sequences, H, K + V, M, device=q.device, dtype=torch.float32)
+            _walk_dstates[(layout.num_sequences * H, triton.cdiv(K, walk) + triton.cdiv(V, walk))](
+                q, do, dl_dec, p_dec, dstates, decay, dfinal if dfinal is not None else dh0, dh0, layout.cu_seqlens,
+                layout.slot_base, scale, H, HQ, K, V, M, K + V, group,
+                BT=CHUNK, BD=walk, BM=BM, HAS_START=dfinal is not None, **dot, **LAUNCH["_walk_dstates"],
+            )
+        else:
+            for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
+                BD = min(64, next_power_of_2(width))
+                _local_dstates[(layout.num_chunks, triton.cdiv(width, BD), H)](
+                    x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
+                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot,
+                    **LAUNCH["_local_dstates"],
+                )
+            dh0 = _scan(dstates, decay, dfinal, layout, reverse=True)
+        dh0_k, dh0_v = _split(dh0, K) if hk0 is not None else (None, None)
+        # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
+        ds = torch.empty(TT, H, M, device=q.device, dtype=s.dtype)
+        dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
         _state_grads_bwd[(layout.num_chunks, H)](
             k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot,
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot, **LAUNCH["_state_grads_bwd"],
         )
-        dhk0 = dh0_k if hk0 is not None else None
-        dhv0 = dh0_v if hv0 is not None else None
-        return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0, None, None, None
+        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None
 
 
 def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):

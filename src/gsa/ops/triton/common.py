@@ -8,8 +8,12 @@ log gates, the intra-chunk work is three contractions with the causal decay D[t,
     key_grad     Z[j, m] = Σ_{t>=j} (R1[t, j] X1[t, m] + R2[t, j] X2[t, m]) D[t, j, m]
 
 Fast form: D = exp(G_t) exp(-G_j), so each is one matrix product. exp(-G_j) <= exp(span of the chunk), so the
-kernels take it only when the span is below SPAN_LIMIT; a chunk with a steeper gate takes the exact loop over j,
-which never forms a factor above 1. Same scheme as the PyTorch path (gsa/ops/chunk.py).
+kernels take it only when the span is below SPAN_LIMIT (same scheme as the PyTorch path, gsa/ops/chunk.py).
+A chunk with a steeper gate splits its rows t into sub-chunks of SUB steps and factors around the gate just
+before each: D = exp(G_t - G_ref) exp(G_ref - G_j), the left factor <= 1 and the right one <= 1 for j before the
+sub-chunk and <= exp(sub-chunk span) inside it: BT / SUB matrix products per contraction, exact whenever every
+sub-chunk's span is below SPAN_LIMIT (gates that learned to forget fast, as in recall tasks, stay on matrix
+units). Only a sub-chunk steeper still takes the exact loop over j, which never forms a factor above 1.
 """
 
 from __future__ import annotations
@@ -60,6 +64,64 @@ def chunk_gates(g_ptr, s_ptr, t0, eos, head, n_heads, slots, rows, ms, FLOOR: tl
 def chunk_span(g_end, ms, slots):
     """The largest total decay exponent -G_C over the slots: the factor exp(-G_j) is at most exp(span)."""
     return tl.max(tl.where(ms < slots, -g_end, 0.0), axis=0)
+
+
+@triton.jit
+def sub_factors(cum, rows, a, SUB: tl.constexpr, LIMIT: tl.constexpr):
+    """Factors of D[t, j] for the rows t of sub-chunk a, around ref = G before the sub-chunk (0 for the first):
+    left = exp(G_t - ref) on its rows (<= 1; 0 on the others), right = exp(ref - G_j) for every j (clamped at
+    exp(LIMIT), reached only after the sub-chunk, where causality zeroes the products)."""
+    a0 = a * SUB
+    ref = tl.sum(tl.where(rows[:, None] == a0 - 1, cum, 0.0), axis=0)
+    inside = (rows >= a0) & (rows < a0 + SUB)
+    left = tl.where(inside[:, None], tl.exp(tl.minimum(cum - ref[None, :], 0.0)), 0.0)
+    right = tl.exp(tl.minimum(ref[None, :] - cum, LIMIT))
+    return left, right
+
+
+@triton.jit
+def sub_span(cum, rows, ms, slots, BT: tl.constexpr, SUB: tl.constexpr):
+    """The largest decay exponent over the slots within any one sub-chunk of SUB steps."""
+    span = tl.max(tl.where(ms < slots, -row(cum, rows, SUB - 1), 0.0), axis=0)
+    for a in tl.static_range(1, BT // SUB):
+        inner = row(cum, rows, a * SUB - 1) - row(cum, rows, a * SUB + SUB - 1)
+        span = tl.maximum(span, tl.max(tl.where(ms < slots, inner, 0.0), axis=0))
+    return span
+
+
+@triton.jit
+def rows_sub(r, s, cum, rows, BT: tl.constexpr, SUB: tl.constexpr, LIMIT: tl.constexpr,
+             DOT_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """rows(r) by sub-chunks (see the module docstring); r is causal (zero above the diagonal)."""
+    out = tl.zeros_like(s)
+    for a in tl.static_range(BT // SUB):
+        left, right = sub_factors(cum, rows, a, SUB, LIMIT)
+        out += left * tl.dot(r.to(DOT_DT), (s * right).to(DOT_DT), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def pairs_sub(x, s, cum, rows, causal, BT: tl.constexpr, SUB: tl.constexpr, LIMIT: tl.constexpr,
+              DOT_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """pairs(x) by sub-chunks; causal is the [BT, BT] mask j <= t."""
+    out = tl.zeros([BT, BT], dtype=tl.float32)
+    for a in tl.static_range(BT // SUB):
+        left, right = sub_factors(cum, rows, a, SUB, LIMIT)
+        out += tl.dot((x * left).to(DOT_DT), tl.trans((s * right).to(DOT_DT)), input_precision=PRECISION)
+    return tl.where(causal, out, 0.0)
+
+
+@triton.jit
+def key_grad_sub(r1, x1, r2, x2, cum, rows, BT: tl.constexpr, SUB: tl.constexpr, LIMIT: tl.constexpr,
+                 DOT_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """key_grad by sub-chunks; r1, r2 are causal."""
+    out = tl.zeros_like(x1)
+    for a in tl.static_range(BT // SUB):
+        left, right = sub_factors(cum, rows, a, SUB, LIMIT)
+        mixed = tl.dot(tl.trans(r1.to(DOT_DT)), (x1 * left).to(DOT_DT), input_precision=PRECISION)
+        mixed += tl.dot(tl.trans(r2.to(DOT_DT)), (x2 * left).to(DOT_DT), input_precision=PRECISION)
+        out += right * mixed
+    return out
 
 
 @triton.jit
