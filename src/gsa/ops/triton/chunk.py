@@ -111,6 +111,16 @@ def _local_dstates(
 
 
 @triton.jit
+def _sequence_span(cu_ptr, slot_base_ptr, i_n, BT: tl.constexpr):
+    """Sequence i_n: its first token, its end, its first state slot, its chunks, and its first chunk's index
+    (chunks of earlier sequences: slots minus one extra slot per sequence)."""
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
+    return bos, eos, slot0, tl.cdiv(eos - bos, BT), slot0 - i_n
+
+
+@triton.jit
 def _scan_slots(
     slots_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
     H, M, SIZE,
@@ -125,11 +135,7 @@ def _scan_slots(
     i_b = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
-    chunk0 = slot0 - i_n  # chunks of earlier sequences: slots minus one extra slot per sequence
+    _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
     e = i_b * BLOCK + tl.arange(0, BLOCK)
     ok = e < SIZE
     m = e % M
@@ -165,6 +171,18 @@ def _joint_block(i_d, K, V, BD: tl.constexpr):
 
 
 @triton.jit
+def _walk_start(start_ptr, i_nh, KV, M, row0, row_limit, dd, ms, BD: tl.constexpr, BM: tl.constexpr,
+                HAS_START: tl.constexpr):
+    """A walking program's rows row0 + dd (below row_limit) within one (slot, head) of the joint state: offsets,
+    mask, and the state it starts from (those rows of start[i_nh] in float32, or zeros)."""
+    offs, mask = state_offsets(0, 0, 1, KV, M, row0, row_limit, dd, ms)
+    state = tl.zeros([BD, BM], dtype=tl.float32)
+    if HAS_START:
+        state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, state
+
+
+@triton.jit
 def _walk_states(
     k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
     H, K, V, M, KV,
@@ -177,11 +195,7 @@ def _walk_states(
     i_d = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
-    chunk0 = slot0 - i_n
+    bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = k_ptr
@@ -190,10 +204,7 @@ def _walk_states(
     rows = tl.arange(0, BT)
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
-    offs, mask = state_offsets(0, 0, 1, KV, M, row0 + d0, row0 + W, dd, ms)  # within one (slot, head)
-    state = tl.zeros([BD, BM], dtype=tl.float32)
-    if HAS_START:
-        state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     for n in range(num_chunks):
         t0 = bos + n * BT
         tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
@@ -224,11 +235,7 @@ def _walk_dstates(
     i_d = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT)
-    chunk0 = slot0 - i_n
+    bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = q_ptr
@@ -240,10 +247,7 @@ def _walk_dstates(
     rows = tl.arange(0, BT)
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
-    offs, mask = state_offsets(0, 0, 1, KV, M, row0 + d0, row0 + W, dd, ms)
-    state = tl.zeros([BD, BM], dtype=tl.float32)
-    if HAS_START:
-        state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     tl.store(dstates_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
              state.to(dstates_ptr.dtype.element_ty), mask=mask)
     for back in range(num_chunks):
