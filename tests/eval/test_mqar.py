@@ -130,6 +130,20 @@ def test_mqar_command_writes_json_and_the_plot(tmp_path, capsys):
     assert sorted(r["model"] for r in written_as_they_finished) == ["attention", "gsa"]
 
 
+def test_gate_damping_reaches_the_gsa_layers_and_the_report(tmp_path):
+    """--gsa-gate-damping sets τ of every GSA layer (alpha = sigmoid(f)^(1/τ)); the default stays the paper's 8."""
+    from gsa.layers.gsa import GatedSlotAttention
+
+    default = build_model("gsa", 16, 64, ModelOptions(gsa_head_dim=8, num_slots=8))
+    damped = build_model("gsa", 16, 64, ModelOptions(gsa_head_dim=8, num_slots=8, gate_damping=32.0))
+    taus = [[m.gate_logit_normalizer for m in model.modules() if isinstance(m, GatedSlotAttention)]
+            for model in (default, damped)]
+    assert taus == [[8.0, 8.0], [32.0, 32.0]]
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--gsa-gate-damping", "32",
+                     "--output-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "mqar.json").read_text())["sweep"]["options"]["gate_damping"] == 32.0
+
+
 def test_profiles_are_valid_and_the_gpu_one_is_the_papers_setting():
     gpu = PROFILES["gpu"]
     assert (gpu.task.seq_len, gpu.task.num_pairs, gpu.widths) == (512, 64, (64, 128, 256, 512))

@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--gsa-head-dim", type=int, help="head width of GSA (and FLA) models: heads = width // this "
                       "(default 64)")
     mqar.add_argument("--no-short-conv", action="store_true", help="GSA without the short causal conv on q/k/v")
+    mqar.add_argument("--gsa-gate-damping", type=float, help="τ of GSA's slot gates, alpha = sigmoid(f)^(1/τ) "
+                      "(default 8, the paper's; larger forgets more slowly at initialisation)")
     mqar.add_argument("--gsa-backend", choices=("auto", "torch", "triton"), help="operator backend of our GSA layers")
     mqar.add_argument("--workers", type=int, default=1, help="processes training runs side by side (GPU: 8)")
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
@@ -186,7 +188,7 @@ def _run_mqar(args) -> int:
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "num_pairs": args.num_pairs,
         "vocab_size": args.vocab_size, "test_examples": args.test_examples, "stop_accuracy": args.stop_accuracy,
         "gsa_head_dim": args.gsa_head_dim, "gsa_backend": args.gsa_backend,
-        "short_conv": False if args.no_short_conv else None,
+        "short_conv": False if args.no_short_conv else None, "gate_damping": args.gsa_gate_damping,
         "time_budget_seconds": args.time_budget,
     }
     if args.models is None and args.profile != "smoke":

@@ -65,7 +65,8 @@ def _our_model(kind: str):
             mixer = {"attn": {"layers": list(range(NUM_LAYERS)), "num_heads": sizes["num_heads"]}}
         else:
             sizes = _sizes(width, vocab_size, options["gsa_head_dim"])
-            mixer = {"num_slots": options["num_slots"], "use_short_conv": options["short_conv"]}
+            mixer = {"num_slots": options["num_slots"], "use_short_conv": options["short_conv"],
+                     "gate_logit_normalizer": options["gate_damping"]}
         model = GSAForCausalLM(GSAConfig(**sizes, **mixer, bos_token_id=None, eos_token_id=None))
         for module in model.modules():
             if isinstance(module, GatedSlotAttention):
@@ -85,7 +86,9 @@ def _fla_model(kind: str):
             "fla-gsa": (fla_models.GSAConfig, fla_models.GSAForCausalLM),
             "fla-gla": (fla_models.GLAConfig, fla_models.GLAForCausalLM),
         }[kind]
-        extra = {"num_slots": options["num_slots"]} if kind == "fla-gsa" else {}
+        extra = {}
+        if kind == "fla-gsa":
+            extra = {"num_slots": options["num_slots"], "gate_logit_normalizer": options["gate_damping"]}
         sizes = _sizes(width, vocab_size, options["gsa_head_dim"])
         return model_class(config_class(**sizes, use_short_conv=options["short_conv"], **extra))
 
@@ -147,6 +150,8 @@ class ModelOptions:
     gsa_head_dim: int = 64
     num_slots: int = 64
     short_conv: bool = True
+    # τ of the slot gates, alpha = sigmoid(f)^(1/τ) (the paper's 8): larger forgets more slowly at initialisation
+    gate_damping: float = 8.0
     attention_head_dim: int = 64
     gsa_backend: str = "auto"
 
