@@ -111,13 +111,15 @@ def _local_dstates(
 
 
 @triton.jit
-def _sequence_span(cu_ptr, slot_base_ptr, i_n, BT: tl.constexpr):
-    """Sequence i_n: its first token, its end, its first state slot, its chunks, and its first chunk's index
-    (chunks of earlier sequences: slots minus one extra slot per sequence)."""
+def _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT: tl.constexpr):
+    """Program i_nh = sequence * H + head of a per-(sequence, head) kernel: the head, the sequence's first token,
+    its end, its first state slot, its chunks, and its first chunk's index (chunks of earlier sequences: slots
+    minus one extra slot per sequence)."""
+    i_n = i_nh // H
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
-    return bos, eos, slot0, tl.cdiv(eos - bos, BT), slot0 - i_n
+    return i_nh % H, bos, eos, slot0, tl.cdiv(eos - bos, BT), slot0 - i_n
 
 
 @triton.jit
@@ -133,9 +135,7 @@ def _scan_slots(
     gradient of the state before chunk n. The last x (final state / initial-state gradient) goes to end, fp32."""
     i_nh = tl.program_id(0)
     i_b = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
+    i_h, _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
     e = i_b * BLOCK + tl.arange(0, BLOCK)
     ok = e < SIZE
     m = e % M
@@ -193,9 +193,7 @@ def _walk_states(
     xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; plus each chunk's decay exp(G_C)."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
+    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = k_ptr
@@ -233,9 +231,7 @@ def _walk_dstates(
     dS_n is stored in slot n, the final-state gradient (start) in the last slot."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_n, BT)
+    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = q_ptr
@@ -304,7 +300,9 @@ def _output_fwd(
         q_state += tl.dot(q, hk, input_precision=PRECISION)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     scores = tl.where(causal, scores, 0.0)
-    sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
+    sub = fast  # only read where fast is False; the sub-chunk spans are computed only for those chunks
+    if not fast:
+        sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     if fast:
         intra = decay_start * tl.dot(scores.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION)
     elif sub:
@@ -382,7 +380,9 @@ def _intra_bwd(
         do_state += tl.dot(do, hv_t, input_precision=PRECISION)
         d_pv += tl.dot(do, tl.trans(v), input_precision=PRECISION)
     d_pv = tl.where(causal, d_pv, 0.0)
-    sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
+    sub = fast  # only read where fast is False; the sub-chunk spans are computed only for those chunks
+    if not fast:
+        sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     if fast:
         dp = decay_start * (do_state + tl.dot(d_pv.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION))
         probs = tl.where(causal, tl.dot((p * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)),
@@ -548,8 +548,8 @@ def _dot_args(dtype: torch.dtype):
 
 SCAN_BLOCK = 1024
 
-# num_warps / num_stages of each kernel, measured on an H200 (benchmarks/tune_ops.py; NOTES.md has the sweep).
-# Kernels absent here, or with an empty entry, run with Triton's defaults.
+# num_warps / num_stages of each kernel, to be set from `benchmarks/tune_ops.py` on an H200 (the sweep has not
+# run yet: every entry is empty, i.e. Triton's defaults).
 LAUNCH: dict[str, dict[str, int]] = {
     name: {}
     for name in ("_walk_states", "_walk_dstates", "_local_states", "_local_dstates", "_scan_slots", "_output_fwd",
