@@ -130,8 +130,8 @@ for what in "$@"; do
             # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
             fla_setup
-            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-16k h32-d64 \
-                --out "$OUT/ops_h200_fla.json"
+            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k h16-d128 h32-d64 paper-8k paper-16k \
+                --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
             keep_autotune ;;
         fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
             fla_setup

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gsa.eval.mqar_sweep as mqar_sweep
-from gsa.eval.mqar import IGNORE_INDEX, MQARTask, mqar_examples
+from gsa.eval.mqar import IGNORE_INDEX, MQARTask, mqar_examples, training_mixture
 from gsa.eval.mqar_sweep import (
     PROFILES, MQARRun, ModelOptions, TrainSettings, build_model, format_table, learning_rates, paper_comparison,
     planned_steps, report_text, run_sweep, summarize, train_and_test, with_overrides,
@@ -72,6 +72,36 @@ def test_seeds_reproduce_examples_and_differ_from_each_other():
 def test_impossible_tasks_are_rejected_with_the_reason(fields, message):
     with pytest.raises(ValueError, match=message):
         MQARTask(**fields)
+
+
+def test_the_training_mixture_halves_length_and_pairs_down_to_one_pair():
+    sizes = [(t.seq_len, t.num_pairs, t.vocab_size) for t in training_mixture(TASK, 4)]
+    assert sizes == [(512, 64, 8192), (256, 32, 8192), (128, 16, 8192), (64, 8, 8192)]
+    assert training_mixture(TASK, 1) == [TASK]
+    small = MQARTask(vocab_size=64, seq_len=32, num_pairs=4)
+    assert [(t.seq_len, t.num_pairs) for t in training_mixture(small, 10)] == [(32, 4), (16, 2), (8, 1)]
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        training_mixture(TASK, 0)
+
+
+def test_training_goes_through_the_mixture_in_turn_with_equal_tokens_per_batch(monkeypatch):
+    """Each step trains on the next size of the mixture, its batch holding as many tokens as the target's; the
+    held-out sets stay the target's."""
+    seen = []
+    real = mqar_sweep._batch_loss
+
+    def spy(model, task, batch_size, stream, device):
+        seen.append((task.seq_len, task.num_pairs, batch_size))
+        return real(model, task, batch_size, stream, device)
+
+    monkeypatch.setattr(mqar_sweep, "_batch_loss", spy)
+    sweep = PROFILES["smoke"]
+    settings = replace(sweep.train, steps=6, eval_every=3, mixture_levels=3)
+    result = train_and_test(MQARRun("gsa", 16, 3e-3, 0), sweep.task, settings, sweep.options, "cpu")
+    mixture = [(32, 4, 4), (16, 2, 8), (8, 1, 16)]
+    assert seen == mixture + mixture * 2  # warm-up: each size once; then six steps in turn
+    assert result["training_sizes"] == [list(size) for size in mixture]
+    assert result["steps"] == 6
 
 
 def test_a_tiny_model_trains_a_few_steps_and_reports_accuracy_in_0_1():
@@ -142,6 +172,14 @@ def test_gate_damping_reaches_the_gsa_layers_and_the_report(tmp_path):
     assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--gsa-gate-damping", "32",
                      "--output-dir", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "mqar.json").read_text())["sweep"]["options"]["gate_damping"] == 32.0
+
+
+def test_mixture_levels_reach_the_runs_and_the_report(tmp_path):
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--mixture-levels", "1",
+                     "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "mqar.json").read_text())
+    assert report["sweep"]["train"]["mixture_levels"] == 1
+    assert [run["training_sizes"] for run in report["runs"]] == [[[32, 4, 4]]]
 
 
 def test_profiles_are_valid_and_the_gpu_one_is_the_papers_setting():

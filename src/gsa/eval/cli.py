@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--seq-len", type=int, help="tokens per example")
     mqar.add_argument("--num-pairs", type=int, help="key-value pairs per example")
     mqar.add_argument("--vocab-size", type=int, help="vocabulary: keys from the lower half, values from the upper")
+    mqar.add_argument("--mixture-levels", type=int, help="train on the target and its copies with seq_len and "
+                      "num_pairs halved, this many sizes in all, in turn (Zoology's mixed sizes; default 4; 1 = the "
+                      "target only)")
     mqar.add_argument("--test-examples", type=int, help="examples in the fixed test set")
     mqar.add_argument("--stop-accuracy", type=float, help="stop a run once validation accuracy reaches this")
     mqar.add_argument("--time-budget", type=float, help="training seconds for the whole sweep, shared out over the "
@@ -186,7 +189,8 @@ def _run_mqar(args) -> int:
         "lrs": tuple(args.lrs) if args.lrs else None,
         "seeds": tuple(args.seeds) if args.seeds else None,
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "num_pairs": args.num_pairs,
-        "vocab_size": args.vocab_size, "test_examples": args.test_examples, "stop_accuracy": args.stop_accuracy,
+        "vocab_size": args.vocab_size, "mixture_levels": args.mixture_levels, "test_examples": args.test_examples,
+        "stop_accuracy": args.stop_accuracy,
         "gsa_head_dim": args.gsa_head_dim, "gsa_backend": args.gsa_backend,
         "short_conv": False if args.no_short_conv else None, "gate_damping": args.gsa_gate_damping,
         "time_budget_seconds": args.time_budget,

@@ -10,11 +10,14 @@ slots; every key is asked exactly once, at the first token of a slot, and the sl
 with probability proportional to (slot index + 1) ** (power_a - 1), a power law that puts most queries early.
 Every other position holds a uniformly random token. Targets are aligned with the inputs (targets[t] is what the
 model must predict after reading inputs[: t + 1]): the queried key's value at each query, -100 everywhere else.
+
+Zoology trains on a mixture of task sizes (few pairs in short sequences up to the hardest) and tests on the target;
+`training_mixture` gives that mixture for any target: the target and its copies with seq_len and num_pairs halved.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -86,6 +89,18 @@ class MQARTask:
         targets = torch.full_like(inputs, IGNORE_INDEX)
         targets.scatter_(1, query_positions, values)
         return inputs, targets
+
+
+def training_mixture(task: MQARTask, levels: int) -> list[MQARTask]:
+    """The target task, then up to `levels - 1` copies with seq_len and num_pairs halved again each time (same
+    vocabulary, same pairs-to-length ratio); stops before num_pairs would drop below one."""
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    tasks = [task]
+    while len(tasks) < levels and tasks[-1].num_pairs >= 2:
+        last = tasks[-1]
+        tasks.append(replace(last, seq_len=last.seq_len // 2, num_pairs=last.num_pairs // 2))
+    return tasks
 
 
 def mqar_examples(

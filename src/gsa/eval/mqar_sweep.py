@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..layers import GatedSlotAttention
 from ..models import GSAConfig, GSAForCausalLM
-from .mqar import IGNORE_INDEX, MQARTask, mqar_examples
+from .mqar import IGNORE_INDEX, MQARTask, mqar_examples, training_mixture
 
 # Fig. 3a of the paper, accuracy (%) at widths 64 / 128 / 256 / 512 (read off the plot; seq 512, 64 pairs).
 PAPER_ACCURACY = {
@@ -129,10 +129,14 @@ class TrainSettings:
     max_train_seconds: float | None = None
     calibration_steps: int = 5
     overrun: float = 1.5
+    # Train on the target and its easier copies (seq_len and num_pairs halved, up to this many sizes in all), one
+    # size per step in turn with the same tokens per batch, as Zoology trains on mixed sizes; 1 = the target only.
+    # Without it, small linear-state models sit on the loss plateau for thousands of steps (docs/evaluation.md).
+    mixture_levels: int = 4
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size",
-                     "calibration_steps"):
+                     "calibration_steps", "mixture_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
@@ -356,19 +360,35 @@ def _optimizer(model: torch.nn.Module, lr: float, settings: TrainSettings, devic
     )
 
 
-def _batch_loss(model, task: MQARTask, settings: TrainSettings, stream, device) -> torch.Tensor:
-    """Cross-entropy at the query positions of a fresh training batch."""
-    inputs, targets = task.sample(settings.batch_size, stream)
+def _batch_loss(model, task: MQARTask, batch_size: int, stream, device) -> torch.Tensor:
+    """Cross-entropy at the query positions of a fresh training batch of `task`."""
+    inputs, targets = task.sample(batch_size, stream)
     with _autocast(device):
         logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
     return F.cross_entropy(logits, wanted)
 
 
-def _train_step(model, optimizer, task: MQARTask, settings: TrainSettings, stream, device, lr: float):
+class _Mixture:
+    """The training batches of a run: the sizes of `training_mixture` in turn, each batch as many tokens as
+    `settings.batch_size` examples of the target."""
+
+    def __init__(self, task: MQARTask, settings: TrainSettings):
+        self.tasks = training_mixture(task, settings.mixture_levels)
+        self.batch_sizes = [settings.batch_size * task.seq_len // t.seq_len for t in self.tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def loss(self, model, step: int, stream, device) -> torch.Tensor:
+        i = step % len(self.tasks)
+        return _batch_loss(model, self.tasks[i], self.batch_sizes[i], stream, device)
+
+
+def _train_step(model, optimizer, mixture: _Mixture, step: int, stream, device, lr: float):
     """One optimizer step on a fresh batch; returns the loss (a device tensor: reading it would sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = _batch_loss(model, task, settings, stream, device)
+    loss = mixture.loss(model, step, stream, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -376,12 +396,13 @@ def _train_step(model, optimizer, task: MQARTask, settings: TrainSettings, strea
     return loss.detach()
 
 
-def _warm_up(model, task: MQARTask, settings: TrainSettings, validation, device: torch.device) -> None:
-    """One forward and backward pass at the training batch size and one evaluation batch: what runs once per
-    process and shape (Triton compilation of the GSA kernels, cuBLAS and allocator set-up) happens here, outside
-    the time budget. Changes no parameter, no optimizer state and no random stream of the run."""
+def _warm_up(model, task: MQARTask, mixture: _Mixture, settings: TrainSettings, validation, device) -> None:
+    """One forward and backward pass per training size and one evaluation batch: what runs once per process and
+    shape (Triton compilation of the GSA kernels, cuBLAS and allocator set-up) happens here, outside the time
+    budget. Changes no parameter, no optimizer state and no random stream of the run."""
     generator = torch.Generator(device=device).manual_seed(WARMUP_SEED)
-    _batch_loss(model, task, settings, generator, device).backward()
+    for i in range(len(mixture)):
+        mixture.loss(model, i, generator, device).backward()
     model.zero_grad(set_to_none=True)
     batch = min(settings.eval_batch_size, len(validation[0]))
     accuracy(model, validation[0][:batch], validation[1][:batch], settings.eval_batch_size, task.num_pairs)
@@ -389,21 +410,23 @@ def _warm_up(model, task: MQARTask, settings: TrainSettings, validation, device:
 
 
 def _time_steps(
-    model, run: "MQARRun", task: MQARTask, settings: TrainSettings, validation, device: torch.device, clock
+    model, run: "MQARRun", task: MQARTask, mixture: _Mixture, settings: TrainSettings, validation, device, clock
 ) -> tuple[float, float]:
-    """(seconds per training step, seconds per validation pass), measured on throwaway steps: the model's
-    parameters are restored afterwards, so the run trains exactly as a step-count run of its planned length."""
+    """(seconds per training step, seconds per validation pass), measured on throwaway steps over whole turns of
+    the mixture: the model's parameters are restored afterwards, so the run trains exactly as a step-count run of
+    its planned length."""
     initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     lr = _learning_rate(0.0, settings, run.lr)  # the schedule's first: the model stays near its start
     optimizer = _optimizer(model, lr, settings, device)
     generator = torch.Generator(device=device).manual_seed(CALIBRATION_SEED)
-    _train_step(model, optimizer, task, settings, generator, device, lr)  # the optimizer's first step: untimed
+    _train_step(model, optimizer, mixture, 0, generator, device, lr)  # the optimizer's first step: untimed
     _synchronize(device)
+    steps = len(mixture) * math.ceil(settings.calibration_steps / len(mixture))
     start = clock()
-    for _ in range(settings.calibration_steps):
-        _train_step(model, optimizer, task, settings, generator, device, lr)
+    for step in range(steps):
+        _train_step(model, optimizer, mixture, step, generator, device, lr)
     _synchronize(device)
-    step_seconds = (clock() - start) / settings.calibration_steps
+    step_seconds = (clock() - start) / steps
     start = clock()
     accuracy(model, *validation, settings.eval_batch_size, task.num_pairs)
     eval_seconds = clock() - start
@@ -416,7 +439,8 @@ def train_and_test(
     run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device: str | torch.device,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
-    """Train one model on `task` and return its test accuracy with how it got there.
+    """Train one model on `task` (on the mixture of its sizes that `settings.mixture_levels` asks for) and return
+    its test accuracy on `task` with how it got there.
 
     Every run first warms up (one forward/backward and one evaluation batch: kernel compilation and allocation
     happen there, before any clock starts, and change nothing the run computes). Without a time budget the run
@@ -431,11 +455,12 @@ def train_and_test(
     torch.manual_seed(run.seed)
     model = build_model(run.model, run.width, task.vocab_size, options).to(device).train()
     validation = mqar_examples(task, settings.validation_examples, VALIDATION_SEED, device)
+    mixture = _Mixture(task, settings)
     warm_start = clock()
-    _warm_up(model, task, settings, validation, device)
+    _warm_up(model, task, mixture, settings, validation, device)
     step_seconds = eval_seconds = None
     if settings.max_train_seconds is not None:
-        step_seconds, eval_seconds = _time_steps(model, run, task, settings, validation, device, clock)
+        step_seconds, eval_seconds = _time_steps(model, run, task, mixture, settings, validation, device, clock)
     plan = first_plan = planned_steps(settings, step_seconds, eval_seconds or 0.0)
     warmup_seconds = clock() - warm_start
     optimizer = _optimizer(model, run.lr, settings, device)
@@ -448,7 +473,7 @@ def train_and_test(
     started = clock()
     while step < plan:
         lr = _learning_rate(step / plan, settings, run.lr)
-        loss = _train_step(model, optimizer, task, settings, stream, device, lr)
+        loss = _train_step(model, optimizer, mixture, step, stream, device, lr)
         step += 1
         overrun = False
         if budget is not None:
@@ -495,6 +520,7 @@ def train_and_test(
         "replans": replans,
         "max_train_seconds": settings.max_train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "training_sizes": [[t.seq_len, t.num_pairs, b] for t, b in zip(mixture.tasks, mixture.batch_sizes)],
         "history": history,
     }
 

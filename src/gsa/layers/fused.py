@@ -199,10 +199,14 @@ class _RMSNormLinear(torch.autograd.Function):
                 if ctx.bias_dtypes[i] is not None and ctx.needs_input_grad[5 + count + i]:
                     d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
                 if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                    part = grad @ _cast(w, ctx.mm_dtype)
-                    dy = part.to(acc) if dy is None else dy.add_(part)  # sums in float32
+                    # the projections' input gradients summed in the products' epilogue (beta = 1), as autograd
+                    # would sum them in their dtype: a separate float32 copy and add per projection cost ~8 % of
+                    # the 1.3B model's step on the H200 (benchmarks/NOTES.md)
+                    w = _cast(w, ctx.mm_dtype)
+                    dy = grad_rows @ w if dy is None else torch.addmm(dy, grad_rows, w)
         if dy is None:
             return (None, None, None, None, None, *d_weights, *d_biases)
+        dy = dy.view(x.shape)
         if ctx.triton:
             from .fused_triton import rms_norm_rows_bwd
 
@@ -211,6 +215,7 @@ class _RMSNormLinear(torch.autograd.Function):
                 d_norm_weight = d_norm_weight.to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
             return (dx if ctx.needs_input_grad[0] else None, d_norm_weight, None, None, None, *d_weights, *d_biases)
         d_norm_weight = None
+        dy = dy.to(acc)
         if norm_weight is not None:
             if ctx.needs_input_grad[1]:
                 d_norm_weight = _rows(dy * xhat).sum(0).to(norm_weight.dtype)

@@ -139,7 +139,7 @@ def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
 
 def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
     """(dx in x's dtype, dw float32 or None) for y = RMSNorm(silu(x) or x) * w and the gradient dy of y (any
-    floating dtype; the layers pass float32 sums of the projections' input gradients)."""
+    floating dtype; loaded as float32)."""
     shape, D = x.shape, x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     N = x2.shape[0]

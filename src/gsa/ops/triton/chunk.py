@@ -548,12 +548,18 @@ def _dot_args(dtype: torch.dtype):
 
 SCAN_BLOCK = 1024
 
-# num_warps / num_stages of each kernel, to be set from `benchmarks/tune_ops.py` on an H200 (the sweep has not
-# run yet: every entry is empty, i.e. Triton's defaults).
+# num_warps / num_stages of each kernel: `benchmarks/tune_ops.py` on an H200 (Triton 3.6, paper-2k, walking state
+# pass; results/tune_launch_h200.json): 1.568 -> 1.404 ms forward+backward. The kernels it does not sweep (the
+# split state pass's) keep Triton's defaults.
 LAUNCH: dict[str, dict[str, int]] = {
-    name: {}
-    for name in ("_walk_states", "_walk_dstates", "_local_states", "_local_dstates", "_scan_slots", "_output_fwd",
-                 "_intra_bwd", "_state_grads_bwd")
+    "_walk_states": {"num_warps": 4, "num_stages": 3},
+    "_walk_dstates": {"num_warps": 8, "num_stages": 3},
+    "_output_fwd": {"num_warps": 4, "num_stages": 3},
+    "_intra_bwd": {"num_warps": 8, "num_stages": 3},
+    "_state_grads_bwd": {"num_warps": 4, "num_stages": 2},
+    "_local_states": {},
+    "_local_dstates": {},
+    "_scan_slots": {},
 }
 
 
