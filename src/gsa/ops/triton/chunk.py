@@ -5,10 +5,11 @@ of length T). Chunks of BT steps never straddle sequences. The joint slot state 
 halves decay along the slots) is kept per chunk boundary in `states` [slots, H, K + V, M]; sequence i owns slots
 slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chunk n (the last one: its final state).
 
-States come one of two ways, chosen by shape (`state_pass`):
-- "walk": `_walk_states`, one program per (sequence, head, block of state rows) walks the sequence's chunks,
-  adding each chunk's contribution to a state held in registers and storing it at every boundary. No
-  intermediate tensor; needs sequences x heads x row blocks to fill the GPU (many short sequences).
+States: `_gate_factors` forms each chunk's gate factors once (chunk-parallel: s * exp(G_C - G) and the decay
+exp(G_C)), then the states come one of two ways, chosen by shape (`walk_block`):
+- "walk": `_walk_states`, one program per (sequence, head, block of state rows), walks the sequence's chunks,
+  adding each chunk's contribution to a state held in registers and storing it at every boundary. Needs
+  sequences x heads x row blocks to fill the GPU (many short sequences).
 - "split": `_local_states` computes every chunk's contribution in parallel, then `_scan_slots` runs the
   recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise (many programs, memory-bound; few long sequences).
 Forward: the states, then `_output_fwd`, every chunk in parallel: logits over K blocks, softmax over slots, output
@@ -51,14 +52,12 @@ SUB_CHUNK = 16  # rows of a sub-chunk in the steep-gate form (see common.py)
 
 @triton.jit
 def _local_states(
-    x_ptr, s_ptr, g_ptr, states_ptr, decay_ptr,
-    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
+    x_ptr, factors_ptr, states_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, W, M, KV, row0,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr, STORE_DECAY: tl.constexpr,
-    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """What chunk c adds to rows row0 + [d0, d0 + BD) of S: xᵀ (s * exp(G_C - G)), written to the slot after the
-    chunk (the scan turns it into the state there); and the chunk's decay exp(G_C) [chunks, H, M]."""
+    """What chunk c adds to rows row0 + [d0, d0 + BD) of S: xᵀ (s * exp(G_C - G)) (the factor from
+    `_gate_factors`), written to the slot after the chunk (the scan turns it into the state there)."""
     i_c = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -70,15 +69,11 @@ def _local_states(
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
     d0 = i_d * BD
-    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
-    s_to_end = s * tl.exp(g_end[None, :] - cum)
-    x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd)
-    local = tl.dot(tl.trans(x.to(DOT_DT)), s_to_end.to(DOT_DT), input_precision=PRECISION)
+    x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
+    factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
+    local = tl.dot(tl.trans(x), factors, input_precision=PRECISION)
     offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
     tl.store(states_ptr + offs, local.to(states_ptr.dtype.element_ty), mask=mask)
-    if STORE_DECAY:
-        if i_d == 0:
-            tl.store(decay_ptr + (i_c * H + i_h) * M + ms, tl.exp(g_end), mask=ms < M)
 
 
 @triton.jit
@@ -183,14 +178,35 @@ def _walk_start(start_ptr, i_nh, KV, M, row0, row_limit, dd, ms, BD: tl.constexp
 
 
 @triton.jit
+def _gate_factors(
+    s_ptr, g_ptr, factors_ptr, decay_ptr, chunk_seq_ptr, chunk_start_ptr, cu_ptr,
+    H, M,
+    BT: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
+):
+    """What the walking state pass needs of chunk c's gates, formed once per chunk and head instead of once per
+    row block of the state: s * exp(G_C - G) [rows, M], in the state products' operand dtype, and exp(G_C)."""
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(chunk_seq_ptr + i_c)
+    t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    ms = tl.arange(0, BM)
+    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    store_rows(factors_ptr, s * tl.exp(g_end[None, :] - cum), t0, eos, i_h, H, M, 0, rows, ms)
+    tl.store(decay_ptr + (i_c.to(tl.int64) * H + i_h) * M + ms, tl.exp(g_end), mask=ms < M)
+
+
+@triton.jit
 def _walk_states(
-    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
+    k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
     H, K, V, M, KV,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr, HAS_START: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
     DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """States of one sequence and head, rows of one block, at every chunk boundary: S_n+1 = S_n exp(G_C) +
-    xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; plus each chunk's decay exp(G_C)."""
+    xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors come from
+    `_gate_factors`."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
@@ -207,13 +223,10 @@ def _walk_states(
         t0 = bos + n * BT
         tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
                  mask=mask)
-        _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
-        x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd)
-        s_to_end = s * tl.exp(g_end[None, :] - cum)
-        state = state * tl.exp(g_end)[None, :] + tl.dot(
-            tl.trans(x.to(DOT_DT)), s_to_end.to(DOT_DT), input_precision=PRECISION)
-        if i_d == 0:
-            tl.store(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, tl.exp(g_end), mask=ms < M)
+        x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
+        factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
+        decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
+        state = state * decay[None, :] + tl.dot(tl.trans(x), factors, input_precision=PRECISION)
     tl.store(states_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
              state.to(states_ptr.dtype.element_ty), mask=mask)
     tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
@@ -553,6 +566,7 @@ SCAN_BLOCK = 1024
 # split state pass's) keep Triton's defaults.
 LAUNCH: dict[str, dict[str, int]] = {
     "_walk_states": {"num_warps": 4, "num_stages": 3},
+    "_gate_factors": {},
     "_walk_dstates": {"num_warps": 8, "num_stages": 3},
     "_output_fwd": {"num_warps": 4, "num_stages": 3},
     "_intra_bwd": {"num_warps": 8, "num_stages": 3},
@@ -613,23 +627,27 @@ def _scan_states(k, v, s, g, h0, layout, state_dtype):
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=state_dtype)
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
     start = _joint(*h0) if h0 is not None else None
+    # the gate factors of every chunk, once: an operand of the state products only, so at their precision
+    factors = torch.empty(s.shape, device=k.device, dtype=_state_dtype(k.dtype))
+    _gate_factors[(layout.num_chunks, H)](
+        s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
+        BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR, **LAUNCH["_gate_factors"],
+    )
+    dot = _dot_args(k.dtype)
     BD = walk_block(layout.num_sequences, H, K, V)
     if BD is not None:
         final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
         _walk_states[(layout.num_sequences * H, triton.cdiv(K, BD) + triton.cdiv(V, BD))](
-            k, v, s, g, states, decay, start if start is not None else final, final, layout.cu_seqlens,
+            k, v, factors, decay, states, start if start is not None else final, final, layout.cu_seqlens,
             layout.slot_base, H, K, V, M, K + V,
-            BT=CHUNK, BD=BD, BM=BM, FLOOR=LOG_GATE_FLOOR, HAS_START=start is not None, **_dot_args(k.dtype),
-            **LAUNCH["_walk_states"],
+            BT=CHUNK, BD=BD, BM=BM, HAS_START=start is not None, **dot, **LAUNCH["_walk_states"],
         )
         return states, decay, final
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
         _local_states[(layout.num_chunks, triton.cdiv(width, BD), H)](
-            x, s, g, states, decay, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-            H, width, M, K + V, row0,
-            BT=CHUNK, BD=BD, BM=BM, FLOOR=LOG_GATE_FLOOR, STORE_DECAY=row0 == 0, **_dot_args(k.dtype),
-            **LAUNCH["_local_states"],
+            x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
+            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot, **LAUNCH["_local_states"],
         )
     final = _scan(states, decay, start, layout, reverse=False)
     return states, decay, final
