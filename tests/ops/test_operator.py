@@ -207,6 +207,22 @@ def test_span_limit_switches_form():
     assert choose_chunking(torch.full_like(g, -10.0), None)[1] is False
 
 
+def test_short_sequences_take_a_chunk_no_longer_than_themselves():
+    """A chunk beyond the longest sequence would be mostly padding: 8 steps take 16-step chunks, 40 take 32."""
+    from gsa.ops.chunk import choose_chunking
+
+    for T, size in ((8, 16), (16, 16), (40, 32), (64, 64), (100, 64)):
+        g = gsa_inputs(2, T, 1, 1, 4, 4, 4, dtype=torch.float32, seed=15)[4]
+        assert choose_chunking(g, None) == (size, True), T
+    tensors = gsa_inputs(3, 8, 2, 2, 4, 4, 4, seed=16)
+
+    def run(backend):
+        return lambda *a: gated_slot_attention(*a, None, None, True, backend=backend)
+
+    got, want = outputs_and_grads(run("torch"), tensors), outputs_and_grads(run("reference"), tensors)
+    assert_close_all(got, want, 1e-10, context="8-step sequences")
+
+
 def test_long_sequence_with_gates_near_one():
     """alpha -> 1 over 64K steps: states grow without bound for s > 0, but nothing overflows or drifts."""
     T = 65536

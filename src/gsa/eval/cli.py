@@ -176,6 +176,7 @@ def _run_mqar(args) -> int:
     from dataclasses import asdict
 
     from .loading import resolve_device
+    from .mqar import training_mixture
     from .mqar_sweep import (
         PAPER_ACCURACY, PROFILES, default_models, is_paper_setting, plot_accuracy_by_width, report_text, run_sweep,
         summarize, with_overrides,
@@ -201,11 +202,13 @@ def _run_mqar(args) -> int:
     device = resolve_device(args.device)
     runs = sweep.runs()
     cap = sweep.train_settings(args.workers).max_train_seconds
+    sizes = ", ".join(f"{t.seq_len}/{t.num_pairs}" for t in training_mixture(sweep.task, sweep.train.mixture_levels))
     print(
         f"MQAR: seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs, vocab {sweep.task.vocab_size}; "
         f"{len(runs)} runs (models {', '.join(sweep.models)}; widths {list(sweep.widths)}; lrs {list(sweep.lrs)}; "
         f"seeds {list(sweep.seeds)}); <= {sweep.train.steps} steps of {sweep.train.batch_size}"
-        + (f" or {cap:.0f} s" if cap else "") + f" per run; {device}, {args.workers} worker(s)",
+        + (f" or {cap:.0f} s" if cap else "") + f" per run, trained on seq/pairs {sizes} in turn; {device}, "
+        f"{args.workers} worker(s)",
         flush=True,
     )
     started = time.perf_counter()

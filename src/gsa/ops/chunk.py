@@ -192,12 +192,16 @@ def choose_chunking(g: torch.Tensor, packing) -> tuple[int, bool]:
     """(chunk size, factored?): the largest chunk of FACTORED_CHUNK_SIZES whose every gate span is small enough.
 
     Spans are sums of clamped log gates over aligned chunks; larger chunks' sums are sums of the smallest ones.
+    A chunk longer than the longest sequence is not taken: it would be mostly padding (sequences of 8 steps
+    padded to 64 cost 8x their work).
     """
     smallest = FACTORED_CHUNK_SIZES[-1]
     block_sums = _to_chunks(g.detach().clamp(min=LOG_GATE_FLOOR), smallest, packing).sum(-2)  # [N, H, NB, M]
     for size in FACTORED_CHUNK_SIZES:
         per_chunk = size // smallest
         nb = block_sums.shape[2]
+        if per_chunk > nb:
+            continue
         padded = torch.nn.functional.pad(block_sums, [0, 0, 0, -nb % per_chunk])
         spans = padded.view(*padded.shape[:2], -1, per_chunk, padded.shape[-1]).sum(-2)
         if bool(spans.min() >= -FACTORED_SPAN_LIMIT):
