@@ -24,7 +24,7 @@ from gsa.ops import gated_slot_attention
 from gsa.ops.triton import chunk as kernels
 
 CONFIGS = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]  # (num_warps, num_stages)
-SWEPT = ("_walk_states", "_walk_dstates", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
+SWEPT = ("_gate_factors", "_walk_states", "_walk_dstates", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
 GRAD_NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
 
 

@@ -102,6 +102,9 @@ def test_training_goes_through_the_mixture_in_turn_with_equal_tokens_per_batch(m
     assert seen == mixture + mixture * 2  # warm-up: each size once; then six steps in turn
     assert result["training_sizes"] == [list(size) for size in mixture]
     assert result["steps"] == 6
+    # the logged loss is the target size's, next to every size's
+    assert [len(h["size_losses"]) for h in result["history"]] == [3, 3]
+    assert all(h["loss"] == h["size_losses"][0] for h in result["history"])
 
 
 def test_a_tiny_model_trains_a_few_steps_and_reports_accuracy_in_0_1():

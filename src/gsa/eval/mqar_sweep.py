@@ -470,10 +470,11 @@ def train_and_test(
     stopped = "planned steps"
     step = 0
     next_check = None if budget is None else budget / REPLAN_CHECKS
+    latest = [None] * len(mixture)  # the last step's loss on each training size (device tensors)
     started = clock()
     while step < plan:
         lr = _learning_rate(step / plan, settings, run.lr)
-        loss = _train_step(model, optimizer, mixture, step, stream, device, lr)
+        latest[step % len(mixture)] = _train_step(model, optimizer, mixture, step, stream, device, lr)
         step += 1
         overrun = False
         if budget is not None:
@@ -488,8 +489,11 @@ def train_and_test(
                     replans.append({"step": step, "seconds": round(elapsed, 2), "planned_steps": plan})
         if step % settings.eval_every == 0 or step >= plan or overrun:
             val = accuracy(model, *validation, settings.eval_batch_size, task.num_pairs)
-            history.append({"step": step, "lr": lr, "loss": loss.item(), "validation_accuracy": val})
-            if not math.isfinite(history[-1]["loss"]):
+            losses = [loss.item() for loss in latest if loss is not None]
+            # "loss": the target size's last training loss; "size_losses": every size's, target first
+            history.append({"step": step, "lr": lr, "loss": losses[0], "size_losses": losses,
+                            "validation_accuracy": val})
+            if not all(math.isfinite(loss) for loss in losses):
                 stopped = "non-finite loss"
             elif val >= settings.stop_accuracy:
                 stopped = "stop accuracy"

@@ -190,6 +190,7 @@ class _RMSNormLinear(torch.autograd.Function):
                 y = _cast(_scale(xhat, norm_weight, x.dtype), ctx.mm_dtype)
             y_rows = _rows(y)
             dy = None
+            sum_in_products = ctx.mm_dtype in (None, x.dtype)
             for i, (grad, w) in enumerate(zip(grads, weights)):
                 if grad is None:
                     continue
@@ -199,11 +200,15 @@ class _RMSNormLinear(torch.autograd.Function):
                 if ctx.bias_dtypes[i] is not None and ctx.needs_input_grad[5 + count + i]:
                     d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
                 if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                    # the projections' input gradients summed in the products' epilogue (beta = 1), as autograd
-                    # would sum them in their dtype: a separate float32 copy and add per projection cost ~8 % of
-                    # the 1.3B model's step on the H200 (benchmarks/NOTES.md)
                     w = _cast(w, ctx.mm_dtype)
-                    dy = grad_rows @ w if dy is None else torch.addmm(dy, grad_rows, w)
+                    if sum_in_products:
+                        # summed in the products' epilogue (beta = 1), in x's dtype as autograd sums them: a
+                        # float32 copy and add per projection cost ~8 % of the bf16 1.3B model's step
+                        dy = grad_rows @ w if dy is None else dy.addmm_(grad_rows, w)
+                    else:
+                        # autocast: autograd sums the casts' float32 gradients, so float32 here too
+                        part = grad_rows @ w
+                        dy = part.to(acc) if dy is None else dy.add_(part)
         if dy is None:
             return (None, None, None, None, None, *d_weights, *d_biases)
         dy = dy.view(x.shape)

@@ -192,8 +192,8 @@ def choose_chunking(g: torch.Tensor, packing) -> tuple[int, bool]:
     """(chunk size, factored?): the largest chunk of FACTORED_CHUNK_SIZES whose every gate span is small enough.
 
     Spans are sums of clamped log gates over aligned chunks; larger chunks' sums are sums of the smallest ones.
-    A chunk longer than the longest sequence is not taken: it would be mostly padding (sequences of 8 steps
-    padded to 64 cost 8x their work).
+    A chunk longer than the longest sequence rounded up to the smallest size is not taken: it would be mostly
+    padding (sequences of 8 steps padded to 64 cost 8x their work).
     """
     smallest = FACTORED_CHUNK_SIZES[-1]
     block_sums = _to_chunks(g.detach().clamp(min=LOG_GATE_FLOOR), smallest, packing).sum(-2)  # [N, H, NB, M]

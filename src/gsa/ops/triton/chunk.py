@@ -183,8 +183,8 @@ def _gate_factors(
     H, M,
     BT: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
 ):
-    """What the walking state pass needs of chunk c's gates, formed once per chunk and head instead of once per
-    row block of the state: s * exp(G_C - G) [rows, M], in the state products' operand dtype, and exp(G_C)."""
+    """What both state passes need of chunk c's gates, formed once per chunk and head instead of once per row
+    block of the state: s * exp(G_C - G) [rows, M], in the state products' operand dtype, and exp(G_C)."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_n = tl.load(chunk_seq_ptr + i_c)
@@ -562,8 +562,8 @@ def _dot_args(dtype: torch.dtype):
 SCAN_BLOCK = 1024
 
 # num_warps / num_stages of each kernel: `benchmarks/tune_ops.py` on an H200 (Triton 3.6, paper-2k, walking state
-# pass; results/tune_launch_h200.json): 1.568 -> 1.404 ms forward+backward. The kernels it does not sweep (the
-# split state pass's) keep Triton's defaults.
+# pass; results/tune_launch_h200.json): 1.568 -> 1.404 ms forward+backward. Swept before `_gate_factors` took the
+# gate work out of `_walk_states` (to sweep again); the split pass's kernels keep Triton's defaults.
 LAUNCH: dict[str, dict[str, int]] = {
     "_walk_states": {"num_warps": 4, "num_stages": 3},
     "_gate_factors": {},
@@ -627,7 +627,8 @@ def _scan_states(k, v, s, g, h0, layout, state_dtype):
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=state_dtype)
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
     start = _joint(*h0) if h0 is not None else None
-    # the gate factors of every chunk, once: an operand of the state products only, so at their precision
+    # the gate factors of every chunk, once: an operand of the state products only, so in their operand dtype
+    # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
     factors = torch.empty(s.shape, device=k.device, dtype=_state_dtype(k.dtype))
     _gate_factors[(layout.num_chunks, H)](
         s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
