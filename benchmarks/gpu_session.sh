@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
+#   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
@@ -93,6 +94,10 @@ for what in "$@"; do
             stage mqar-gsa 370 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 --seeds 0 --time-budget 240 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar-gsa" ;;
+        mqar-long)  # issue 7: GSA at the widths still on the plateau after 240 s (mixture), 3 runs side by side, 480 s each
+            stage mqar-long 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 512 \
+                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
+                --workers 3 --device cuda --output-dir "$OUT/mqar-long" ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
@@ -141,6 +146,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-model decode train activation mqar mqar-gsa harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
