@@ -619,17 +619,19 @@ def walk_block(num_sequences: int, H: int, K: int, V: int) -> int | None:
     return block if programs >= WALK_MIN_PROGRAMS else None
 
 
-def _scan_states(k, v, s, g, h0, layout, state_dtype):
-    """Joint states at every chunk boundary, the chunk decays, and the final states (float32, joint)."""
+def _scan_states(k, v, s, g, h0, layout):
+    """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays, and the final states (float32,
+    joint)."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
-    states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=state_dtype)
+    # states and gate factors are operands of matrix products only: both in the products' operand dtype
+    # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
+    operand_dtype = _state_dtype(k.dtype)
+    states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=operand_dtype)
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
     start = _joint(*h0) if h0 is not None else None
-    # the gate factors of every chunk, once: an operand of the state products only, so in their operand dtype
-    # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
-    factors = torch.empty(s.shape, device=k.device, dtype=_state_dtype(k.dtype))
+    factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, formed once
     _gate_factors[(layout.num_chunks, H)](
         s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
         BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR, **LAUNCH["_gate_factors"],
@@ -665,7 +667,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         h0 = (hk0, hv0) if hk0 is not None else None
-        states, _, final = _scan_states(k, v, s, g, h0, layout, _state_dtype(q.dtype))
+        states, _, final = _scan_states(k, v, s, g, h0, layout)
         final_k, final_v = _split(final, K) if output_final_state else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
@@ -692,7 +694,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         group = HQ // H
         do = do.contiguous()
         h0 = (hk0, hv0) if hk0 is not None else None
-        states, decay, _ = _scan_states(k, v, s, g, h0, layout, _state_dtype(q.dtype))
+        states, decay, _ = _scan_states(k, v, s, g, h0, layout)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
