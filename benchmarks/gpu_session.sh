@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
+#   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
@@ -50,9 +51,8 @@ fla_setup() {  # flash-linear-attention from the carried wheels; Triton's autotu
     export TRITON_CACHE_DIR="$PWD/.cache/triton" FLA_CACHE_RESULTS=1
 }
 
-keep_autotune() {  # bring FLA's (and our) autotune results back under $OUT/triton-autotune
-    mkdir -p "$OUT/triton-autotune"
-    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -exec cp --parents {} "$OUT/triton-autotune/" \;)
+keep_autotune() {  # bring FLA's (and our) autotune results back as one archive (unpack it into .cache/triton)
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-autotune.tar.gz" --null -T -)
 }
 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -135,9 +135,17 @@ for what in "$@"; do
             # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
             fla_setup
-            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k h16-d128 h32-d64 paper-8k paper-16k \
+            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k h16-d128 h32-d64 \
                 --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
             keep_autotune ;;
+        segment)  # issue 3: segmented state walk at the long shapes, same run as FLA (carry .whl, .cache/triton)
+            fla_setup
+            stage fla-ops-long 170 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
+                --out "$OUT/ops_h200_fla.json"
+            stage tune-segment 90 python3 benchmarks/tune_ops.py --skip-tune --passes split segment \
+                --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
+            stage tests-segment 70 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
+                -k "segment_lengths or gpu_long" ;;
         fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
             fla_setup
             stage fla-train 300 python3 benchmarks/bench_train.py --models ours --with-fla --contexts 2048 8192 \
@@ -146,6 +154,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla segment fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

@@ -1,7 +1,7 @@
 """Time the GSA operator's kernel variants on one GPU and print what to choose.
 
-1. The two state passes (gsa/ops/triton/chunk.py): "split" and "walk" at 64 and 32 state rows a program, at every
-   shape of bench_ops.py: forward, forward+backward, and the largest relative error against the float32 PyTorch
+1. The state passes (gsa/ops/triton/chunk.py): "split", "walk" (whole sequences) at 64 and 32 state rows a
+   program, "segment" (segments of the sequences walked, then joined) and "auto", at every shape of bench_ops.py: forward, forward+backward, and the largest relative error against the float32 PyTorch
    path (outputs, final states, all gradients).
 2. num_warps / num_stages of each kernel at one shape, one kernel at a time (the others at their best so far):
    the measured table that `LAUNCH` in chunk.py is set from.
@@ -29,23 +29,23 @@ GRAD_NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
 
 
 def state_pass(name: str):
-    """Set the operator's state pass: 'split', 'walk64', 'walk32' or 'auto'."""
-    kernels.walk_block = ORIGINAL_WALK_BLOCK
+    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'."""
+    kernels.state_plan = ORIGINAL_STATE_PLAN
     if name.startswith("walk"):
         rows = int(name[4:])
         kernels.STATE_PASS = "walk"
-        kernels.walk_block = lambda n, H, K, V: min(rows, kernels.next_power_of_2(max(K, V)))
+        kernels.state_plan = lambda layout, H, K, V: (min(rows, kernels.next_power_of_2(max(K, V))), None)
     else:
         kernels.STATE_PASS = name
 
 
-ORIGINAL_WALK_BLOCK = kernels.walk_block
+ORIGINAL_STATE_PLAN = kernels.state_plan
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--passes", nargs="+", default=["split", "walk64", "auto"])
+    parser.add_argument("--passes", nargs="+", default=["split", "walk64", "segment", "auto"])
     parser.add_argument("--tune-shape", default="paper-2k", choices=list(SHAPES))
     parser.add_argument("--tune-pass", default="walk64")
     parser.add_argument("--skip-tune", action="store_true")

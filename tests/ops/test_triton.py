@@ -22,10 +22,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(params=["walk", "split"])
+@pytest.fixture(params=["walk", "segment", "split"])
 def state_pass(request, monkeypatch):
-    """Both ways of computing the chunk states (and their gradients), whatever the shape would pick."""
+    """Every way of computing the chunk states (and their gradients), whatever the shape would pick; segments of
+    two chunks, so that the small shapes' sequences are cut (with a shorter last segment where the count is odd)."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", request.param)
+    monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", 2)
     return request.param
 
 
@@ -115,22 +117,65 @@ def test_varlen_matches_reference(state_pass):
     assert_close_all([t.cpu() for t in got], want, 2e-5)
 
 
+def uniform(B, T):
+    return chunk_kernels._uniform_layout(B, T, torch.device("cpu"))
+
+
 def test_state_pass_rule(monkeypatch):
-    """Auto walks when sequences x heads x row blocks fill the GPU and splits otherwise; a misspelled override is
-    refused by name."""
+    """Auto walks whole sequences when sequences x heads x row blocks fill the GPU, and segments of them cut to
+    give about SEGMENT_PROGRAMS programs otherwise (whole sequences again when a segment would hold them); a
+    misspelled override is refused by name."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "auto")
     monkeypatch.setattr(chunk_kernels, "WALK_MIN_PROGRAMS", 256)
-    assert chunk_kernels.walk_block(8, 4, 512, 512) == 64  # 8 x 4 x 16 = 512 programs
-    assert chunk_kernels.walk_block(2, 4, 512, 512) is None  # 128 programs
-    assert chunk_kernels.walk_block(64, 2, 5, 7) == 16  # narrow heads: the block follows the width
-    assert chunk_kernels.walk_block(63, 2, 5, 7) is None  # 252 programs
+    monkeypatch.setattr(chunk_kernels, "SEGMENT_PROGRAMS", 512)
+    plan = chunk_kernels.state_plan
+    assert plan(uniform(8, 2048), 4, 512, 512) == (64, None)  # 8 x 4 x 16 = 512 programs
+    assert plan(uniform(2, 8192), 4, 512, 512) == (64, 32)  # 128 programs: 4 segments of 32 chunks a sequence
+    assert plan(uniform(1, 16384), 4, 512, 512) == (64, 32)  # 64 programs: 8 segments
+    assert plan(uniform(1, 1024), 4, 512, 512) == (64, 8)  # 16 chunks: segments of at least 8
+    assert plan(uniform(1, 512), 4, 512, 512) == (64, None)  # 8 chunks: one segment would be the whole walk
+    assert plan(uniform(64, 64), 2, 5, 7) == (16, None)  # narrow heads: the block follows the width
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walk")
-    assert chunk_kernels.walk_block(1, 1, 512, 512) == 64
+    assert plan(uniform(1, 16384), 4, 512, 512) == (64, None)
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
+    assert plan(uniform(8, 2048), 4, 512, 512) == (64, None)  # 512 programs already: a segment is a sequence
+    monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", 3)
+    assert plan(uniform(8, 2048), 4, 512, 512) == (64, 3)
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "split")
-    assert chunk_kernels.walk_block(64, 32, 512, 512) is None
+    assert plan(uniform(1, 16384), 32, 512, 512) is None
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walking")
-    with pytest.raises(ValueError, match="auto, walk or split"):
-        chunk_kernels.walk_block(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="auto, walk, segment or split"):
+        plan(uniform(1, 64), 1, 8, 8)
+
+
+def test_segments_cover_each_sequence_in_order():
+    """Segment bounds of a ragged batch: whole chunks, none across sequences, a short last one, empty sequences
+    without segments; slots and chunks indexed as the sequence layout's."""
+    layout = chunk_kernels.ChunkLayout(torch.tensor([0, 130, 130, 200, 456]), 456, None)
+    spans = layout.segments(2)
+    # sequence chunks: 3, 0, 2, 4 -> segments [2, 1], [], [2], [2, 2]
+    assert spans.cu_seqlens.tolist() == [0, 128, 130, 200, 328, 456]
+    assert spans.first.tolist() == [0, 2, 2, 3, 5]
+    assert spans.slot_base.tolist() == [0, 2, 5, 8, 10]  # each sequence owns chunks + 1 slots
+    assert spans.chunk_base.tolist() == [0, 2, 3, 5, 7]
+    assert layout.max_chunks == 4
+    assert layout.segments(2) is spans
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_segment_lengths_match_reference(length, monkeypatch):
+    """Segments of one chunk (every chunk its own) and of three (uneven tails), ragged batch with initial states;
+    the final-state gradient flows in through the states (output_final_state)."""
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
+    monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", length)
+    offsets = [0, 250, 251, 400]
+    N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
+    tensors = gsa_inputs(1, offsets[-1], 2, H, K, V, M, dtype=torch.float32, seed=11, device=DEVICE)
+    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=12, device=DEVICE))
+    cu = torch.tensor(offsets, device=DEVICE)
+    got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
+    want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5)
 
 
 @pytest.mark.parametrize("inplace", [True, False])

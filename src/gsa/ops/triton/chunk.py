@@ -106,20 +106,21 @@ def _local_dstates(
 
 
 @triton.jit
-def _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT: tl.constexpr):
-    """Program i_nh = sequence * H + head of a per-(sequence, head) kernel: the head, the sequence's first token,
-    its end, its first state slot, its chunks, and its first chunk's index (chunks of earlier sequences: slots
-    minus one extra slot per sequence)."""
+def _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT: tl.constexpr):
+    """Program i_nh = span * H + head of a per-(span, head) kernel, a span being a sequence or a segment of one
+    (`ChunkLayout.segments`): the head, the span's first token, its end, its first state slot, its chunks, and
+    its first chunk's index."""
     i_n = i_nh // H
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     slot0 = tl.load(slot_base_ptr + i_n).to(tl.int64)
-    return i_nh % H, bos, eos, slot0, tl.cdiv(eos - bos, BT), slot0 - i_n
+    chunk0 = tl.load(chunk_base_ptr + i_n).to(tl.int64)
+    return i_nh % H, bos, eos, slot0, tl.cdiv(eos - bos, BT), chunk0
 
 
 @triton.jit
 def _scan_slots(
-    slots_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
+    slots_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
     H, M, SIZE,
     BT: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
 ):
@@ -130,7 +131,7 @@ def _scan_slots(
     gradient of the state before chunk n. The last x (final state / initial-state gradient) goes to end, fp32."""
     i_nh = tl.program_id(0)
     i_b = tl.program_id(1)
-    i_h, _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
+    i_h, _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
     e = i_b * BLOCK + tl.arange(0, BLOCK)
     ok = e < SIZE
     m = e % M
@@ -199,17 +200,19 @@ def _gate_factors(
 
 @triton.jit
 def _walk_states(
-    k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr,
+    k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
     H, K, V, M, KV,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
+    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
     DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """States of one sequence and head, rows of one block, at every chunk boundary: S_n+1 = S_n exp(G_C) +
-    xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors come from
-    `_gate_factors`."""
+    """States of one span (sequence or segment) and head, rows of one block, at every chunk boundary:
+    S_n+1 = S_n exp(G_C) + xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors
+    come from `_gate_factors`. STORE_SLOTS: the states before each chunk; STORE_EDGE: the state after the last
+    chunk, in its slot; STORE_END: that state in float32 in end (a segment's contribution, a sequence's final)."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
-    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
+    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = k_ptr
@@ -221,30 +224,35 @@ def _walk_states(
     offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     for n in range(num_chunks):
         t0 = bos + n * BT
-        tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
-                 mask=mask)
+        if STORE_SLOTS:
+            tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
+                     mask=mask)
         x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
         factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + tl.dot(tl.trans(x), factors, input_precision=PRECISION)
-    tl.store(states_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
-             state.to(states_ptr.dtype.element_ty), mask=mask)
-    tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+    if STORE_EDGE:
+        tl.store(states_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
+                 state.to(states_ptr.dtype.element_ty), mask=mask)
+    if STORE_END:
+        tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
 
 
 @triton.jit
 def _walk_dstates(
-    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, scale,
-    H, HQ, K, V, M, KV, GROUP,
+    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
+    scale, H, HQ, K, V, M, KV, GROUP,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
+    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
     DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The state gradient, walking one sequence's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
-    over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows;
-    dS_n is stored in slot n, the final-state gradient (start) in the last slot."""
+    """The state gradient, walking one span's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
+    over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows.
+    STORE_SLOTS: dS_n in slot n; STORE_EDGE: the gradient it starts from (final state's) in the last slot;
+    STORE_END: dS_0 in float32 in end."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
-    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, i_nh, H, BT)
+    i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = q_ptr
@@ -257,8 +265,9 @@ def _walk_dstates(
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
     offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
-    tl.store(dstates_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
-             state.to(dstates_ptr.dtype.element_ty), mask=mask)
+    if STORE_EDGE:
+        tl.store(dstates_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
+                 state.to(dstates_ptr.dtype.element_ty), mask=mask)
     for back in range(num_chunks):
         n = num_chunks - 1 - back
         t0 = bos + n * BT
@@ -270,9 +279,59 @@ def _walk_dstates(
             local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + x_scale * local
-        tl.store(dstates_ptr + ((slot0 + n) * H + i_h) * KV * M + offs,
-                 state.to(dstates_ptr.dtype.element_ty), mask=mask)
-    tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+        if STORE_SLOTS:
+            tl.store(dstates_ptr + ((slot0 + n) * H + i_h) * KV * M + offs,
+                     state.to(dstates_ptr.dtype.element_ty), mask=mask)
+    if STORE_END:
+        tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+
+
+@triton.jit
+def _join_segments(
+    ends_ptr, decay_ptr, start_ptr, starts_ptr, final_ptr, slots_ptr,
+    cu_ptr, slot_base_ptr, seg_first_ptr, seg_cu_ptr, seg_chunk_ptr,
+    H, M, SIZE,
+    BT: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
+):
+    """The segments' recurrence for one sequence and head, elementwise on BLOCK entries of [K + V, M]:
+    x_after(j) = x_before(j) * decay(j) + ends(j), decay(j) the product of segment j's chunk decays, ends(j) what
+    the segment's walk from zero gave. Forward: x enters as the initial state; each segment's start state goes to
+    starts, the final state to final and to the sequence's last slot. Reverse: x enters as the final-state
+    gradient (also stored in the last slot) and runs from the last segment back; each segment's end gradient goes
+    to starts, the initial-state gradient to final."""
+    i_nh = tl.program_id(0)
+    i_b = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    e = i_b * BLOCK + tl.arange(0, BLOCK)
+    ok = e < SIZE
+    m = e % M
+    x = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_START:
+        x = tl.load(start_ptr + i_nh.to(tl.int64) * SIZE + e, mask=ok, other=0.0).to(tl.float32)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    last_slot = tl.load(slot_base_ptr + i_n).to(tl.int64) + tl.cdiv(eos - bos, BT)
+    last_ptr = slots_ptr + (last_slot * H + i_h) * SIZE + e
+    if REVERSE:
+        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
+    first = tl.load(seg_first_ptr + i_n).to(tl.int64)
+    count = tl.load(seg_first_ptr + i_n + 1).to(tl.int64) - first
+    for step in range(count):
+        if REVERSE:
+            j = first + count - 1 - step
+        else:
+            j = first + step
+        tl.store(starts_ptr + (j * H + i_h) * SIZE + e, x, mask=ok)
+        chunk0 = tl.load(seg_chunk_ptr + j).to(tl.int64)
+        span = tl.load(seg_cu_ptr + j + 1).to(tl.int64) - tl.load(seg_cu_ptr + j).to(tl.int64)
+        decay = tl.full([BLOCK], 1.0, dtype=tl.float32)
+        for c in range(tl.cdiv(span, BT)):
+            decay *= tl.load(decay_ptr + ((chunk0 + c) * H + i_h) * M + m, mask=ok, other=0.0)
+        x = x * decay + tl.load(ends_ptr + (j * H + i_h) * SIZE + e, mask=ok, other=0.0)
+    if not REVERSE:
+        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
+    tl.store(final_ptr + i_nh.to(tl.int64) * SIZE + e, x, mask=ok)
 
 
 @triton.jit
@@ -516,9 +575,12 @@ class ChunkLayout:
 
     def __init__(self, cu_seqlens: torch.Tensor, T_total: int, uniform_length: int | None):
         device = cu_seqlens.device
+        self._segments: dict[int, SegmentLayout] = {}
         if uniform_length is not None:  # B sequences of one length: no host round trip
             N = cu_seqlens.numel() - 1
+            self.offsets = [i * uniform_length for i in range(N + 1)]
             per_seq = triton.cdiv(uniform_length, CHUNK)
+            self.max_chunks = per_seq
             n = torch.arange(per_seq, device=device)
             seq = torch.arange(N, device=device).repeat_interleave(per_seq)
             self.chunk_start = (seq * uniform_length + n.repeat(N) * CHUNK).to(torch.int64)
@@ -526,9 +588,10 @@ class ChunkLayout:
             self.chunk_slot = self.slot_base[seq] + n.repeat(N)
             self.num_slots = N * (per_seq + 1)
         else:
-            offsets = cu_seqlens.tolist()
+            offsets = self.offsets = cu_seqlens.tolist()
             lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
             per_seq = [triton.cdiv(length, CHUNK) for length in lengths]
+            self.max_chunks = max(per_seq, default=0)
             seq_list, start_list, slot_list, base_list, slot = [], [], [], [], 0
             for i, (offset, count) in enumerate(zip(offsets[:-1], per_seq)):
                 base_list.append(slot)
@@ -545,6 +608,38 @@ class ChunkLayout:
         self.cu_seqlens = cu_seqlens.to(torch.int64)
         self.num_chunks = self.chunk_start.numel()
         self.num_sequences = cu_seqlens.numel() - 1
+        # a sequence's first chunk: its first slot less the one extra slot of each earlier sequence
+        self.chunk_base = self.slot_base - torch.arange(self.num_sequences, device=device, dtype=torch.int64)
+
+    def segments(self, length: int) -> SegmentLayout:
+        """The sequences cut into segments of `length` chunks (the last of each sequence shorter), cached."""
+        if length not in self._segments:
+            self._segments[length] = SegmentLayout(self.offsets, length, self.cu_seqlens.device)
+        return self._segments[length]
+
+
+class SegmentLayout:
+    """Sequences cut into segments of whole chunks, for walking the states of a few long sequences with enough
+    programs: token bounds `cu_seqlens` (contiguous, like a sequence layout's), each segment's first state slot
+    and first chunk in the sequence layout, and `first`, the first segment of each sequence (and the count)."""
+
+    def __init__(self, offsets: list[int], length: int, device: torch.device):
+        bounds, slots, chunks, first = [offsets[0]], [], [], [0]
+        slot = chunk = 0
+        for bos, eos in zip(offsets[:-1], offsets[1:]):
+            count = triton.cdiv(eos - bos, CHUNK)
+            for c0 in range(0, count, length):
+                bounds.append(min(eos, bos + (c0 + length) * CHUNK))
+                slots.append(slot + c0)
+                chunks.append(chunk + c0)
+            first.append(len(slots))
+            slot += count + 1
+            chunk += count
+        self.cu_seqlens = torch.tensor(bounds, device=device, dtype=torch.int64)
+        self.slot_base = torch.tensor(slots, device=device, dtype=torch.int64)
+        self.chunk_base = torch.tensor(chunks, device=device, dtype=torch.int64)
+        self.first = torch.tensor(first, device=device, dtype=torch.int64)
+        self.num_segments = len(slots)
 
 
 @functools.lru_cache(maxsize=64)
@@ -593,35 +688,67 @@ def _scan(slots, decay, start, layout, reverse):
     grid = (layout.num_sequences * H, triton.cdiv(KV * M, SCAN_BLOCK))
     _scan_slots[grid](
         slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
-        H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
+        layout.chunk_base, H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
         **LAUNCH["_scan_slots"],
     )
     return end
 
 
-# "walk", "split" or "auto" (see the module docstring); GSA_TRITON_STATE_PASS overrides it, for benchmarks.
+# "auto", "walk", "segment" or "split" (see the module docstring); GSA_TRITON_STATE_PASS forces one, for benchmarks.
 STATE_PASS = os.environ.get("GSA_TRITON_STATE_PASS", "auto")
-# Walking programs (sequences x heads x row blocks of 64) needed before "auto" walks: below it the sequential
-# walk leaves SMs idle and the split form's extra memory traffic is the cheaper cost. H200, 16K tokens, K=V=512:
-# walking won at 512 programs (8 x 2048 tokens: f+b 1.82 vs 2.18 ms) and lost at 128 (2 x 8192: 1.80 vs 1.59);
-# 32-row blocks (twice the programs) never won (benchmarks/tune_ops.py, NOTES.md).
+# Walking programs (spans x heads x row blocks of 64) that fill the GPU: with fewer, "auto" walks segments of the
+# sequences instead of whole ones. H200, 16K tokens, K=V=512: walking whole sequences won at 512 programs (8 x 2048
+# tokens: f+b 1.82 vs 2.18 ms for the split form) and lost at 128 (2 x 8192: 1.80 vs 1.59); 32-row blocks (twice
+# the programs) never won (benchmarks/tune_ops.py, NOTES.md).
 WALK_MIN_PROGRAMS = int(os.environ.get("GSA_TRITON_WALK_MIN_PROGRAMS", "256"))
+SEGMENT_PROGRAMS = 512  # segments are cut to give about this many walking programs (the paper shape's 512 won)
+SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overhead
+SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))  # > 0 forces the segment length (tests)
 
 
-def walk_block(num_sequences: int, H: int, K: int, V: int) -> int | None:
-    """Row block of the walking state kernels for this shape, or None when the split form runs."""
-    if STATE_PASS not in ("auto", "walk", "split"):
-        raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk or split, got {STATE_PASS!r}")
+def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | None] | None:
+    """How the state passes run for this shape: (row block of the walking kernels, segment length in chunks or
+    None to walk whole sequences), or None for the split form."""
+    if STATE_PASS not in ("auto", "walk", "segment", "split"):
+        raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk, segment or split, got {STATE_PASS!r}")
+    if STATE_PASS == "split":
+        return None
     block = min(64, next_power_of_2(max(K, V)))
-    if STATE_PASS != "auto":
-        return block if STATE_PASS == "walk" else None
-    programs = num_sequences * H * (triton.cdiv(K, block) + triton.cdiv(V, block))
-    return block if programs >= WALK_MIN_PROGRAMS else None
+    blocks = triton.cdiv(K, block) + triton.cdiv(V, block)
+    if STATE_PASS == "walk" or (STATE_PASS == "auto" and layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS):
+        return block, None
+    length = SEGMENT_CHUNKS or max(SEGMENT_MIN_CHUNKS, triton.cdiv(layout.num_chunks * H * blocks, SEGMENT_PROGRAMS))
+    return block, (length if length < layout.max_chunks else None)
 
 
-def _scan_states(k, v, s, g, h0, layout):
-    """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays, and the final states (float32,
-    joint)."""
+def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, start, final, reverse: bool):
+    """Run a walking kernel (`launch(spans, count, start, end, **flags)`) over whole sequences, or over segments of
+    `length` chunks in three steps: walk every segment from zero keeping only its end, join the segments' ends
+    in sequence order (`_join_segments`: each segment's true start, and the final value), walk again from those
+    starts storing every slot. `final` receives the final state (forward) or the initial-state gradient."""
+    if length is None:
+        launch(layout, layout.num_sequences, start if start is not None else final, final, HAS_START=start is not None,
+               STORE_SLOTS=True, STORE_EDGE=True, STORE_END=True)
+        return
+    spans = layout.segments(length)
+    _, H, KV, M = slots.shape
+    ends = torch.empty(spans.num_segments, H, KV, M, device=slots.device, dtype=torch.float32)
+    starts = torch.empty_like(ends)
+    launch(spans, spans.num_segments, ends, ends, HAS_START=False, STORE_SLOTS=False, STORE_EDGE=False,
+           STORE_END=True)
+    _join_segments[(layout.num_sequences * H, triton.cdiv(KV * M, SCAN_BLOCK))](
+        ends, decay, start if start is not None else final, starts, final, slots,
+        layout.cu_seqlens, layout.slot_base, spans.first, spans.cu_seqlens, spans.chunk_base,
+        H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
+    )
+    # the edge slots (between segments, and the sequences' last) are the join's and the neighbours' to store
+    launch(spans, spans.num_segments, starts, ends, HAS_START=True, STORE_SLOTS=True, STORE_EDGE=False,
+           STORE_END=False)
+
+
+def _scan_states(k, v, s, g, h0, layout, gates=None):
+    """Joint states at every chunk boundary (in `_state_dtype`), the gates (each chunk's gate factors and decay,
+    formed by `_gate_factors` unless given) and the final states (float32, joint)."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -629,23 +756,30 @@ def _scan_states(k, v, s, g, h0, layout):
     # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
     operand_dtype = _state_dtype(k.dtype)
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=operand_dtype)
-    decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
     start = _joint(*h0) if h0 is not None else None
-    factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, formed once
-    _gate_factors[(layout.num_chunks, H)](
-        s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
-        BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR, **LAUNCH["_gate_factors"],
-    )
-    dot = _dot_args(k.dtype)
-    BD = walk_block(layout.num_sequences, H, K, V)
-    if BD is not None:
-        final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
-        _walk_states[(layout.num_sequences * H, triton.cdiv(K, BD) + triton.cdiv(V, BD))](
-            k, v, factors, decay, states, start if start is not None else final, final, layout.cu_seqlens,
-            layout.slot_base, H, K, V, M, K + V,
-            BT=CHUNK, BD=BD, BM=BM, HAS_START=start is not None, **dot, **LAUNCH["_walk_states"],
+    if gates is None:
+        factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)
+        decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
+        _gate_factors[(layout.num_chunks, H)](
+            s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
+            BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR, **LAUNCH["_gate_factors"],
         )
-        return states, decay, final
+        gates = factors, decay
+    factors, decay = gates
+    dot = _dot_args(k.dtype)
+    final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
+    plan = state_plan(layout, H, K, V)
+    if plan is not None:
+        BD, length = plan
+
+        def launch(spans, count, start_, end, **flags):
+            _walk_states[(count * H, triton.cdiv(K, BD) + triton.cdiv(V, BD))](
+                k, v, factors, decay, states, start_, end, spans.cu_seqlens, spans.slot_base, spans.chunk_base,
+                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot, **LAUNCH["_walk_states"],
+            )
+
+        _walk_spans(launch, layout, length, states, decay, start, final, reverse=False)
+        return states, gates, final
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
         _local_states[(layout.num_chunks, triton.cdiv(width, BD), H)](
@@ -653,7 +787,7 @@ def _scan_states(k, v, s, g, h0, layout):
             H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot, **LAUNCH["_local_states"],
         )
     final = _scan(states, decay, start, layout, reverse=False)
-    return states, decay, final
+    return states, gates, final
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -667,7 +801,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         h0 = (hk0, hv0) if hk0 is not None else None
-        states, _, final = _scan_states(k, v, s, g, h0, layout)
+        states, gates, final = _scan_states(k, v, s, g, h0, layout)
         final_k, final_v = _split(final, K) if output_final_state else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
@@ -680,21 +814,22 @@ class ChunkGSAFunction(torch.autograd.Function):
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype),
             **LAUNCH["_output_fwd"],
         )
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, logits)
+        # the gate factors are kept (the size of s) so that the backward recomputes only the states
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, logits, *gates)
         ctx.scale, ctx.layout = scale, layout
         return o, final_k, final_v
 
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, hk0, hv0, logits = ctx.saved_tensors
+        q, k, v, s, g, hk0, hv0, logits, factors, decay = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous()
         h0 = (hk0, hv0) if hk0 is not None else None
-        states, decay, _ = _scan_states(k, v, s, g, h0, layout)
+        states, _, _ = _scan_states(k, v, s, g, h0, layout, gates=(factors, decay))
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -723,14 +858,19 @@ class ChunkGSAFunction(torch.autograd.Function):
                 dfinal_k if dfinal_k is not None else torch.zeros(layout.num_sequences, H, K, M, device=q.device),
                 dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
             )
-        walk = walk_block(layout.num_sequences, H, K, V)
-        if walk is not None:
+        plan = state_plan(layout, H, K, V)
+        if plan is not None:
+            walk, length = plan
             dh0 = torch.empty(layout.num_sequences, H, K + V, M, device=q.device, dtype=torch.float32)
-            _walk_dstates[(layout.num_sequences * H, triton.cdiv(K, walk) + triton.cdiv(V, walk))](
-                q, do, dl_dec, p_dec, dstates, decay, dfinal if dfinal is not None else dh0, dh0, layout.cu_seqlens,
-                layout.slot_base, scale, H, HQ, K, V, M, K + V, group,
-                BT=CHUNK, BD=walk, BM=BM, HAS_START=dfinal is not None, **dot, **LAUNCH["_walk_dstates"],
-            )
+
+            def launch(spans, count, start, end, **flags):
+                _walk_dstates[(count * H, triton.cdiv(K, walk) + triton.cdiv(V, walk))](
+                    q, do, dl_dec, p_dec, dstates, decay, start, end, spans.cu_seqlens, spans.slot_base,
+                    spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
+                    BT=CHUNK, BD=walk, BM=BM, **flags, **dot, **LAUNCH["_walk_dstates"],
+                )
+
+            _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, reverse=True)
         else:
             for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
                 BD = min(64, next_power_of_2(width))
