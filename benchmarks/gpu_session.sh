@@ -140,11 +140,11 @@ for what in "$@"; do
             keep_autotune ;;
         segment)  # issue 3: segmented state walk at the long shapes, same run as FLA (carry .whl, .cache/triton)
             fla_setup
-            stage fla-ops-long 170 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
+            stage fla-ops-long 150 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
                 --out "$OUT/ops_h200_fla.json"
-            stage tune-segment 90 python3 benchmarks/tune_ops.py --skip-tune --passes split segment \
+            stage tune-segment 80 python3 benchmarks/tune_ops.py --skip-tune --passes split segment \
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
-            stage tests-segment 70 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
+            stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;
         fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
             fla_setup
