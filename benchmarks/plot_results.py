@@ -18,27 +18,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 IMAGES = Path(__file__).parent.parent / "docs" / "img"
 FLA_ANCHORS = {  # ../shared/spec/benchmarks.md, H200, FLA 0.6.0, torch 2.11, triton 3.6
-    "op_paper_2k": {"forward": 0.639, "forward_backward": 3.217},
     "train": {2048: 51_100, 8192: 53_900},
     "decode_2k_ms": 56.0,
 }
 
 
 def plot_ops(data):
+    """Ours, FLA chunk_gsa and chunk_gla, SDPA: one process, same inputs (bench_ops.py with FLA installed)."""
     shapes = list(data["shapes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    peers = [("ours_ms", "gsa (Triton)"), ("fla_gsa_ms", "FLA chunk_gsa"), ("fla_gla_ms", "FLA chunk_gla"),
+             ("sdpa_ms", "SDPA flash, causal")]
+    width = 0.2
     for ax, key, title in zip(axes, ("forward", "forward_backward"), ("forward", "forward + backward")):
-        ours = [data["shapes"][s]["ours_ms"][key] for s in shapes]
-        sdpa = [data["shapes"][s]["sdpa_ms"][key] for s in shapes]
-        fla = [FLA_ANCHORS["op_paper_2k"][key] if s == "paper-2k" else 0 for s in shapes]
         x = range(len(shapes))
-        ax.bar([i - 0.27 for i in x], ours, 0.27, label="gsa (Triton)")
-        ax.bar(list(x), fla, 0.27, label="FLA chunk_gsa (anchor)")
-        ax.bar([i + 0.27 for i in x], sdpa, 0.27, label="SDPA flash, causal")
+        for i, (field, label) in enumerate(peers):
+            times = [data["shapes"][s].get(field, {}).get(key, 0) for s in shapes]
+            ax.bar([j + (i - 1.5) * width for j in x], times, width, label=label)
         ax.set_xticks(list(x), shapes, rotation=15)
         ax.set_ylabel("ms")
         ax.set_title(f"GSA operator, {title}, bf16, 16K tokens")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(IMAGES / "ops_h200.png", dpi=120)
 
@@ -87,7 +87,7 @@ def plot_decode(data):
 
 def main():
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for name, plot in (("ops_h200.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
+    for name, plot in (("ops_h200_fla.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
         path = RESULTS / name
         if path.exists():
             plot(json.loads(path.read_text()))

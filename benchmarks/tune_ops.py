@@ -1,8 +1,9 @@
 """Time the GSA operator's kernel variants on one GPU and print what to choose.
 
 1. The state passes (gsa/ops/triton/chunk.py): "split", "walk" (whole sequences) at 64 and 32 state rows a
-   program, "segment" (segments of the sequences walked, then joined) and "auto", at every shape of bench_ops.py: forward, forward+backward, and the largest relative error against the float32 PyTorch
-   path (outputs, final states, all gradients).
+   program, "segment" (segments of the sequences walked, then joined) and "auto", at every shape of bench_ops.py:
+   forward, forward+backward, and the largest relative error against the float32 PyTorch path (outputs, final
+   states, all gradients).
 2. num_warps / num_stages of each kernel at one shape, one kernel at a time (the others at their best so far):
    the measured table that `LAUNCH` in chunk.py is set from.
 

@@ -122,22 +122,24 @@ def uniform(B, T):
 
 
 def test_state_pass_rule(monkeypatch):
-    """Auto walks whole sequences when sequences x heads x row blocks fill the GPU, and segments of them cut to
-    give about SEGMENT_PROGRAMS programs otherwise (whole sequences again when a segment would hold them); a
-    misspelled override is refused by name."""
+    """Auto walks whole sequences when sequences x heads x row blocks fill the GPU and splits otherwise; segments
+    are cut to give about SEGMENT_PROGRAMS programs (whole sequences when a segment would hold one); a misspelled
+    override is refused by name."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "auto")
     monkeypatch.setattr(chunk_kernels, "WALK_MIN_PROGRAMS", 256)
     monkeypatch.setattr(chunk_kernels, "SEGMENT_PROGRAMS", 512)
     plan = chunk_kernels.state_plan
     assert plan(uniform(8, 2048), 4, 512, 512) == (64, None)  # 8 x 4 x 16 = 512 programs
+    assert plan(uniform(2, 8192), 4, 512, 512) is None  # 128 programs
+    assert plan(uniform(64, 64), 2, 5, 7) == (16, None)  # narrow heads: the block follows the width
+    assert plan(uniform(63, 64), 2, 5, 7) is None  # 252 programs
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walk")
+    assert plan(uniform(1, 16384), 4, 512, 512) == (64, None)
+    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
     assert plan(uniform(2, 8192), 4, 512, 512) == (64, 32)  # 128 programs: 4 segments of 32 chunks a sequence
     assert plan(uniform(1, 16384), 4, 512, 512) == (64, 32)  # 64 programs: 8 segments
     assert plan(uniform(1, 1024), 4, 512, 512) == (64, 8)  # 16 chunks: segments of at least 8
     assert plan(uniform(1, 512), 4, 512, 512) == (64, None)  # 8 chunks: one segment would be the whole walk
-    assert plan(uniform(64, 64), 2, 5, 7) == (16, None)  # narrow heads: the block follows the width
-    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walk")
-    assert plan(uniform(1, 16384), 4, 512, 512) == (64, None)
-    monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
     assert plan(uniform(8, 2048), 4, 512, 512) == (64, None)  # 512 programs already: a segment is a sequence
     monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", 3)
     assert plan(uniform(8, 2048), 4, 512, 512) == (64, 3)
@@ -162,13 +164,14 @@ def test_segments_cover_each_sequence_in_order():
     assert layout.segments(2) is spans
 
 
-@pytest.mark.parametrize("length", [1, 3])
-def test_segment_lengths_match_reference(length, monkeypatch):
-    """Segments of one chunk (every chunk its own) and of three (uneven tails), ragged batch with initial states;
-    the final-state gradient flows in through the states (output_final_state)."""
+@pytest.mark.parametrize("length, offsets", [(1, [0, 250, 251, 400]), (3, [0, 250, 251, 400]),
+                                             (17, [0, 1200, 1201, 2600])], ids=str)
+def test_segment_lengths_match_reference(length, offsets, monkeypatch):
+    """Segments of one chunk (every chunk its own), of three (uneven tails) and of 17 (the join multiplies a
+    segment's chunk decays 16 at a time), ragged batch with initial states; the final-state gradient flows in
+    through the states (output_final_state)."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
     monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", length)
-    offsets = [0, 250, 251, 400]
     N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
     tensors = gsa_inputs(1, offsets[-1], 2, H, K, V, M, dtype=torch.float32, seed=11, device=DEVICE)
     tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=12, device=DEVICE))

@@ -6,17 +6,20 @@ halves decay along the slots) is kept per chunk boundary in `states` [slots, H, 
 slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chunk n (the last one: its final state).
 
 States: `_gate_factors` forms each chunk's gate factors once (chunk-parallel: s * exp(G_C - G) and the decay
-exp(G_C)), then the states come one of two ways, chosen by shape (`walk_block`):
+exp(G_C); the forward keeps them for the backward), then the states come one of three ways (`state_plan`):
 - "walk": `_walk_states`, one program per (sequence, head, block of state rows), walks the sequence's chunks,
   adding each chunk's contribution to a state held in registers and storing it at every boundary. Needs
   sequences x heads x row blocks to fill the GPU (many short sequences).
+- "segment": the same walk over segments of the sequences (`SegmentLayout`), for few long ones: walk every segment
+  from zero keeping only its end, `_join_segments` runs the recurrence across segments (each segment's true
+  start), then walk again from those starts storing every slot.
 - "split": `_local_states` computes every chunk's contribution in parallel, then `_scan_slots` runs the
   recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise (many programs, memory-bound; few long sequences).
 Forward: the states, then `_output_fwd`, every chunk in parallel: logits over K blocks, softmax over slots, output
 over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel: slot gradients, dq and the
-within-chunk parts of dk, dv, ds); the state gradient the same two ways (`_walk_dstates`, or `_local_dstates` +
-a reverse `_scan_slots`); `_state_grads_bwd` (chunk-parallel: the state parts of dk, dv, ds, and dg as a reverse
-cumulative sum within each chunk).
+within-chunk parts of dk, dv, ds); the state gradient the same three ways (`_walk_dstates` over sequences or
+segments, or `_local_dstates` + a reverse `_scan_slots`); `_state_grads_bwd` (chunk-parallel: the state parts
+of dk, dv, ds, and dg as a reverse cumulative sum within each chunk).
 """
 
 from __future__ import annotations
@@ -287,34 +290,42 @@ def _walk_dstates(
 
 
 @triton.jit
+def _multiply(a, b):
+    return a * b
+
+
+@triton.jit
 def _join_segments(
     ends_ptr, decay_ptr, start_ptr, starts_ptr, final_ptr, slots_ptr,
     cu_ptr, slot_base_ptr, seg_first_ptr, seg_cu_ptr, seg_chunk_ptr,
-    H, M, SIZE,
-    BT: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
+    H, M, KV,
+    BT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_START: tl.constexpr,
 ):
-    """The segments' recurrence for one sequence and head, elementwise on BLOCK entries of [K + V, M]:
-    x_after(j) = x_before(j) * decay(j) + ends(j), decay(j) the product of segment j's chunk decays, ends(j) what
-    the segment's walk from zero gave. Forward: x enters as the initial state; each segment's start state goes to
-    starts, the final state to final and to the sequence's last slot. Reverse: x enters as the final-state
-    gradient (also stored in the last slot) and runs from the last segment back; each segment's end gradient goes
-    to starts, the initial-state gradient to final."""
+    """The segments' recurrence for one sequence and head, on BR rows of the joint state [K + V, M]:
+    x_after(j) = x_before(j) * decay(j) + ends(j), decay(j) the product of segment j's chunk decays (BC chunks a
+    load, so that a segment costs a few dependent loads, not one per chunk), ends(j) what the segment's walk from
+    zero gave. Forward: x enters as the initial state; each segment's start state goes to starts, the final state
+    to final and to the sequence's last slot. Reverse: x enters as the final-state gradient (also stored in the
+    last slot) and runs from the last segment back; each segment's end gradient goes to starts, the initial-state
+    gradient to final."""
     i_nh = tl.program_id(0)
-    i_b = tl.program_id(1)
+    i_r = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
-    e = i_b * BLOCK + tl.arange(0, BLOCK)
-    ok = e < SIZE
-    m = e % M
-    x = tl.zeros([BLOCK], dtype=tl.float32)
+    rr = tl.arange(0, BR)
+    ms = tl.arange(0, BM)
+    cc = tl.arange(0, BC)
+    offs, mask = state_offsets(0, 0, 1, KV, M, i_r * BR, KV, rr, ms)
+    x = tl.zeros([BR, BM], dtype=tl.float32)
     if HAS_START:
-        x = tl.load(start_ptr + i_nh.to(tl.int64) * SIZE + e, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     last_slot = tl.load(slot_base_ptr + i_n).to(tl.int64) + tl.cdiv(eos - bos, BT)
-    last_ptr = slots_ptr + (last_slot * H + i_h) * SIZE + e
+    last_ptr = slots_ptr + (last_slot * H + i_h) * KV * M + offs
     if REVERSE:
-        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
+        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
     first = tl.load(seg_first_ptr + i_n).to(tl.int64)
     count = tl.load(seg_first_ptr + i_n + 1).to(tl.int64) - first
     for step in range(count):
@@ -322,16 +333,19 @@ def _join_segments(
             j = first + count - 1 - step
         else:
             j = first + step
-        tl.store(starts_ptr + (j * H + i_h) * SIZE + e, x, mask=ok)
+        tl.store(starts_ptr + (j * H + i_h) * KV * M + offs, x, mask=mask)
         chunk0 = tl.load(seg_chunk_ptr + j).to(tl.int64)
-        span = tl.load(seg_cu_ptr + j + 1).to(tl.int64) - tl.load(seg_cu_ptr + j).to(tl.int64)
-        decay = tl.full([BLOCK], 1.0, dtype=tl.float32)
-        for c in range(tl.cdiv(span, BT)):
-            decay *= tl.load(decay_ptr + ((chunk0 + c) * H + i_h) * M + m, mask=ok, other=0.0)
-        x = x * decay + tl.load(ends_ptr + (j * H + i_h) * SIZE + e, mask=ok, other=0.0)
+        chunks = tl.cdiv(tl.load(seg_cu_ptr + j + 1).to(tl.int64) - tl.load(seg_cu_ptr + j).to(tl.int64), BT)
+        decay = tl.full([BM], 1.0, dtype=tl.float32)
+        for c0 in range(0, chunks, BC):
+            c = c0 + cc
+            tile = tl.load(decay_ptr + ((chunk0 + c) * H + i_h)[:, None] * M + ms[None, :],
+                           mask=(c < chunks)[:, None] & (ms < M)[None, :], other=1.0)
+            decay *= tl.reduce(tile, 0, _multiply)
+        x = x * decay[None, :] + tl.load(ends_ptr + (j * H + i_h) * KV * M + offs, mask=mask, other=0.0)
     if not REVERSE:
-        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
-    tl.store(final_ptr + i_nh.to(tl.int64) * SIZE + e, x, mask=ok)
+        tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
+    tl.store(final_ptr + i_nh.to(tl.int64) * KV * M + offs, x, mask=mask)
 
 
 @triton.jit
@@ -696,10 +710,12 @@ def _scan(slots, decay, start, layout, reverse):
 
 # "auto", "walk", "segment" or "split" (see the module docstring); GSA_TRITON_STATE_PASS forces one, for benchmarks.
 STATE_PASS = os.environ.get("GSA_TRITON_STATE_PASS", "auto")
-# Walking programs (spans x heads x row blocks of 64) that fill the GPU: with fewer, "auto" walks segments of the
-# sequences instead of whole ones. H200, 16K tokens, K=V=512: walking whole sequences won at 512 programs (8 x 2048
-# tokens: f+b 1.82 vs 2.18 ms for the split form) and lost at 128 (2 x 8192: 1.80 vs 1.59); 32-row blocks (twice
-# the programs) never won (benchmarks/tune_ops.py, NOTES.md).
+# Walking programs (sequences x heads x row blocks of 64) that fill the GPU: "auto" walks whole sequences from
+# there and takes the split form below. H200, 16K tokens, K=V=512: walking won at 512 programs (8 x 2048 tokens:
+# f+b 1.82 vs 2.18 ms) and lost at 128 (2 x 8192: 1.80 vs 1.59); 32-row blocks (twice the programs) never won.
+# Segments (2 x 8192 and 1 x 16384 cut into 512 programs) lost to split in their first version, whose join
+# multiplied each segment's chunk decays one dependent load at a time (2.13 / 2.07 vs 1.89 / 1.99 ms; 269 us of
+# joins at 16K); the join now takes 16 chunks a load, not yet timed (benchmarks/tune_ops.py, NOTES.md).
 WALK_MIN_PROGRAMS = int(os.environ.get("GSA_TRITON_WALK_MIN_PROGRAMS", "256"))
 SEGMENT_PROGRAMS = 512  # segments are cut to give about this many walking programs (the paper shape's 512 won)
 SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overhead
@@ -711,11 +727,13 @@ def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | 
     None to walk whole sequences), or None for the split form."""
     if STATE_PASS not in ("auto", "walk", "segment", "split"):
         raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk, segment or split, got {STATE_PASS!r}")
-    if STATE_PASS == "split":
-        return None
     block = min(64, next_power_of_2(max(K, V)))
     blocks = triton.cdiv(K, block) + triton.cdiv(V, block)
-    if STATE_PASS == "walk" or (STATE_PASS == "auto" and layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS):
+    if STATE_PASS == "auto":
+        return (block, None) if layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS else None
+    if STATE_PASS == "split":
+        return None
+    if STATE_PASS == "walk":
         return block, None
     length = SEGMENT_CHUNKS or max(SEGMENT_MIN_CHUNKS, triton.cdiv(layout.num_chunks * H * blocks, SEGMENT_PROGRAMS))
     return block, (length if length < layout.max_chunks else None)
@@ -736,10 +754,12 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
     starts = torch.empty_like(ends)
     launch(spans, spans.num_segments, ends, ends, HAS_START=False, STORE_SLOTS=False, STORE_EDGE=False,
            STORE_END=True)
-    _join_segments[(layout.num_sequences * H, triton.cdiv(KV * M, SCAN_BLOCK))](
+    BM = next_power_of_2(M)
+    rows = max(1, SCAN_BLOCK // BM)
+    _join_segments[(layout.num_sequences * H, triton.cdiv(KV, rows))](
         ends, decay, start if start is not None else final, starts, final, slots,
         layout.cu_seqlens, layout.slot_base, spans.first, spans.cu_seqlens, spans.chunk_base,
-        H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
+        H, M, KV, BT=CHUNK, BR=rows, BM=BM, BC=16, REVERSE=reverse, HAS_START=start is not None,
     )
     # the edge slots (between segments, and the sequences' last) are the join's and the neighbours' to store
     launch(spans, spans.num_segments, starts, ends, HAS_START=True, STORE_SLOTS=True, STORE_EDGE=False,
