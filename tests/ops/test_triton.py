@@ -106,15 +106,19 @@ def test_steep_chunks_with_gentle_sub_chunks_take_the_sub_chunk_form():
     assert_close_all([t.cpu() for t in got], want, 1e-4, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
 
 
-def test_varlen_matches_reference(state_pass):
-    offsets = [0, 5, 70, 71, 200]
+def check_varlen(offsets, query_heads, seed):
+    """Packed sequences with initial states: outputs, final states and all gradients against the reference."""
     N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
-    tensors = gsa_inputs(1, offsets[-1], 4, H, K, V, M, dtype=torch.float32, seed=7, device=DEVICE)
-    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=8, device=DEVICE))
+    tensors = gsa_inputs(1, offsets[-1], query_heads, H, K, V, M, dtype=torch.float32, seed=seed, device=DEVICE)
+    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=seed + 1, device=DEVICE))
     cu = torch.tensor(offsets, device=DEVICE)
     got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
     want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5)
+
+
+def test_varlen_matches_reference(state_pass):
+    check_varlen([0, 5, 70, 71, 200], query_heads=4, seed=7)
 
 
 def uniform(B, T):
@@ -172,13 +176,7 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
     through the states (output_final_state)."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")
     monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", length)
-    N, H, K, V, M = len(offsets) - 1, 2, 8, 6, 16
-    tensors = gsa_inputs(1, offsets[-1], 2, H, K, V, M, dtype=torch.float32, seed=11, device=DEVICE)
-    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=12, device=DEVICE))
-    cu = torch.tensor(offsets, device=DEVICE)
-    got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
-    want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
-    assert_close_all([t.cpu() for t in got], want, 2e-5)
+    check_varlen(offsets, query_heads=2, seed=11)
 
 
 @pytest.mark.parametrize("inplace", [True, False])

@@ -202,6 +202,12 @@ def _gate_factors(
 
 
 @triton.jit
+def _store_slot(slots_ptr, slot, i_h, H, KV, M, offs, state, mask):
+    """A walking program's rows (offs within one (slot, head)) of `slot`, in the slots' dtype."""
+    tl.store(slots_ptr + (slot * H + i_h) * KV * M + offs, state.to(slots_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _walk_states(
     k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
     H, K, V, M, KV,
@@ -228,15 +234,13 @@ def _walk_states(
     for n in range(num_chunks):
         t0 = bos + n * BT
         if STORE_SLOTS:
-            tl.store(states_ptr + ((slot0 + n) * H + i_h) * KV * M + offs, state.to(states_ptr.dtype.element_ty),
-                     mask=mask)
+            _store_slot(states_ptr, slot0 + n, i_h, H, KV, M, offs, state, mask)
         x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
         factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + tl.dot(tl.trans(x), factors, input_precision=PRECISION)
     if STORE_EDGE:
-        tl.store(states_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
-                 state.to(states_ptr.dtype.element_ty), mask=mask)
+        _store_slot(states_ptr, slot0 + num_chunks, i_h, H, KV, M, offs, state, mask)
     if STORE_END:
         tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
 
@@ -269,8 +273,7 @@ def _walk_dstates(
     ms = tl.arange(0, BM)
     offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     if STORE_EDGE:
-        tl.store(dstates_ptr + ((slot0 + num_chunks) * H + i_h) * KV * M + offs,
-                 state.to(dstates_ptr.dtype.element_ty), mask=mask)
+        _store_slot(dstates_ptr, slot0 + num_chunks, i_h, H, KV, M, offs, state, mask)
     for back in range(num_chunks):
         n = num_chunks - 1 - back
         t0 = bos + n * BT
@@ -283,8 +286,7 @@ def _walk_dstates(
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + x_scale * local
         if STORE_SLOTS:
-            tl.store(dstates_ptr + ((slot0 + n) * H + i_h) * KV * M + offs,
-                     state.to(dstates_ptr.dtype.element_ty), mask=mask)
+            _store_slot(dstates_ptr, slot0 + n, i_h, H, KV, M, offs, state, mask)
     if STORE_END:
         tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
 
