@@ -4,8 +4,9 @@
     python benchmarks/bench_ops.py --shapes paper-2k --skip-fla
 
 Checks correctness first (relative errors of output, final state and every gradient against the float32 PyTorch
-path), then times forward and forward+backward (triton.testing.do_bench, median), peak extra memory, and the
-decoding step at batch 1 and 64. Prints one table; writes JSON (--out).
+path), then times forward and forward+backward (triton.testing.do_bench, median; with --graph also replayed from a
+CUDA graph, without the host's launch gaps), peak extra memory, and the decoding step at batch 1 and 64. Prints
+one table (two with --graph); writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -89,6 +90,25 @@ def bench(fn, inputs, do):
     return fwd, total, peak
 
 
+def bench_graph(fn, inputs, do) -> dict[str, float]:
+    """Forward and forward+backward replayed from a CUDA graph (triton.testing.do_bench_cudagraph): GPU time without
+    the host's launch gaps, which move plain timings by 25-35 % between machines. Empty when capture fails."""
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def forward_backward():
+        fn(*inputs)[0].backward(do)
+
+    try:
+        return {"forward_graph": triton.testing.do_bench_cudagraph(forward, rep=100, return_mode="median"),
+                "forward_backward_graph": triton.testing.do_bench_cudagraph(
+                    forward_backward, rep=100, grad_to_none=inputs, return_mode="median")}
+    except RuntimeError as error:  # an operator that syncs with the host cannot be captured
+        print(f"  CUDA graph capture failed: {str(error)[:200]}")
+        return {}
+
+
 def kernel_breakdown(fn, inputs, do, repeats: int = 5) -> dict[str, float]:
     """GPU microseconds per forward+backward spent in each kernel (torch.profiler, averaged over repeats)."""
     from torch.profiler import ProfilerActivity, profile
@@ -121,6 +141,7 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--profile", action="store_true", help="also print our per-kernel time of a forward+backward")
     parser.add_argument("--skip-fla", action="store_true")
+    parser.add_argument("--graph", action="store_true", help="also time every peer replayed from a CUDA graph")
     parser.add_argument("--fla-budget-s", type=float, default=1e9, help="stop timing FLA after this many seconds")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "ops_h200.json"))
     args = parser.parse_args()
@@ -164,6 +185,8 @@ def main():
         got = run_and_grads(ours, inputs, do, dstate)
         row["ours_err"] = {n: rel(a, b) for n, a, b in zip(names, got, want)}
         row["ours_ms"] = dict(zip(("forward", "forward_backward", "peak_gib"), bench(ours, inputs, do)))
+        if args.graph:
+            row["ours_ms"].update(bench_graph(ours, inputs, do))
         del got
 
         if args.profile:
@@ -181,6 +204,8 @@ def main():
             got = run_and_grads(theirs, inputs, do, dstate)
             row["fla_gsa_err"] = {n: rel(a, b) for n, a, b in zip(names, got, want)}
             row["fla_gsa_ms"] = dict(zip(("forward", "forward_backward", "peak_gib"), bench(theirs, inputs, do)))
+            if args.graph:
+                row["fla_gsa_ms"].update(bench_graph(theirs, inputs, do))
             del got
             gk = [t.detach().requires_grad_() for t in make_inputs(B, T, H, D, D)[:3]]
             gate = (F.logsigmoid(torch.randn(B, T, H, D, device="cuda")) / 16).bfloat16().requires_grad_()
@@ -200,6 +225,8 @@ def main():
 
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             row["sdpa_ms"] = dict(zip(("forward", "forward_backward", "peak_gib"), bench(sdpa, [qa, ka, va], doa)))
+            if args.graph:
+                row["sdpa_ms"].update(bench_graph(sdpa, [qa, ka, va], doa))
         results["shapes"][name] = row
         print(json.dumps({name: row}), flush=True)
 
@@ -232,8 +259,21 @@ def main():
               f"{o['forward_backward']:>9.3f} {fmt(f, 'forward_backward'):>8} {ratio('forward_backward'):>6} "
               f"{fmt(r.get('fla_gla_ms', {}), 'forward_backward'):>8} {r['sdpa_ms']['forward_backward']:>9.3f} "
               f"{o['peak_gib']:>8.2f}/{fmt(f, 'peak_gib'):>8} {tflops:>8.1f} {max(r['ours_err'].values()):>8.1e}")
+    if args.graph:
+        print("\nReplayed from a CUDA graph (GPU time without launch gaps; ms, median)")
+        print(f"{'shape':<10} {'ours fwd':>9} {'FLA fwd':>8} {'ratio':>6} {'ours f+b':>9} {'FLA f+b':>8} {'ratio':>6} "
+              f"{'SDPA f+b':>9}")
+        for name, r in results["shapes"].items():
+            o, f, a = r["ours_ms"], r.get("fla_gsa_ms", {}), r["sdpa_ms"]
+            cell = lambda d, key: f"{d[key]:.3f}" if key in d else "-"  # noqa: E731
+            ratio = lambda key: f"{o[key] / f[key]:.2f}" if key in o and key in f else "-"  # noqa: E731
+            print(f"{name:<10} {cell(o, 'forward_graph'):>9} {cell(f, 'forward_graph'):>8} "
+                  f"{ratio('forward_graph'):>6} {cell(o, 'forward_backward_graph'):>9} "
+                  f"{cell(f, 'forward_backward_graph'):>8} "
+                  f"{ratio('forward_backward_graph'):>6} {cell(a, 'forward_backward_graph'):>9}")
     for name, d in results["decode"].items():
-        print(f"decode step {name}: ours {d['ours_us']:.1f} us" + (f", FLA {d['fla_us']:.1f} us" if "fla_us" in d else ""))
+        theirs = f", FLA {d['fla_us']:.1f} us" if "fla_us" in d else ""
+        print(f"decode step {name}: ours {d['ours_us']:.1f} us{theirs}")
 
 
 if __name__ == "__main__":

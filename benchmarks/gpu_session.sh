@@ -136,12 +136,12 @@ for what in "$@"; do
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
             fla_setup
             stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k h16-d128 h32-d64 \
-                --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
+                --graph --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
             keep_autotune ;;
         segment)  # issue 3: segmented state walk at the long shapes, same run as FLA (carry .whl, .cache/triton)
             fla_setup
             stage fla-ops-long 150 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
-                --out "$OUT/ops_h200_fla.json"
+                --graph --out "$OUT/ops_h200_fla.json"
             stage tune-segment 80 python3 benchmarks/tune_ops.py --skip-tune --passes split segment \
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
