@@ -19,6 +19,8 @@ try:
     import triton
     import triton.language as tl
 
+    from ..ops.triton.common import cdiv, next_power_of_2
+
     KERNELS_AVAILABLE = True
 except ImportError:  # no triton: the torch path serves everything
     KERNELS_AVAILABLE = False
@@ -116,7 +118,7 @@ if KERNELS_AVAILABLE:
 
 
 def _block(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return next_power_of_2(D)
 
 
 def _warps(block: int) -> int:
@@ -146,8 +148,8 @@ def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
     dx = torch.empty_like(x2)
     block = _block(D)
     programs = max(1, min(N, 4 * _multiprocessors(x.device)))
-    rows_per_program = triton.cdiv(max(N, 1), programs)
-    programs = triton.cdiv(max(N, 1), rows_per_program)
+    rows_per_program = cdiv(max(N, 1), programs)
+    programs = cdiv(max(N, 1), rows_per_program)
     dw = torch.empty(programs, D, device=x.device, dtype=torch.float32) if weight is not None else None
     if N:
         _rms_norm_bwd_kernel[(programs,)](
@@ -174,7 +176,7 @@ def swiglu_rows_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, h, n, BLOCK=SWIGLU_BLOCK, num_warps=4)
+        _swiglu_fwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, h, n, BLOCK=SWIGLU_BLOCK, num_warps=4)
     return h
 
 
@@ -183,6 +185,6 @@ def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
     h, dg, du = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK,
+        _swiglu_bwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK,
                                                              num_warps=4)
     return h, dg, du

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR, without_autocast
 from .common import (
+    cdiv,
     chunk_gates,
     chunk_span,
     dot_config,
@@ -595,7 +596,7 @@ class ChunkLayout:
         if uniform_length is not None:  # B sequences of one length: no host round trip
             N = cu_seqlens.numel() - 1
             self.offsets = [i * uniform_length for i in range(N + 1)]
-            per_seq = triton.cdiv(uniform_length, CHUNK)
+            per_seq = cdiv(uniform_length, CHUNK)
             self.max_chunks = per_seq
             n = torch.arange(per_seq, device=device)
             seq = torch.arange(N, device=device).repeat_interleave(per_seq)
@@ -606,7 +607,7 @@ class ChunkLayout:
         else:
             offsets = self.offsets = cu_seqlens.tolist()
             lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-            per_seq = [triton.cdiv(length, CHUNK) for length in lengths]
+            per_seq = [cdiv(length, CHUNK) for length in lengths]
             self.max_chunks = max(per_seq, default=0)
             seq_list, start_list, slot_list, base_list, slot = [], [], [], [], 0
             for i, (offset, count) in enumerate(zip(offsets[:-1], per_seq)):
@@ -643,7 +644,7 @@ class SegmentLayout:
         bounds, slots, chunks, first = [offsets[0]], [], [], [0]
         slot = chunk = 0
         for bos, eos in zip(offsets[:-1], offsets[1:]):
-            count = triton.cdiv(eos - bos, CHUNK)
+            count = cdiv(eos - bos, CHUNK)
             for c0 in range(0, count, length):
                 bounds.append(min(eos, bos + (c0 + length) * CHUNK))
                 slots.append(slot + c0)
@@ -701,7 +702,7 @@ def _scan(slots, decay, start, layout, reverse):
     """Run `_scan_slots` over all sequences and heads; returns the last value of each scan (float32, joint)."""
     _, H, KV, M = slots.shape
     end = torch.empty(layout.num_sequences, H, KV, M, device=slots.device, dtype=torch.float32)
-    grid = (layout.num_sequences * H, triton.cdiv(KV * M, SCAN_BLOCK))
+    grid = (layout.num_sequences * H, cdiv(KV * M, SCAN_BLOCK))
     _scan_slots[grid](
         slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
         layout.chunk_base, H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
@@ -730,14 +731,14 @@ def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | 
     if STATE_PASS not in ("auto", "walk", "segment", "split"):
         raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk, segment or split, got {STATE_PASS!r}")
     block = min(64, next_power_of_2(max(K, V)))
-    blocks = triton.cdiv(K, block) + triton.cdiv(V, block)
+    blocks = cdiv(K, block) + cdiv(V, block)
     if STATE_PASS == "auto":
         return (block, None) if layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS else None
     if STATE_PASS == "split":
         return None
     if STATE_PASS == "walk":
         return block, None
-    length = SEGMENT_CHUNKS or max(SEGMENT_MIN_CHUNKS, triton.cdiv(layout.num_chunks * H * blocks, SEGMENT_PROGRAMS))
+    length = SEGMENT_CHUNKS or max(SEGMENT_MIN_CHUNKS, cdiv(layout.num_chunks * H * blocks, SEGMENT_PROGRAMS))
     return block, (length if length < layout.max_chunks else None)
 
 
@@ -758,7 +759,7 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=True)
     BM = next_power_of_2(M)
     rows = max(1, SCAN_BLOCK // BM)
-    _join_segments[(layout.num_sequences * H, triton.cdiv(KV, rows))](
+    _join_segments[(layout.num_sequences * H, cdiv(KV, rows))](
         ends, decay, start if start is not None else final, starts, final, slots,
         layout.cu_seqlens, layout.slot_base, spans.first, spans.cu_seqlens, spans.chunk_base,
         H, M, KV, BT=CHUNK, BR=rows, BM=BM, BC=16, REVERSE=reverse, HAS_START=start is not None,
@@ -792,7 +793,7 @@ def _scan_states(k, v, s, g, h0, layout):
         BD, length = plan
 
         def launch(spans, count, start_, end, **flags):
-            _walk_states[(count * H, triton.cdiv(K, BD) + triton.cdiv(V, BD))](
+            _walk_states[(count * H, cdiv(K, BD) + cdiv(V, BD))](
                 k, v, factors, decay, states, start_, end, spans.cu_seqlens, spans.slot_base, spans.chunk_base,
                 H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot, **LAUNCH["_walk_states"],
             )
@@ -801,7 +802,7 @@ def _scan_states(k, v, s, g, h0, layout):
         return states, decay, final
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
-        _local_states[(layout.num_chunks, triton.cdiv(width, BD), H)](
+        _local_states[(layout.num_chunks, cdiv(width, BD), H)](
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot, **LAUNCH["_local_states"],
         )
@@ -884,7 +885,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             dh0 = torch.empty(layout.num_sequences, H, K + V, M, device=q.device, dtype=torch.float32)
 
             def launch(spans, count, start, end, **flags):
-                _walk_dstates[(count * H, triton.cdiv(K, walk) + triton.cdiv(V, walk))](
+                _walk_dstates[(count * H, cdiv(K, walk) + cdiv(V, walk))](
                     q, do, dl_dec, p_dec, dstates, decay, start, end, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
                     BT=CHUNK, BD=walk, BM=BM, **flags, **dot, **LAUNCH["_walk_dstates"],
@@ -894,7 +895,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         else:
             for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
                 BD = min(64, next_power_of_2(width))
-                _local_dstates[(layout.num_chunks, triton.cdiv(width, BD), H)](
+                _local_dstates[(layout.num_chunks, cdiv(width, BD), H)](
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
                     x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot,
                     **LAUNCH["_local_dstates"],

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_power_of_2
+from .common import cdiv, next_power_of_2
 
 
 FEATURE_MAP_CODES = {"identity": 0, "swish": 1, "silu": 1, "relu": 2}
@@ -119,7 +119,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     H, V, M = k.shape[1], v.shape[2], g.shape[2]
     group = HQ // H
     BG, BK, BV, BM = next_power_of_2(group), min(64, next_power_of_2(K)), min(64, next_power_of_2(V)), next_power_of_2(M)
-    nkb = triton.cdiv(K, BK)
+    nkb = cdiv(K, BK)
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     s = g if s is None else s.contiguous()
     raw = projections is not None
@@ -132,7 +132,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args,
     )
-    _step_values[(B, H, triton.cdiv(V, BV))](
+    _step_values[(B, H, cdiv(V, BV))](
         v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM, **gate_args
     )
     return o
