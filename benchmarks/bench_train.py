@@ -142,7 +142,7 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
 
     step(steps)  # warm-up
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for i in range(steps):
             step(i)
@@ -150,10 +150,15 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
         wall = (time.perf_counter() - start) / steps
     groups: dict[str, float] = {}
     kernels: dict[str, float] = {}
+    ops: dict[str, float] = {}  # the torch operators that launched the kernels (aten::copy_, aten::add_, ...)
+    fields = ("device_time_total", "self_device_time_total", "cuda_time_total", "self_cuda_time_total")
     for event in prof.key_averages():
         if event.device_type != DeviceType.CUDA:
+            self_fields = ("self_device_time_total", "self_cuda_time_total")
+            own = max((getattr(event, field, 0.0) or 0.0) for field in self_fields) / 1e3 / steps
+            if own > 0:
+                ops[event.key[:60]] = ops.get(event.key[:60], 0.0) + own
             continue
-        fields = ("device_time_total", "self_device_time_total", "cuda_time_total", "self_cuda_time_total")
         ms = max((getattr(event, field, 0.0) or 0.0) for field in fields) / 1e3 / steps
         groups[kernel_group(event.key)] = groups.get(kernel_group(event.key), 0.0) + ms
         kernels[event.key[:90]] = kernels.get(event.key[:90], 0.0) + ms
@@ -161,7 +166,8 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return {"wall_ms_profiled": wall * 1e3, "gpu_ms_by_group": dict(sorted(groups.items(), key=lambda x: -x[1])),
-            "top_kernels_ms": dict(sorted(kernels.items(), key=lambda x: -x[1])[:15])}
+            "top_kernels_ms": dict(sorted(kernels.items(), key=lambda x: -x[1])[:40]),
+            "top_ops_ms": dict(sorted(ops.items(), key=lambda x: -x[1])[:30])}
 
 
 def main():
@@ -202,6 +208,9 @@ def main():
             for group, ms in result["gpu_ms_by_group"].items():
                 print(f"  {ms:8.1f}  {group}")
             for name, ms in list(result["top_kernels_ms"].items())[:8]:
+                print(f"  {ms:8.1f}    {name}")
+            print("  GPU ms by the torch operator that launched it:")
+            for name, ms in list(result["top_ops_ms"].items())[:10]:
                 print(f"  {ms:8.1f}    {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
