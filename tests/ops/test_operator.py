@@ -239,6 +239,22 @@ def test_long_sequence_with_gates_near_one():
     assert rel_err(hk[0, 0, :, 1], hk_want) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_swish_inputs_compose_swish_outside_the_kernels(backend):
+    """swish_inputs on the backends without the fused kernels: the same as swishing q, k, v first, gradients
+    included (they reach the projections through swish)."""
+    tensors = gsa_inputs(1, 40, 2, 2, 6, 5, 4, dtype=torch.float64, seed=31)
+    silu = torch.nn.functional.silu
+
+    def fused(q, k, v, s, g):
+        return gated_slot_attention(q, k, v, s, g, None, None, True, backend=backend, swish_inputs=True)
+
+    def composed(q, k, v, s, g):
+        return gated_slot_attention(silu(q), silu(k), silu(v), s, g, None, None, True, backend=backend)
+
+    assert_close_all(outputs_and_grads(fused, tensors), outputs_and_grads(composed, tensors), 1e-12)
+
+
 def test_default_scale_is_inverse_sqrt_k():
     tensors = gsa_inputs(1, 10, 2, 2, 9, 4, 4, seed=16)
     o_default, _ = gated_slot_attention(*tensors, backend="torch")
@@ -258,6 +274,9 @@ def test_auto_backend_on_cpu_is_torch():
 def test_matches_fla_naive_reference_when_installed():
     """Cross-check against the authors' plain-PyTorch recurrence (flash-linear-attention), GQA and states included."""
     naive = pytest.importorskip("fla.ops.gsa.naive")
+    from gsa.models import register_auto_classes
+
+    register_auto_classes()  # importing fla re-registered model_type "gsa" to its classes: later tests expect ours
     shape = (2, 45, 4, 2, 8, 6, 5)
     B, T, HQ, H, K, V, M = shape
     q, k, v, s, g = gsa_inputs(*shape, dtype=torch.float32, seed=21)

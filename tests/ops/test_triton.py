@@ -121,6 +121,30 @@ def test_varlen_matches_reference(state_pass):
     check_varlen([0, 5, 70, 71, 200], query_heads=4, seed=7)
 
 
+@pytest.mark.parametrize("shape, offsets", [((2, 129, 4, 2, 16, 24, 20), None), ((1, 200, 2, 1, 8, 8, 16), [0, 5, 70, 200])],
+                         ids=["gqa", "varlen"])
+def test_swish_inputs_match_reference_on_swished_projections(shape, offsets, state_pass):
+    """swish_inputs: the kernels form swish(q), swish(k), swish(v) where they load them and return the gradients of
+    the projections; against the reference given the swished tensors (autograd through torch's silu)."""
+    B, T, HQ, H, K, V, M = shape
+    N = B if offsets is None else len(offsets) - 1
+    tensors = gsa_inputs(*shape, dtype=torch.float32, seed=21, device=DEVICE)
+    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=22, device=DEVICE))
+    cu = None if offsets is None else torch.tensor(offsets, device=DEVICE)
+    scale = K**-0.5
+
+    def fused(q, k, v, s, g, hk, hv):
+        return triton_ops.chunk_gsa_triton(q, k, v, s, g, scale, (hk, hv), True, cu, swish_inputs=True)
+
+    def composed(q, k, v, s, g, hk, hv):
+        silu = torch.nn.functional.silu
+        return reference(silu(q), silu(k), silu(v), s, g, hk, hv, cu_seqlens=cu, scale=scale)
+
+    got = outputs_and_grads(fused, tensors)
+    want = outputs_and_grads(composed, tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
+
+
 def uniform(B, T):
     return chunk_kernels._uniform_layout(B, T, torch.device("cpu"))
 
@@ -250,6 +274,21 @@ def test_gpu_real_shapes(shape, dtype, tol):
         lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, backend="torch"), [t.double() for t in tensors]
     )
     assert_close_all([t.float() for t in got], want, tol, context=f"{shape} {dtype}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_swish_inputs_at_the_paper_shape(dtype):
+    """The kernels' own swish against the float64 PyTorch path on swished projections (bf16: 1e-2, fp32: 1e-4)."""
+    shape = (2, 2048, 4, 4, 512, 512, 64)
+    tensors = [t.to(dtype) for t in gsa_inputs(*shape, dtype=torch.float32, seed=23, device="cuda")]
+    silu = torch.nn.functional.silu
+    got = outputs_and_grads(
+        lambda *a: gated_slot_attention(*a, None, None, True, backend="triton", swish_inputs=True), tensors)
+    want = outputs_and_grads(
+        lambda q, k, v, s, g: gated_slot_attention(silu(q), silu(k), silu(v), s, g, None, None, True, backend="torch"),
+        [t.double() for t in tensors])
+    assert_close_all([t.float() for t in got], want, 1e-2 if dtype == torch.bfloat16 else 1e-4, context=str(dtype))
 
 
 @gpu

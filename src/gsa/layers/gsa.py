@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
+from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode, resolve_backend
 from .conv import ShortConvolution
-from .fused import norm_linear, plain_slot_gates, recompute_saved, slot_gates
+from .fused import fused_enabled, norm_linear, plain_slot_gates, recompute_saved, slot_gates
 from .norm import RMSNorm
 
+# The swish feature maps inside the Triton kernels (gated_slot_attention's swish_inputs) instead of three swish
+# passes around them: off until timed on the GPU (benchmarks/NOTES.md, session 5); GSA_SWISH_IN_KERNELS=1 turns it on.
+SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "0") == "1"
 
 
 @dataclass
@@ -201,11 +205,19 @@ class GatedSlotAttention(nn.Module):
         q_in = q.view(B, T, self.num_heads, self.head_k_dim)
         k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
         v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
-        q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
-        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
-        recipes = [(v, F.silu, v_in)]
-        if self.feature_map is F.silu:
-            recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+        # With swish feature maps the Triton kernels can form swish(q), swish(k), swish(v) where they load them: no
+        # swish tensors written, kept or recomputed, and their gradients reach the projections inside the kernels
+        swish_inside = (SWISH_IN_KERNELS and fused_enabled() and self.feature_map is F.silu
+                        and resolve_backend(self.backend, q_in.device) == "triton")
+        if swish_inside:
+            q, k, v = q_in, k_in, v_in
+            recipes = []
+        else:
+            q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
+            # swish saves its input for backward; the operator saves its output as well: let it recompute that
+            recipes = [(v, F.silu, v_in)]
+            if self.feature_map is F.silu:
+                recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
         f = f.view(B, T, self.num_kv_heads, self.num_slots)
         # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
         gate_mask = None if mask is None else mask[:, :, None, None]
@@ -221,7 +233,7 @@ class GatedSlotAttention(nn.Module):
         with recompute_saved(recipes):
             o, final = gated_slot_attention(
                 q, k, v, s, g, self.scale, initial, use_cache or state is not None, cu_seqlens,
-                backend=self.backend, check_gate_values=False,
+                backend=self.backend, check_gate_values=False, swish_inputs=swish_inside,
             )
         if final is not None:
             new_state = SlotState(final[0], final[1], conv_windows)

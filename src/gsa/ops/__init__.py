@@ -6,6 +6,7 @@ from .dispatch import (
     gated_slot_attention,
     gated_slot_attention_decode,
     gated_slot_attention_step,
+    resolve_backend,
     triton_available,
 )
 from .projections import FEATURE_MAPS, slot_gates
@@ -16,6 +17,7 @@ __all__ = [
     "gated_slot_attention",
     "gated_slot_attention_decode",
     "gated_slot_attention_step",
+    "resolve_backend",
     "slot_gates",
     "triton_available",
 ]

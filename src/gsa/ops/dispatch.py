@@ -24,7 +24,8 @@ def triton_available(device: torch.device) -> bool:
     return KERNELS_AVAILABLE
 
 
-def _resolve(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that `backend` ("auto" included) runs on tensors of this device."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -45,6 +46,7 @@ def gated_slot_attention(
     *,
     backend: str = "auto",
     check_gate_values: bool = True,
+    swish_inputs: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Gated Slot Attention over whole sequences.
 
@@ -60,6 +62,9 @@ def gated_slot_attention(
         backend: "reference" (step by step), "torch" (chunked, CPU and fallback), "triton" (GPU), or
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
+        swish_inputs: q, k, v are projections and the operator attends with swish(q), swish(k), swish(v) (the GSA
+            layer's default feature maps), gradients flowing to the projections. The Triton kernels form the
+            swish where they load q, k, v, so no swish tensor is written or kept; other backends compose it.
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).
@@ -67,15 +72,17 @@ def gated_slot_attention(
     shapes = check_inputs(q, k, v, s, g, initial_state, cu_seqlens, check_gate_values)
     if scale is None:
         scale = shapes.K**-0.5
-    chosen = _resolve(backend, q.device)
-    args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+    chosen = resolve_backend(backend, q.device)
     # The operator fixes its own precision (float32 accumulation and softmax whatever the input dtype), so an
     # enclosing autocast region must not recast its internal matmuls.
     with torch.autocast(q.device.type, enabled=False):
-        return _run(chosen, args)
+        if swish_inputs and chosen != "triton":
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+        return _run(chosen, args, swish_inputs and chosen == "triton")
 
 
-def _run(chosen: str, args: tuple):
+def _run(chosen: str, args: tuple, swish_inputs: bool = False):
     q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)
@@ -86,7 +93,7 @@ def _run(chosen: str, args: tuple):
         raise RuntimeError(f"backend='triton' needs CUDA tensors and an importable triton; q is on {q.device}")
     from .triton import triton_gsa
 
-    return triton_gsa(*args)
+    return triton_gsa(*args, swish_inputs=swish_inputs)
 
 
 def gated_slot_attention_step(
@@ -115,7 +122,7 @@ def gated_slot_attention_step(
     shapes = check_step_inputs(q, k, v, s, g, state)
     if scale is None:
         scale = shapes.K**-0.5
-    chosen = _resolve(backend, q.device)
+    chosen = resolve_backend(backend, q.device)
     with torch.autocast(q.device.type, enabled=False):
         return _run_step(chosen, q, k, v, s, g, state, scale, inplace)
 
@@ -168,7 +175,7 @@ def gated_slot_attention_decode(
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
     if scale is None:
         scale = shapes.K**-0.5
-    chosen = _resolve(backend, q.device)
+    chosen = resolve_backend(backend, q.device)
     with torch.autocast(q.device.type, enabled=False):
         if chosen == "triton":
             from .triton import triton_gsa_decode
