@@ -145,6 +145,18 @@ def test_swish_inputs_match_reference_on_swished_projections(shape, offsets, sta
     assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
 
 
+def test_swish_inputs_on_the_short_recurrent_path():
+    """Short prompts without gradients take the step kernels: swish_inputs composes swish there."""
+    B, T, HQ, H, K, V, M = 2, 5, 2, 2, 8, 6, 4
+    q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=24, device=DEVICE)
+    hk, hv = random_state(B, H, K, V, M, dtype=torch.float32, seed=25, device=DEVICE)
+    silu = torch.nn.functional.silu
+    with torch.no_grad():
+        o, (hk1, hv1) = triton_ops.triton_gsa(q, k, v, s, g, 0.5, (hk, hv), True, swish_inputs=True)
+    want, (hk_want, hv_want) = reference(silu(q), silu(k), silu(v), s, g, hk, hv, scale=0.5)
+    assert_close_all([o.cpu(), hk1.cpu(), hv1.cpu()], [want, hk_want, hv_want], 1e-5, names=["o", "hk", "hv"])
+
+
 def uniform(B, T):
     return chunk_kernels._uniform_layout(B, T, torch.device("cpu"))
 
@@ -277,10 +289,14 @@ def test_gpu_real_shapes(shape, dtype, tol):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_swish_inputs_at_the_paper_shape(dtype):
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((2, 2048, 4, 4, 512, 512, 64), torch.bfloat16), ((2, 2048, 4, 4, 512, 512, 64), torch.float32),
+     ((1, 1000, 32, 8, 64, 64, 48), torch.bfloat16)],  # the paper's layer; GQA (dk, dv summed over the group)
+    ids=str,
+)
+def test_gpu_swish_inputs_at_real_shapes(shape, dtype):
     """The kernels' own swish against the float64 PyTorch path on swished projections (bf16: 1e-2, fp32: 1e-4)."""
-    shape = (2, 2048, 4, 4, 512, 512, 64)
     tensors = [t.to(dtype) for t in gsa_inputs(*shape, dtype=torch.float32, seed=23, device="cuda")]
     silu = torch.nn.functional.silu
     got = outputs_and_grads(

@@ -287,8 +287,9 @@ def _walk_dstates(
         for i_g in range(GROUP):
             i_hq = i_h * GROUP + i_g
             x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd)
-            if SWISH:  # q's rows are features of projections, do's are not
-                x = tl.where(is_key, swish_if(x, SWISH), x)
+            if SWISH:
+                if is_key:  # q's rows are features of projections, do's are not
+                    x = swish_if(x, SWISH)
             x = x.to(DOT_DT)
             y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
             local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
