@@ -69,11 +69,21 @@ def use_triton_kernels(enabled: bool | None = True):
         _TRITON.reset(token)
 
 
-def _triton(*tensors: torch.Tensor) -> bool:
-    """Whether the row-wise work on these tensors goes to the Triton kernels."""
+def triton_wanted(*tensors: torch.Tensor) -> bool:
+    """Whether the `use_triton_kernels` switch sends work on these tensors to Triton kernels (CUDA tensors by
+    default), outside torch.compile, and triton is there."""
     forced = _TRITON.get()
     wanted = forced if forced is not None else all(t.is_cuda for t in tensors)
     if not wanted or torch.compiler.is_compiling():
+        return False
+    from . import fused_triton
+
+    return fused_triton.KERNELS_AVAILABLE
+
+
+def _triton(*tensors: torch.Tensor) -> bool:
+    """Whether the row-wise work on these tensors goes to the Triton kernels."""
+    if not triton_wanted(*tensors):
         return False
     from . import fused_triton
 

@@ -117,6 +117,53 @@ if KERNELS_AVAILABLE:
         tl.store(DG + offs, (ds * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=valid)
 
 
+    @triton.jit
+    def _cross_entropy_kernel(LOGITS, LABELS, LOSS, COUNT, V, ignore_index, GRAD: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """One row of logits: its loss lse - logit[label] (0 for an ignored label) and, with GRAD, the loss
+        gradient (softmax - onehot) / count written over the logits in their dtype."""
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * V
+        cols = tl.arange(0, BLOCK)
+        label = tl.load(LABELS + row)
+        valid = label != ignore_index
+        # running max and sum of exponentials per lane; a finite start keeps masked lanes at exp(-inf) = 0
+        top = tl.full([BLOCK], -1e30, dtype=tl.float32)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+            new_top = tl.maximum(top, x)
+            total = total * tl.exp(top - new_top) + tl.exp(x - new_top)
+            top = new_top
+        peak = tl.max(top, 0)
+        lse = peak + tl.log(tl.sum(total * tl.exp(top - peak), 0))
+        target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
+        tl.store(LOSS + row, tl.where(valid, lse - target, 0.0))
+        if GRAD:
+            scale = tl.where(valid, 1.0 / tl.load(COUNT).to(tl.float32), 0.0)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                p = tl.exp(tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32) - lse)
+                p = tl.where(offs == label, p - 1.0, p) * scale
+                tl.store(base + offs, p.to(LOGITS.dtype.element_ty), mask=offs < V)
+
+
+CROSS_ENTROPY_BLOCK = 4096
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor, ignore_index: int,
+                       grad: bool) -> torch.Tensor:
+    """Per-row losses (float32) of contiguous logits [rows, V] against labels; with grad, the logits are replaced
+    in place by the gradient of sum(losses) / count (count: a one-element tensor, no host sync)."""
+    rows, V = logits.shape
+    loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows:
+        block = min(CROSS_ENTROPY_BLOCK, next_power_of_2(V))
+        _cross_entropy_kernel[(rows,)](logits, labels, loss, count, V, ignore_index, GRAD=grad, BLOCK=block,
+                                       num_warps=8 if block >= 2048 else 4)
+    return loss
+
+
 def _block(D: int) -> int:
     return next_power_of_2(D)
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.fused import triton_wanted
+from ..layers.fused_triton import cross_entropy_rows
+
 IGNORE_INDEX = -100
+
+
+def _rows_kernel(logits: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> bool:
+    """Whether the Triton row kernel takes a chunk's loss and softmax gradient (gsa.layers.fused_triton)."""
+    return (acc == torch.float32 and logits.dtype == weight.dtype and logits.is_contiguous()
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_wanted(logits))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -28,15 +37,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_rows]
             y = labels[start : start + chunk_rows]
             ok = valid[start : start + chunk_rows]
-            logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, -1)
-            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total = total + ((lse - target) * ok).sum()
+            logits = h @ weight.t()
+            if _rows_kernel(logits, weight, acc):
+                # one kernel reads the logits twice and writes the gradient over them in their dtype, instead of
+                # a float32 copy, softmax, gradient and a cast back as separate passes over [rows, vocab]
+                total = total + cross_entropy_rows(logits, y, count, IGNORE_INDEX, needs_grad).sum()
+                d_logits = logits
+            else:
+                logits = logits.to(acc)
+                lse = torch.logsumexp(logits, -1)
+                target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+                total = total + ((lse - target) * ok).sum()
+                if needs_grad:
+                    d_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax in place: one [rows, V] buffer
+                    d_logits[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+                    d_logits *= ok.unsqueeze(1).to(acc) / count.to(acc)
+                    d_logits = d_logits.to(weight.dtype)
             if needs_grad:
-                d_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax in place: one [rows, V] float32 buffer
-                d_logits[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
-                d_logits *= ok.unsqueeze(1).to(acc) / count.to(acc)
-                d_logits = d_logits.to(weight.dtype)
                 grad_hidden[start : start + chunk_rows] = d_logits @ weight
                 grad_weight += (d_logits.t() @ h).to(grad_weight.dtype)
         if needs_grad:
