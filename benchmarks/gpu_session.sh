@@ -143,7 +143,7 @@ for what in "$@"; do
             fla_setup
             stage fla-ops-long 150 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
                 --graph --out "$OUT/ops_h200_fla.json"
-            stage tune-segment 80 python3 benchmarks/tune_ops.py --skip-tune --passes split segment \
+            stage tune-segment 80 python3 benchmarks/tune_ops.py --skip-tune --passes split segment --graph \
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;

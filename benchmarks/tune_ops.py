@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bench_ops import SHAPES, bench, kernel_breakdown, make_inputs, rel, run_and_grads
+from bench_ops import SHAPES, bench, bench_graph, kernel_breakdown, make_inputs, rel, run_and_grads
 from gsa.ops import gated_slot_attention
 from gsa.ops.triton import chunk as kernels
 
@@ -50,6 +50,8 @@ def main():
     parser.add_argument("--tune-shape", default="paper-2k", choices=list(SHAPES))
     parser.add_argument("--tune-pass", default="walk64")
     parser.add_argument("--skip-tune", action="store_true")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time replayed from a CUDA graph, and sweep launch settings by that time")
     parser.add_argument("--out", default="benchmarks/results/tune_ops.json")
     args = parser.parse_args()
     started = time.time()
@@ -82,10 +84,12 @@ def main():
             got = run_and_grads(ours, inputs, do, dstate)
             errors = {n: rel(a, b) for n, a, b in zip(GRAD_NAMES, got, truth)}
             fwd, total, peak = bench(ours, inputs, do)
+            graph = bench_graph(ours, inputs, do) if args.graph else {}
             results["passes"].setdefault(shape, {})[name] = {"forward_ms": fwd, "forward_backward_ms": total,
                                                              "peak_gib": peak, "max_err": max(errors.values()),
-                                                             "errors": errors}
-            print(f"{shape:<10} {name:<7} fwd {fwd:.3f} ms  f+b {total:.3f} ms  peak {peak:.2f} GiB  "
+                                                             "errors": errors, **graph}
+            in_graph = "".join(f"  {key} {ms:.3f}" for key, ms in graph.items())
+            print(f"{shape:<10} {name:<7} fwd {fwd:.3f} ms  f+b {total:.3f} ms{in_graph}  peak {peak:.2f} GiB  "
                   f"max err {max(errors.values()):.1e}  ({time.time() - started:.0f} s)", flush=True)
             del got
         del truth
@@ -99,7 +103,10 @@ def main():
             for warps, stages in CONFIGS:
                 kernels.LAUNCH[kernel] = {"num_warps": warps, "num_stages": stages}
                 try:
-                    timings[f"{warps}w{stages}s"] = bench(ours, inputs, do)[1]
+                    if args.graph:
+                        timings[f"{warps}w{stages}s"] = bench_graph(ours, inputs, do).get("forward_backward_graph")
+                    else:
+                        timings[f"{warps}w{stages}s"] = bench(ours, inputs, do)[1]
                 except Exception as error:  # a config that does not fit (shared memory, registers)
                     timings[f"{warps}w{stages}s"] = None
                     print(f"  {kernel} {warps}w{stages}s failed: {type(error).__name__}: {str(error)[:120]}")
@@ -119,10 +126,13 @@ def main():
             print(f"  {us:9.1f} us  {kernel[:80]}")
         save()
 
-    print(f"\n{'shape':<10} " + " ".join(f"{p + ' fwd':>12} {p + ' f+b':>12}" for p in args.passes))
+    keys = ["forward_ms", "forward_backward_ms"] + (["forward_graph", "forward_backward_graph"] if args.graph else [])
+    labels = {"forward_ms": "fwd", "forward_backward_ms": "f+b", "forward_graph": "fwd graph",
+              "forward_backward_graph": "f+b graph"}
+    print(f"\n{'shape':<10} " + " ".join(f"{p + ' ' + labels[k]:>18}" for p in args.passes for k in keys))
     for shape, row in results["passes"].items():
         print(f"{shape:<10} " + " ".join(
-            f"{row[p]['forward_ms']:>12.3f} {row[p]['forward_backward_ms']:>12.3f}" for p in args.passes if p in row))
+            f"{row[p].get(k, float('nan')):>18.3f}" for p in args.passes if p in row for k in keys))
 
 
 if __name__ == "__main__":
