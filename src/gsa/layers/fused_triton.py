@@ -19,7 +19,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ..ops.triton.common import cdiv, next_power_of_2
+    from ..ops.triton.common import cdiv, next_power_of_2, swish_grad
 
     KERNELS_AVAILABLE = True
 except ImportError:  # no triton: the torch path serves everything
@@ -87,8 +87,7 @@ if KERNELS_AVAILABLE:
                 du = rstd * (dy - xhat * (tl.sum(dy * xhat, 0) / D))
                 if PRE_SILU:
                     du = du.to(DX.dtype.element_ty).to(tl.float32)  # the composition's grad of silu(x) is rounded
-                    sig = tl.sigmoid(x_in)
-                    du = du * sig * (1.0 + x_in * (1.0 - sig))
+                    du = swish_grad(du, x_in)
                 tl.store(DX + offset + cols, du.to(DX.dtype.element_ty), mask=valid)
         if HAS_W:
             tl.store(DW + pid.to(tl.int64) * D + cols, dw, mask=valid)
@@ -113,9 +112,7 @@ if KERNELS_AVAILABLE:
         tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=valid)
         tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=valid)
         ds = (dh * u).to(G.dtype.element_ty).to(tl.float32)  # torch rounds grad * up to the dtype first
-        sig = tl.sigmoid(g)
-        tl.store(DG + offs, (ds * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=valid)
-
+        tl.store(DG + offs, swish_grad(ds, g).to(DG.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _cross_entropy_kernel(LOGITS, LABELS, LOSS, COUNT, V, ignore_index, GRAD: tl.constexpr,
@@ -232,6 +229,5 @@ def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
     h, dg, du = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK,
-                                                             num_warps=4)
+        _swiglu_bwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4)
     return h, dg, du

@@ -8,7 +8,6 @@ from .modeling_gsa import GSAForCausalLM, GSAModel, GSAPreTrainedModel
 from .presets import PRESETS, preset_config
 
 
-
 def register_auto_classes() -> None:
     """Map model_type "gsa" to these classes in transformers' Auto classes (done on import). flash-linear-attention
     registers its own GSA classes under the same name when imported: call this after `import fla` to map the name

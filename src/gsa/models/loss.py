@@ -1,8 +1,10 @@
 """Next-token cross-entropy without the full [tokens, vocab] float32 logits tensor.
 
 The LM head and the loss run over row chunks; each chunk's softmax gradient is formed right away (when the
-inputs need gradients) and folded into grad_hidden / grad_weight, so peak extra memory is one chunk of logits
-(float32, turned into the softmax in place) and its copy in the weight's dtype.
+inputs need gradients) and folded into grad_hidden / grad_weight, so peak extra memory is one chunk of logits.
+Where the Triton kernels run (gsa.layers.fused_triton), one row kernel forms a chunk's loss and writes its softmax
+gradient over the logits; elsewhere the chunk is taken to float32, turned into the softmax in place, and cast
+back to the weight's dtype.
 """
 
 from __future__ import annotations
