@@ -139,6 +139,11 @@ for what in "$@"; do
             stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k h16-d128 h32-d64 \
                 --graph --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
             keep_autotune ;;
+        fla-heads)  # issue 3: the H16/K128 and H32/K64 shapes against FLA (carry .whl, .cache/triton; ~9 min cold)
+            fla_setup
+            stage fla-ops-heads 560 python3 benchmarks/bench_ops.py --shapes h16-d128 h32-d64 --graph --profile \
+                --fla-budget-s 480 --out "$OUT/ops_h200_fla_heads.json"
+            keep_autotune ;;
         segment)  # issue 3: segmented state walk at the long shapes, same run as FLA (carry .whl, .cache/triton)
             fla_setup
             stage fla-ops-long 150 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k --profile \
@@ -163,6 +168,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

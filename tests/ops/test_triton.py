@@ -162,17 +162,18 @@ def uniform(B, T):
 
 
 def test_state_pass_rule(monkeypatch):
-    """Auto walks whole sequences when sequences x heads x row blocks fill the GPU and splits otherwise; segments
-    are cut to give about SEGMENT_PROGRAMS programs (whole sequences when a segment would hold one); a misspelled
-    override is refused by name."""
+    """Auto walks whole sequences when sequences x heads x row blocks fill the GPU and walks segments otherwise;
+    segments are cut to give about SEGMENT_PROGRAMS programs (whole sequences when a segment would hold one); a
+    misspelled override is refused by name."""
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "auto")
     monkeypatch.setattr(chunk_kernels, "WALK_MIN_PROGRAMS", 256)
     monkeypatch.setattr(chunk_kernels, "SEGMENT_PROGRAMS", 512)
     plan = chunk_kernels.state_plan
     assert plan(uniform(8, 2048), 4, 512, 512) == (64, None)  # 8 x 4 x 16 = 512 programs
-    assert plan(uniform(2, 8192), 4, 512, 512) is None  # 128 programs
+    assert plan(uniform(2, 8192), 4, 512, 512) == (64, 32)  # 128 programs: 4 segments of 32 chunks a sequence
     assert plan(uniform(64, 64), 2, 5, 7) == (16, None)  # narrow heads: the block follows the width
-    assert plan(uniform(63, 64), 2, 5, 7) is None  # 252 programs
+    assert plan(uniform(63, 64), 2, 5, 7) == (16, None)  # 252 programs, but one chunk a sequence: nothing to cut
+    assert plan(uniform(1, 16384), 4, 512, 512) == (64, 32)  # 64 programs: 8 segments
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "walk")
     assert plan(uniform(1, 16384), 4, 512, 512) == (64, None)
     monkeypatch.setattr(chunk_kernels, "STATE_PASS", "segment")

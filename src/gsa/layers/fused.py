@@ -502,5 +502,11 @@ def recompute_saved(recipes: Sequence[tuple[torch.Tensor, object, torch.Tensor]]
         assert out.shape == shape and out.is_contiguous()
         return out.as_strided(size, stride, offset)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        # autograd keeps the pack hook with every tensor it packed, until the graph is freed: holding the outputs
+        # through it would keep exactly what this context exists not to keep (3 swish tensors a layer, 4.5 GiB
+        # of a 1.3B model's 2K x 8 step on the H200)
+        by_storage.clear()

@@ -8,13 +8,14 @@ slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chu
 States: `_gate_factors` forms each chunk's gate factors once (chunk-parallel: s * exp(G_C - G) and the decay
 exp(G_C)), then the states come one of three ways (`state_plan`):
 - "walk": `_walk_states`, one program per (sequence, head, block of state rows), walks the sequence's chunks,
-  adding each chunk's contribution to a state held in registers and storing it at every boundary. Needs
-  sequences x heads x row blocks to fill the GPU (many short sequences).
-- "segment": the same walk over segments of the sequences (`SegmentLayout`), for few long ones: walk every segment
-  from zero keeping only its end, `_join_segments` runs the recurrence across segments (each segment's true
-  start), then walk again from those starts storing every slot.
+  adding each chunk's contribution to a state held in registers and storing it at every boundary. Chosen when
+  sequences x heads x row blocks fill the GPU (many short sequences).
+- "segment": the same walk over segments of the sequences (`SegmentLayout`), for few long ones (chosen otherwise):
+  walk every segment from zero keeping only its end, `_join_segments` runs the recurrence across segments (each
+  segment's true start), then walk again from those starts storing every slot.
 - "split": `_local_states` computes every chunk's contribution in parallel, then `_scan_slots` runs the
-  recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise (many programs, memory-bound; few long sequences).
+  recurrence x_n = x_{n-1} exp(G_C) + local_n elementwise (many programs, memory-bound). Only on request
+  (GSA_TRITON_STATE_PASS=split): segment beat it on the H200 at 8K and 16K (benchmarks/NOTES.md, session 6).
 Forward: the states, then `_output_fwd`, every chunk in parallel: logits over K blocks, softmax over slots, output
 over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel: slot gradients, dq and the
 within-chunk parts of dk, dv, ds); the state gradient the same three ways (`_walk_dstates` over sequences or
@@ -750,11 +751,9 @@ def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | 
         raise ValueError(f"GSA_TRITON_STATE_PASS must be auto, walk, segment or split, got {STATE_PASS!r}")
     block = min(64, next_power_of_2(max(K, V)))
     blocks = cdiv(K, block) + cdiv(V, block)
-    if STATE_PASS == "auto":
-        return (block, None) if layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS else None
     if STATE_PASS == "split":
         return None
-    if STATE_PASS == "walk":
+    if STATE_PASS == "walk" or (STATE_PASS == "auto" and layout.num_sequences * H * blocks >= WALK_MIN_PROGRAMS):
         return block, None
     length = SEGMENT_CHUNKS or max(SEGMENT_MIN_CHUNKS, cdiv(layout.num_chunks * H * blocks, SEGMENT_PROGRAMS))
     return block, (length if length < layout.max_chunks else None)
