@@ -68,8 +68,9 @@ for what in "$@"; do
             stage tests-walk 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "chunk_kernels or steep or varlen or gpu_real or gpu_long"
             stage tune 200 python3 benchmarks/tune_ops.py --skip-tune --out "$OUT/tune_ops_h200.json" ;;
-        tune-launch)  # num_warps / num_stages per kernel at paper-2k (sets LAUNCH in gsa/ops/triton/chunk.py)
-            stage tune-launch 330 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k \
+        tune-launch)  # num_warps / num_stages per kernel at paper-2k in GPU time (sets LAUNCH in gsa/ops/triton/chunk.py;
+            # benchmarks/kernel_registers.py shows which configs spill, without a GPU)
+            stage tune-launch 400 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \
                 --out "$OUT/tune_launch_h200.json" ;;
         mqar-step)  # issue 7: one MQAR training step per model and width, alone on the GPU, and its profile
             stage mqar-profile 150 python3 benchmarks/profile_mqar_step.py --widths 64 512 ;;

@@ -81,8 +81,8 @@ def _local_states(
     x = swish_if(load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd), SWISH).to(DOT_DT)
     factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
     local = tl.dot(tl.trans(x), factors, input_precision=PRECISION)
-    offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
-    tl.store(states_ptr + offs, local.to(states_ptr.dtype.element_ty), mask=mask)
+    base, offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
+    tl.store(states_ptr + base + offs, local.to(states_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -111,8 +111,8 @@ def _local_dstates(
         x = swish_if(load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd), SWISH).to(DOT_DT)
         y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
         local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
-    offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
-    tl.store(dstates_ptr + offs, (x_scale * local).to(dstates_ptr.dtype.element_ty), mask=mask)
+    base, offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
+    tl.store(dstates_ptr + base + offs, (x_scale * local).to(dstates_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,7 +181,8 @@ def _walk_start(start_ptr, i_nh, KV, M, row0, row_limit, dd, ms, BD: tl.constexp
                 HAS_START: tl.constexpr):
     """A walking program's rows row0 + dd (below row_limit) within one (slot, head) of the joint state: offsets,
     mask, and the state it starts from (those rows of start[i_nh] in float32, or zeros)."""
-    offs, mask = state_offsets(0, 0, 1, KV, M, row0, row_limit, dd, ms)
+    base, offs, mask = state_offsets(0, 0, 1, KV, M, row0, row_limit, dd, ms)
+    offs = base + offs  # within one (slot, head): small enough for int32
     state = tl.zeros([BD, BM], dtype=tl.float32)
     if HAS_START:
         state = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
@@ -329,14 +330,14 @@ def _join_segments(
     rr = tl.arange(0, BR)
     ms = tl.arange(0, BM)
     cc = tl.arange(0, BC)
-    offs, mask = state_offsets(0, 0, 1, KV, M, i_r * BR, KV, rr, ms)
+    base, offs, mask = state_offsets(0, 0, 1, KV, M, i_r * BR, KV, rr, ms)
     x = tl.zeros([BR, BM], dtype=tl.float32)
     if HAS_START:
-        x = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(start_ptr + i_nh.to(tl.int64) * KV * M + base + offs, mask=mask, other=0.0).to(tl.float32)
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     last_slot = tl.load(slot_base_ptr + i_n).to(tl.int64) + tl.cdiv(eos - bos, BT)
-    last_ptr = slots_ptr + (last_slot * H + i_h) * KV * M + offs
+    last_ptr = slots_ptr + (last_slot * H + i_h) * KV * M + base + offs
     if REVERSE:
         tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
     first = tl.load(seg_first_ptr + i_n).to(tl.int64)
@@ -346,7 +347,7 @@ def _join_segments(
             j = first + count - 1 - step
         else:
             j = first + step
-        tl.store(starts_ptr + (j * H + i_h) * KV * M + offs, x, mask=mask)
+        tl.store(starts_ptr + (j * H + i_h) * KV * M + base + offs, x, mask=mask)
         chunk0 = tl.load(seg_chunk_ptr + j).to(tl.int64)
         chunks = tl.cdiv(tl.load(seg_cu_ptr + j + 1).to(tl.int64) - tl.load(seg_cu_ptr + j).to(tl.int64), BT)
         decay = tl.full([BM], 1.0, dtype=tl.float32)
@@ -355,10 +356,10 @@ def _join_segments(
             tile = tl.load(decay_ptr + ((chunk0 + c) * H + i_h)[:, None] * M + ms[None, :],
                            mask=(c < chunks)[:, None] & (ms < M)[None, :], other=1.0)
             decay *= tl.reduce(tile, 0, _multiply)
-        x = x * decay[None, :] + tl.load(ends_ptr + (j * H + i_h) * KV * M + offs, mask=mask, other=0.0)
+        x = x * decay[None, :] + tl.load(ends_ptr + (j * H + i_h) * KV * M + base + offs, mask=mask, other=0.0)
     if not REVERSE:
         tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
-    tl.store(final_ptr + i_nh.to(tl.int64) * KV * M + offs, x, mask=mask)
+    tl.store(final_ptr + i_nh.to(tl.int64) * KV * M + base + offs, x, mask=mask)
 
 
 @triton.jit
@@ -394,8 +395,8 @@ def _output_fwd(
     for i_k in range(tl.cdiv(K, BK)):
         q = swish_if(load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
         k = swish_if(load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
-        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
-        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         q_state += tl.dot(q, hk, input_precision=PRECISION)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     scores = tl.where(causal, scores, 0.0)
@@ -424,8 +425,8 @@ def _output_fwd(
     else:
         probs = pairs_exact(p, s, cum, rows, cols, BT)
     for i_v in range(tl.cdiv(V, BV)):
-        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
-        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)  # [BV, BM] = Hvᵀ rows
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)  # [BV, BM] = Hvᵀ rows
         v = swish_if(load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv), SWISH).to(DOT_DT)
         o = tl.dot(p_decayed.to(DOT_DT), tl.trans(hv_t), input_precision=PRECISION)
         o += tl.dot(probs.to(DOT_DT), v, input_precision=PRECISION)
@@ -474,8 +475,8 @@ def _intra_bwd(
     for i_v in range(tl.cdiv(V, BV)):
         do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
         v = swish_if(load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv), SWISH).to(DOT_DT)
-        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
-        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         do_state += tl.dot(do, hv_t, input_precision=PRECISION)
         d_pv += tl.dot(do, tl.trans(v), input_precision=PRECISION)
     d_pv = tl.where(causal, d_pv, 0.0)
@@ -515,8 +516,8 @@ def _intra_bwd(
         q_in = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
         q = swish_if(q_in, SWISH).to(DOT_DT)
         k = swish_if(load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
-        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
-        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(DOT_DT)
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dq = tl.dot(dl_dec, tl.trans(hk), input_precision=PRECISION)
         dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
@@ -563,15 +564,14 @@ def _state_grads_bwd(
     ms = tl.arange(0, BM)
     kk = tl.arange(0, BK)
     vv = tl.arange(0, BV)
-    g_raw, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
-    decay_to_end = tl.exp(g_end[None, :] - cum)
-    s_to_end = (s * decay_to_end).to(DOT_DT)
+    _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    s_to_end = (s * tl.exp(g_end[None, :] - cum)).to(DOT_DT)
     ds_state = tl.zeros([BT, BM], dtype=tl.float32)
     end_term = tl.zeros([BM], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
-        dhk = tl.load(dstates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        hk = tl.load(states_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
+        dhk = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhk * hk, axis=0)
         k_in = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk)
         ds_state += tl.dot(swish_if(k_in, SWISH).to(DOT_DT), dhk.to(DOT_DT), input_precision=PRECISION)
@@ -581,9 +581,9 @@ def _state_grads_bwd(
             dk = swish_grad(dk, k_in)
         store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
     for i_v in range(tl.cdiv(V, BV)):
-        offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
-        dhv_t = tl.load(dstates_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        hv_t = tl.load(states_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
+        dhv_t = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhv_t * hv_t, axis=0)
         v_in = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv)
         ds_state += tl.dot(swish_if(v_in, SWISH).to(DOT_DT), dhv_t.to(DOT_DT), input_precision=PRECISION)
@@ -592,7 +592,10 @@ def _state_grads_bwd(
         if SWISH:
             dv = swish_grad(dv, v_in)
         store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
-    ds = decay_to_end * ds_state
+    # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
+    # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
+    g_raw, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    ds = tl.exp(g_end[None, :] - cum) * ds_state
     dgc = tl.zeros([BT, BM], dtype=tl.float32)
     for i_g in range(GROUP):
         i_hq = i_h * GROUP + i_g

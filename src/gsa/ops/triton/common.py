@@ -24,11 +24,15 @@ import triton.language as tl
 
 @triton.jit
 def load_rows(ptr, t0, eos, head, n_heads, width, d0, rows, cols):
-    """Rows t0 + rows (those before eos) of [tokens, n_heads, width] at `head`, columns d0 + cols; zeros outside."""
-    t = t0 + rows
-    offs = t[:, None] * (n_heads * width) + head * width + d0 + cols[None, :]
-    mask = (t < eos)[:, None] & ((d0 + cols) < width)[None, :]
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+    """Rows t0 + rows (those before eos) of [tokens, n_heads, width] at `head`, columns d0 + cols; zeros outside.
+
+    The int64 part of the address is one scalar (the tile's first element); the tile's own offsets are int32,
+    which keeps a [rows, cols] tile of 64-bit offsets out of the registers."""
+    stride = n_heads * width
+    base = ptr + t0 * stride + head * width + d0
+    offs = rows[:, None] * stride + cols[None, :]
+    mask = (rows < eos - t0)[:, None] & ((d0 + cols) < width)[None, :]
+    return tl.load(base + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -51,28 +55,31 @@ def swish_grad(dx, x):
 
 @triton.jit
 def store_rows(ptr, value, t0, eos, head, n_heads, width, d0, rows, cols):
-    t = t0 + rows
-    offs = t[:, None] * (n_heads * width) + head * width + d0 + cols[None, :]
-    mask = (t < eos)[:, None] & ((d0 + cols) < width)[None, :]
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    stride = n_heads * width
+    base = ptr + t0 * stride + head * width + d0
+    offs = rows[:, None] * stride + cols[None, :]
+    mask = (rows < eos - t0)[:, None] & ((d0 + cols) < width)[None, :]
+    tl.store(base + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def state_offsets(slot, head, n_heads, joint_rows, slots, row0, row_limit, rr, ms):
-    """Offsets and mask of rows row0 + rr (below row_limit) of state slot `slot` in [slots, H, K + V, M]."""
-    offs = ((slot * n_heads + head) * joint_rows + row0 + rr)[:, None] * slots + ms[None, :]
+    """(base, offsets, mask) of rows row0 + rr (below row_limit) of state slot `slot` in [slots, H, K + V, M]:
+    address them as ptr + base + offsets (base a scalar that may need int64, the tile's offsets int32)."""
+    base = ((slot * n_heads + head) * joint_rows + row0) * slots
+    offs = rr[:, None] * slots + ms[None, :]
     mask = ((row0 + rr) < row_limit)[:, None] & (ms < slots)[None, :]
-    return offs, mask
+    return base, offs, mask
 
 
 @triton.jit
 def chunk_gates(g_ptr, s_ptr, t0, eos, head, n_heads, slots, rows, ms, FLOOR: tl.constexpr):
     """Gates of one chunk in float32: raw g, s, chunk cumulative sum G, and G at the chunk's end."""
-    t = t0 + rows
-    offs = t[:, None] * (n_heads * slots) + head * slots + ms[None, :]
-    mask = (t < eos)[:, None] & (ms < slots)[None, :]
-    g_raw = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    base = t0 * (n_heads * slots) + head * slots
+    offs = rows[:, None] * (n_heads * slots) + ms[None, :]
+    mask = (rows < eos - t0)[:, None] & (ms < slots)[None, :]
+    g_raw = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.maximum(g_raw, FLOOR)
     cum = tl.cumsum(g, axis=0)
     return g_raw, s, cum, tl.sum(g, axis=0)
