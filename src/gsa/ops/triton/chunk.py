@@ -712,12 +712,17 @@ LAUNCH: dict[str, dict[str, int]] = {
 
 
 def _joint(hk: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
-    """(Hk [N, H, K, M], Hv [N, H, M, V]) -> the joint state [N, H, K + V, M] in float32."""
-    return torch.cat([hk.float(), hv.float().transpose(-1, -2)], -2).contiguous()
+    """(Hk [N, H, K, M], Hv [N, H, M, V]) in any float dtype -> the joint state [N, H, K + V, M] in float32,
+    converted as it is copied (no float32 copies of the halves first)."""
+    N, H, K, M = hk.shape
+    joint = torch.empty(N, H, K + hv.shape[-1], M, device=hk.device, dtype=torch.float32)
+    return torch.cat([hk, hv.transpose(-1, -2)], -2, out=joint)
 
 
-def _split(joint: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return joint[:, :, :K].contiguous(), joint[:, :, K:].transpose(-1, -2).contiguous()
+def _split(joint: torch.Tensor, K: int, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint state's halves (Hk [N, H, K, M], Hv [N, H, M, V]): contiguous copies, or views (gradients)."""
+    hk, hv = joint[:, :, :K], joint[:, :, K:].transpose(-1, -2)
+    return (hk.contiguous(), hv.contiguous()) if copy else (hk, hv)
 
 
 def _scan(slots, decay, start, layout, reverse):
@@ -789,9 +794,10 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=False)
 
 
-def _scan_states(k, v, s, g, h0, layout, swish):
+def _scan_states(k, v, s, g, start, layout, swish):
     """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays, and the final states (float32,
-    joint); swish: k and v hold projections whose swish are the keys and values."""
+    joint), from the joint initial states `start` (float32) or zeros; swish: k and v hold projections whose swish
+    are the keys and values."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -799,7 +805,6 @@ def _scan_states(k, v, s, g, h0, layout, swish):
     # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
     operand_dtype = _state_dtype(k.dtype)
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=operand_dtype)
-    start = _joint(*h0) if h0 is not None else None
     factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, formed once
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
     _gate_factors[(layout.num_chunks, H)](
@@ -840,8 +845,8 @@ class ChunkGSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, swish):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
-        h0 = (hk0, hv0) if hk0 is not None else None
-        states, _, final = _scan_states(k, v, s, g, h0, layout, swish)
+        start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
+        states, _, final = _scan_states(k, v, s, g, start, layout, swish)
         final_k, final_v = _split(final, K) if output_final_state else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
@@ -854,23 +859,22 @@ class ChunkGSAFunction(torch.autograd.Function):
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, SWISH=swish, **_dot_args(q.dtype),
             **LAUNCH["_output_fwd"],
         )
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, logits)
+        ctx.save_for_backward(q, k, v, s, g, start, logits)
         ctx.scale, ctx.layout, ctx.swish = scale, layout, swish
         return o, final_k, final_v
 
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, hk0, hv0, logits = ctx.saved_tensors
+        q, k, v, s, g, start, logits = ctx.saved_tensors
         scale, layout, swish = ctx.scale, ctx.layout, ctx.swish
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous()
-        h0 = (hk0, hv0) if hk0 is not None else None
         # the gate factors and states are recomputed, not kept: the factors would add the size of s to what
         # autograd keeps, for ~12 us of a 1.2 ms forward+backward at the paper shape
-        states, decay, _ = _scan_states(k, v, s, g, h0, layout, swish)
+        states, decay, _ = _scan_states(k, v, s, g, start, layout, swish)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -921,7 +925,8 @@ class ChunkGSAFunction(torch.autograd.Function):
                     **LAUNCH["_local_dstates"],
                 )
             dh0 = _scan(dstates, decay, dfinal, layout, reverse=True)
-        dh0_k, dh0_v = _split(dh0, K) if hk0 is not None else (None, None)
+        # views: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
+        dh0_k, dh0_v = _split(dh0, K, copy=False) if start is not None else (None, None)
         # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
         ds = torch.empty(TT, H, M, device=q.device, dtype=s.dtype)
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
@@ -947,7 +952,7 @@ def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_stat
         layout = ChunkLayout(cu_seqlens, T, None)
     hk0 = hv0 = None
     if initial_state is not None:
-        hk0, hv0 = (h.float().contiguous() for h in initial_state)
+        hk0, hv0 = initial_state  # converted to float32 as the operator joins them
     o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state,
                                                  bool(swish_inputs))
     o = o.view(B, T, HQ, V)
