@@ -72,6 +72,17 @@ def test_chunk_kernels_without_initial_state(state_pass):
     assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
 
 
+def test_initial_states_in_another_dtype_keep_it_in_their_gradients():
+    """Initial states in float16 next to float32 inputs: the kernels read them converted, and their gradients come
+    back in float16 (autograd converts the operator's float32 views), equal to the reference's."""
+    tensors = gsa_inputs(2, 70, 2, 2, 8, 8, 16, dtype=torch.float32, seed=14, device=DEVICE)
+    tensors += list(random_state(2, 2, 8, 8, 16, dtype=torch.float16, seed=15, device=DEVICE))
+    got = outputs_and_grads(triton_call, tensors)
+    want = outputs_and_grads(reference, tensors)
+    assert got[-2].dtype == got[-1].dtype == torch.float16
+    assert_close_all([t.cpu().double() for t in got], want, 1e-3, context="float16 initial states")
+
+
 def test_steep_gates_take_the_exact_path(state_pass):
     """Chunks whose gate span exceeds the factored form's limit (gates at -inf, -1e4, -30) stay exact."""
     q, k, v, s, g = gsa_inputs(1, 130, 2, 1, 8, 8, 16, dtype=torch.float32, seed=5, device=DEVICE)
