@@ -741,15 +741,15 @@ def _scan(slots, decay, start, layout, reverse):
 # "auto", "walk", "segment" or "split" (see the module docstring); GSA_TRITON_STATE_PASS forces one, for benchmarks.
 STATE_PASS = os.environ.get("GSA_TRITON_STATE_PASS", "auto")
 # Walking programs (sequences x heads x row blocks of 64) that fill the GPU: "auto" walks whole sequences from
-# there and takes the split form below. H200, 16K tokens, K=V=512: walking won at 512 programs (8 x 2048 tokens:
+# there and walks segments below. H200, 16K tokens, K=V=512: walking won at 512 programs (8 x 2048 tokens:
 # f+b 1.82 vs 2.18 ms) and lost at 128 (2 x 8192: 1.80 vs 1.59); 32-row blocks (twice the programs) never won.
-# Segments (2 x 8192 and 1 x 16384 cut into 512 programs) lost to split in their first version, whose join
-# multiplied each segment's chunk decays one dependent load at a time (2.13 / 2.07 vs 1.89 / 1.99 ms; 269 us of
-# joins at 16K); the join now takes 16 chunks a load, not yet timed (benchmarks/tune_ops.py, NOTES.md).
+# Segments (2 x 8192 and 1 x 16384 cut into 512 programs) beat split in GPU time once their join took 16 chunk
+# decays a load (1.292 vs 1.348 ms at 8K, 1.300 vs 1.521 at 16K; the first join, one dependent load a chunk, lost:
+# 2.13 / 2.07 vs 1.89 / 1.99). benchmarks/tune_ops.py, NOTES.md sessions 5-6.
 WALK_MIN_PROGRAMS = int(os.environ.get("GSA_TRITON_WALK_MIN_PROGRAMS", "256"))
 SEGMENT_PROGRAMS = 512  # segments are cut to give about this many walking programs (the paper shape's 512 won)
 SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overhead
-SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))  # > 0 forces the segment length (tests)
+SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))  # > 0 forces the segment length (tests; auto too)
 
 
 def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | None] | None:
