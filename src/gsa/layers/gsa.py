@@ -15,7 +15,8 @@ from .fused import fused_enabled, norm_linear, plain_slot_gates, recompute_saved
 from .norm import RMSNorm
 
 # The swish feature maps inside the Triton kernels (gated_slot_attention's swish_inputs) instead of three swish
-# passes around them: off until timed on the GPU (benchmarks/NOTES.md, session 5); GSA_SWISH_IN_KERNELS=1 turns it on.
+# passes around them. Off: on the H200 the kernels grew by what the swish passes cost (1.3B step: +13.6 / -13.4 ms;
+# benchmarks/NOTES.md, session 6). GSA_SWISH_IN_KERNELS=1 turns it on.
 SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "0") == "1"
 
 
