@@ -3,7 +3,8 @@
 # The device tool gives 30 minutes a session and 10 minutes a command, so a session runs a few stages a call:
 #
 #   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
-#   bash benchmarks/gpu_session.sh tests tests-ops            # one H200, ~8 min
+#   bash benchmarks/gpu_session.sh tests tests-gpu            # one H200, ~5 min
+#   bash benchmarks/gpu_session.sh tests-ops                  # one H200, ~5.5 min
 #   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
 #   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
@@ -62,15 +63,18 @@ for what in "$@"; do
         tests)  # layer, model and decoder tests natively on the GPU (Triton kernels compiled, GPU-only tests run)
             stage tests 150 python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_graph_decoder.py \
                 tests/models/test_model.py ;;
-        tests-ops)  # the operator's Triton tests natively: ~80 tests, each kernel variant compiled (~4 minutes)
-            stage tests-ops 300 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py ;;
+        tests-ops)  # the operator's Triton tests natively but the real-shape ones: each kernel variant compiled (~5 min)
+            stage tests-ops 330 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py -k "not gpu_" ;;
+        tests-gpu)  # the operator's GPU-only tests: real shapes in bf16 / fp16 / fp32, long varlen, decode in CUDA graphs
+            stage tests-gpu "${TESTS_CAP:-240}" python3 -m pytest -v -p no:cacheprovider tests/ops/test_triton.py \
+                -k "${TESTS_K:-gpu_}" ;;
         state-pass)  # issue 3: state passes (walk / split) at every shape, then num_warps/num_stages per kernel
             stage tests-walk 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "chunk_kernels or steep or varlen or gpu_real or gpu_long"
             stage tune 200 python3 benchmarks/tune_ops.py --skip-tune --out "$OUT/tune_ops_h200.json" ;;
         tune-launch)  # num_warps / num_stages per kernel at paper-2k in GPU time (sets LAUNCH in gsa/ops/triton/chunk.py;
             # benchmarks/kernel_registers.py shows which configs spill, without a GPU)
-            stage tune-launch 400 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \
+            stage tune-launch 370 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \
                 --out "$OUT/tune_launch_h200.json" ;;
         mqar-step)  # issue 7: one MQAR training step per model and width, alone on the GPU, and its profile
             stage mqar-profile 150 python3 benchmarks/profile_mqar_step.py --widths 64 512 ;;
@@ -137,7 +141,9 @@ for what in "$@"; do
             # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
             fla_setup
-            stage fla-ops 540 python3 benchmarks/bench_ops.py --shapes paper-2k paper-8k paper-16k h16-d128 h32-d64 \
+            # SHAPES / FLA_CAP narrow it (e.g. the shapes whose autotune results are already in .cache/triton)
+            stage fla-ops "${FLA_CAP:-540}" python3 benchmarks/bench_ops.py \
+                --shapes ${SHAPES:-paper-2k paper-8k paper-16k h16-d128 h32-d64} \
                 --graph --fla-budget-s 420 --out "$OUT/ops_h200_fla.json"
             keep_autotune ;;
         fla-heads)  # issue 3: H32/K64 against FLA (carry .whl, .cache/triton). FLA's autotune there took > 430 s in
@@ -170,6 +176,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

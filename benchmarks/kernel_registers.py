@@ -8,6 +8,7 @@ differently; the times come from tune_ops.py on the device.)
 
     python benchmarks/kernel_registers.py                    # the chunk kernels at the paper shape's blocks
     python benchmarks/kernel_registers.py --warps 4 8 --kernels _output_fwd _state_grads_bwd
+    python benchmarks/kernel_registers.py --slots 64 256 --stages 1 2 3   # shared memory (H200: 232448 B at most)
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {binaries}")
 
 
-def report(name: str, swish: bool, warps: int, stages: int) -> dict:
+def report(name: str, swish: bool, warps: int, stages: int, slots: int = 64) -> dict:
     fn = getattr(kernels, name)
-    constants = {key: value for key, value in {**CONSTANTS[name], "SWISH": swish}.items() if key in fn.arg_names}
+    constants = {key: value for key, value in {**CONSTANTS[name], "SWISH": swish, "BM": slots}.items()
+                 if key in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants),
                               target=TARGET, options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as folder:
@@ -94,16 +96,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels", nargs="+", default=list(CONSTANTS), choices=list(CONSTANTS))
     parser.add_argument("--warps", nargs="+", type=int, default=None, help="default: each kernel's LAUNCH entry")
+    parser.add_argument("--stages", nargs="+", type=int, default=None, help="default: each kernel's LAUNCH entry")
+    parser.add_argument("--slots", nargs="+", type=int, default=[64], help="the slot block BM (power of two)")
     parser.add_argument("--swish", action="store_true", help="the kernels with the swish feature maps inside")
     args = parser.parse_args()
-    print(f"{'kernel':<18} {'warps':>5} {'stages':>6} {'registers':>9} {'spilled B':>9} {'shared B':>8}")
+    print(f"{'kernel':<18} {'slots':>5} {'warps':>5} {'stages':>6} {'registers':>9} {'spilled B':>9} {'shared B':>8}")
     for name in args.kernels:
         launch = kernels.LAUNCH.get(name, {})
-        stages = launch.get("num_stages", 3)
-        for warps in args.warps or [launch.get("num_warps", 4)]:
-            row = report(name, args.swish, warps, stages)
-            print(f"{name:<18} {warps:>5} {stages:>6} {row['registers']:>9} {row['spill_bytes']:>9} "
-                  f"{row['shared_bytes']:>8}", flush=True)
+        for slots in args.slots:
+            for warps in args.warps or [launch.get("num_warps", 4)]:
+                for stages in args.stages or [launch.get("num_stages", 3)]:
+                    row = report(name, args.swish, warps, stages, slots)
+                    print(f"{name:<18} {slots:>5} {warps:>5} {stages:>6} {row['registers']:>9} "
+                          f"{row['spill_bytes']:>9} {row['shared_bytes']:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsa.ops import gated_slot_attention, gated_slot_attention_decode, gated_slot_attention_step
-from tests.helpers import assert_close_all, gsa_inputs, outputs_and_grads, random_state, rel_err
+from tests.helpers import NAMES, assert_close_all, gsa_inputs, outputs_and_grads, random_state, rel_err
 
 triton_ops = pytest.importorskip("gsa.ops.triton")
 if not triton_ops.KERNELS_AVAILABLE:
@@ -81,6 +81,64 @@ def test_initial_states_in_another_dtype_keep_it_in_their_gradients():
     want = outputs_and_grads(reference, tensors)
     assert got[-2].dtype == got[-1].dtype == torch.float16
     assert_close_all([t.cpu().double() for t in got], want, 1e-3, context="float16 initial states")
+
+
+@pytest.mark.parametrize("used", ["output", "final_k", "final_v"])
+def test_gradients_through_only_some_outputs(used):
+    """Outputs left out of the loss send no gradient (None, not zeros): the backward fills in what is missing."""
+    tensors = gsa_inputs(1, 70, 2, 2, 8, 8, 16, dtype=torch.float32, seed=16, device=DEVICE)
+    tensors += list(random_state(1, 2, 8, 8, 16, dtype=torch.float32, seed=17, device=DEVICE))
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        o, (hk, hv) = fn(*leaves)
+        picked = {"output": o, "final_k": hk, "final_v": hv}[used]
+        weights = torch.randn(picked.shape, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+        found = torch.autograd.grad((picked.double() * weights.to(picked.device)).sum(), leaves, allow_unused=True)
+        return [d if d is not None else torch.zeros_like(t) for d, t in zip(found, leaves)]  # q: no path to states
+
+    assert_close_all([t.cpu() for t in grads(triton_call)], grads(reference), 2e-5, names=NAMES[3:], context=used)
+
+
+def test_configs_that_do_not_fit_step_down_and_stay_exact(monkeypatch):
+    """A GPU without the shared memory for a kernel's config (256 slots on an H200) gets fewer stages, then smaller
+    feature blocks: here the chunk-parallel kernels "fit" only at one stage and 16-wide blocks, and the results
+    still equal the reference's; the step that fitted is remembered for the next call."""
+    real_try, attempts = chunk_kernels._try, []
+
+    def small_gpu(kernel, grid, args, meta):
+        name = kernel.fn.__name__
+        attempts.append((name, meta.get("num_stages"), meta.get("BK")))
+        if name in ("_output_fwd", "_intra_bwd", "_state_grads_bwd") and (meta.get("BK", 16) > 16 or
+                                                                         meta.get("num_stages", 1) > 1):
+            raise chunk_kernels.OutOfResources(300_000, 232_448, "shared memory")
+        real_try(kernel, grid, args, meta)
+
+    monkeypatch.setattr(chunk_kernels, "_try", small_gpu)
+    monkeypatch.setattr(chunk_kernels, "_FITTED", {})
+    monkeypatch.setattr(chunk_kernels, "_STEPPED", set())
+    tensors = gsa_inputs(1, 80, 2, 2, 64, 48, 16, dtype=torch.float32, seed=21, device=DEVICE)
+    got = outputs_and_grads(triton_call, tensors)
+    want = outputs_and_grads(reference, tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
+    fitted = {key[0]: value for key, value in chunk_kernels._FITTED.items()}
+    assert fitted["_output_fwd"] == ({**chunk_kernels.LAUNCH["_output_fwd"], "num_stages": 1}, {"BK": 16, "BV": 16})
+    assert "_walk_states" not in fitted and chunk_kernels._STEPPED == {"_output_fwd", "_intra_bwd", "_state_grads_bwd"}
+    attempts.clear()
+    outputs_and_grads(triton_call, tensors)
+    assert ("_intra_bwd", 1, 16) in attempts and all(stages == 1 for name, stages, _ in attempts
+                                                     if name == "_intra_bwd")
+
+
+def test_a_kernel_that_fits_no_config_names_itself(monkeypatch):
+    def no_gpu(kernel, grid, args, meta):
+        raise chunk_kernels.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(chunk_kernels, "_try", no_gpu)
+    monkeypatch.setattr(chunk_kernels, "_FITTED", {})
+    monkeypatch.setattr(chunk_kernels, "_STEPPED", set())
+    with pytest.raises(RuntimeError, match="_gate_factors does not fit this GPU"):
+        triton_call(*gsa_inputs(1, 8, 1, 1, 4, 4, 4, dtype=torch.float32, seed=1, device=DEVICE))
 
 
 def test_steep_gates_take_the_exact_path(state_pass):

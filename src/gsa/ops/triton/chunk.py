@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR, without_autocast
 from .common import (
@@ -695,20 +696,69 @@ def _dot_args(dtype: torch.dtype):
 
 SCAN_BLOCK = 1024
 
-# num_warps / num_stages of each kernel: `benchmarks/tune_ops.py` on an H200 (Triton 3.6, paper-2k, walking state
-# pass; results/tune_launch_h200.json): 1.568 -> 1.404 ms forward+backward. Swept before `_gate_factors` took the
-# gate work out of `_walk_states` (to sweep again); the split pass's kernels keep Triton's defaults.
+# num_warps / num_stages of each kernel: `benchmarks/tune_ops.py --graph` on an H200 (Triton 3.6, paper-2k, walking
+# state pass, GPU time; results/tune_launch_h200_v2.json): forward+backward 1.093 -> 1.052 ms (session 7, after the
+# kernels' addressing stopped spilling). Configs within 0.02 ms of each other are ties (run-to-run noise); the split
+# pass's kernels keep Triton's defaults.
 LAUNCH: dict[str, dict[str, int]] = {
     "_walk_states": {"num_warps": 4, "num_stages": 3},
     "_gate_factors": {},
-    "_walk_dstates": {"num_warps": 8, "num_stages": 3},
+    "_walk_dstates": {"num_warps": 8, "num_stages": 2},
     "_output_fwd": {"num_warps": 4, "num_stages": 3},
     "_intra_bwd": {"num_warps": 8, "num_stages": 3},
-    "_state_grads_bwd": {"num_warps": 4, "num_stages": 2},
+    "_state_grads_bwd": {"num_warps": 4, "num_stages": 3},
     "_local_states": {},
     "_local_dstates": {},
     "_scan_slots": {},
 }
+FEATURE_BLOCKS = ("BK", "BV")  # loop tiles over the key / value width: a kernel's result does not depend on them
+_FITTED: dict[tuple, tuple[dict, dict]] = {}  # (kernel, config, constants, dtype, device) -> what fitted
+_STEPPED: set[str] = set()  # kernels that have needed a step down on this GPU
+
+
+def _step_downs(config: dict, meta: dict):
+    """LAUNCH's config, then ones that need less shared memory: fewer pipeline stages, then half the feature
+    blocks (never below 16, tl.dot's smallest)."""
+    yield config, {}
+    for stages in range(config.get("num_stages", 3) - 1, 0, -1):
+        yield {**config, "num_stages": stages}, {}
+    blocks = {name: meta[name] for name in FEATURE_BLOCKS if name in meta}
+    while blocks and max(blocks.values()) > 16:
+        blocks = {name: max(16, size // 2) for name, size in blocks.items()}
+        yield {**config, "num_stages": 1}, blocks
+
+
+def _try(kernel, grid, args, meta):  # one launch attempt (a seam for tests)
+    kernel[grid](*args, **meta)
+
+
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta, **LAUNCH.get(its name, {})), stepping down (`_step_downs`) where the GPU cannot hold
+    that config: 256 slots keep [64, 256] float32 tiles, and `_intra_bwd` asked an H200 for 264 KB of shared memory
+    (227 KB there; GPUs with less fail sooner). A step down is remembered per kernel, config and constants; kernels
+    that never needed one launch without building that key (the host's time per launch counts at small shapes)."""
+    name = kernel.fn.__name__
+    config = LAUNCH.get(name, {})
+    if name not in _STEPPED:
+        try:
+            return _try(kernel, grid, args, {**meta, **config})
+        except OutOfResources:
+            pass
+    key = (name, tuple(config.items()), tuple(meta.items()), args[0].dtype, args[0].device)
+    if key in _FITTED:
+        options, blocks = _FITTED[key]
+        return _try(kernel, grid, args, {**meta, **blocks, **options})
+    failures = []
+    for options, blocks in _step_downs(config, meta):
+        try:
+            _try(kernel, grid, args, {**meta, **blocks, **options})
+        except OutOfResources as error:
+            failures.append(f"{options} {blocks}: {error}")
+            continue
+        _FITTED[key] = options, blocks
+        _STEPPED.add(name)
+        return
+    raise RuntimeError(f"{name} does not fit this GPU with any config tried; " + "; ".join(failures))
 
 
 def _joint(hk: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
@@ -730,10 +780,9 @@ def _scan(slots, decay, start, layout, reverse):
     _, H, KV, M = slots.shape
     end = torch.empty(layout.num_sequences, H, KV, M, device=slots.device, dtype=torch.float32)
     grid = (layout.num_sequences * H, cdiv(KV * M, SCAN_BLOCK))
-    _scan_slots[grid](
-        slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
-        layout.chunk_base, H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None,
-        **LAUNCH["_scan_slots"],
+    _launch(
+        _scan_slots, grid, slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
+        layout.chunk_base, H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None
     )
     return end
 
@@ -784,7 +833,8 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=True)
     BM = next_power_of_2(M)
     rows = max(1, SCAN_BLOCK // BM)
-    _join_segments[(layout.num_sequences * H, cdiv(KV, rows))](
+    _launch(
+        _join_segments, (layout.num_sequences * H, cdiv(KV, rows)),
         ends, decay, start if start is not None else final, starts, final, slots,
         layout.cu_seqlens, layout.slot_base, spans.first, spans.cu_seqlens, spans.chunk_base,
         H, M, KV, BT=CHUNK, BR=rows, BM=BM, BC=16, REVERSE=reverse, HAS_START=start is not None,
@@ -807,9 +857,10 @@ def _scan_states(k, v, s, g, start, layout, swish):
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=operand_dtype)
     factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, formed once
     decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
-    _gate_factors[(layout.num_chunks, H)](
+    _launch(
+        _gate_factors, (layout.num_chunks, H),
         s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
-        BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR, **LAUNCH["_gate_factors"],
+        BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR
     )
     dot = _dot_args(k.dtype)
     final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
@@ -818,18 +869,20 @@ def _scan_states(k, v, s, g, start, layout, swish):
         BD, length = plan
 
         def launch(spans, count, start_, end, **flags):
-            _walk_states[(count * H, cdiv(K, BD) + cdiv(V, BD))](
+            _launch(
+                _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD)),
                 k, v, factors, decay, states, start_, end, spans.cu_seqlens, spans.slot_base, spans.chunk_base,
-                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **flags, **dot, **LAUNCH["_walk_states"],
+                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **flags, **dot
             )
 
         _walk_spans(launch, layout, length, states, decay, start, final, reverse=False)
         return states, decay, final
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
-        _local_states[(layout.num_chunks, cdiv(width, BD), H)](
+        _launch(
+            _local_states, (layout.num_chunks, cdiv(width, BD), H),
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **dot, **LAUNCH["_local_states"],
+            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **dot
         )
     final = _scan(states, decay, start, layout, reverse=False)
     return states, decay, final
@@ -851,16 +904,19 @@ class ChunkGSAFunction(torch.autograd.Function):
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
         BM = next_power_of_2(M)
-        _output_fwd[(layout.num_chunks, HQ)](
+        _launch(
+            _output_fwd, (layout.num_chunks, HQ),
             q, k, v, s, g, states, logits, o,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, HQ // H,
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
-            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, SWISH=swish, **_dot_args(q.dtype),
-            **LAUNCH["_output_fwd"],
+            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, SWISH=swish, **_dot_args(q.dtype)
         )
         ctx.save_for_backward(q, k, v, s, g, start, logits)
         ctx.scale, ctx.layout, ctx.swish = scale, layout, swish
+        # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
+        # the final states are returned but not trained through)
+        ctx.set_materialize_grads(False)
         return o, final_k, final_v
 
     @staticmethod
@@ -871,7 +927,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
-        do = do.contiguous()
+        do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
         # the gate factors and states are recomputed, not kept: the factors would add the size of s to what
         # autograd keeps, for ~12 us of a 1.2 ms forward+backward at the paper shape
         states, decay, _ = _scan_states(k, v, s, g, start, layout, swish)
@@ -885,12 +941,13 @@ class ChunkGSAFunction(torch.autograd.Function):
         ds_part, dgq = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(2))
         # dlogits exp(G) and p exp(G) only feed matrix products: keep them at the products' operand precision
         dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
-        _intra_bwd[(layout.num_chunks, HQ)](
+        _launch(
+            _intra_bwd, (layout.num_chunks, HQ),
             q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
             BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK,
-            SWISH=swish, **dot, **LAUNCH["_intra_bwd"],
+            SWISH=swish, **dot
         )
         if group > 1:
             dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
@@ -909,20 +966,21 @@ class ChunkGSAFunction(torch.autograd.Function):
             dh0 = torch.empty(layout.num_sequences, H, K + V, M, device=q.device, dtype=torch.float32)
 
             def launch(spans, count, start, end, **flags):
-                _walk_dstates[(count * H, cdiv(K, walk) + cdiv(V, walk))](
+                _launch(
+                    _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk)),
                     q, do, dl_dec, p_dec, dstates, decay, start, end, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
-                    BT=CHUNK, BD=walk, BM=BM, SWISH=swish, **flags, **dot, **LAUNCH["_walk_dstates"],
+                    BT=CHUNK, BD=walk, BM=BM, SWISH=swish, **flags, **dot
                 )
 
             _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, reverse=True)
         else:
             for x, y, x_scale, width, row0, x_swish in ((q, dl_dec, scale, K, 0, swish), (do, p_dec, 1.0, V, K, False)):
                 BD = min(64, next_power_of_2(width))
-                _local_dstates[(layout.num_chunks, cdiv(width, BD), H)](
+                _launch(
+                    _local_dstates, (layout.num_chunks, cdiv(width, BD), H),
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, SWISH=x_swish, **dot,
-                    **LAUNCH["_local_dstates"],
+                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, SWISH=x_swish, **dot
                 )
             dh0 = _scan(dstates, decay, dfinal, layout, reverse=True)
         # views: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
@@ -930,11 +988,12 @@ class ChunkGSAFunction(torch.autograd.Function):
         # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
         ds = torch.empty(TT, H, M, device=q.device, dtype=s.dtype)
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
-        _state_grads_bwd[(layout.num_chunks, H)](
+        _launch(
+            _state_grads_bwd, (layout.num_chunks, H),
             k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SWISH=swish, **dot, **LAUNCH["_state_grads_bwd"],
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SWISH=swish, **dot
         )
         return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None, None
 
