@@ -25,39 +25,24 @@ FLA_ANCHORS = {  # ../shared/spec/benchmarks.md, H200, FLA 0.6.0, torch 2.11, tr
 
 
 def plot_ops(data):
-    """Ours, FLA chunk_gsa, SDPA replayed from CUDA graphs (GPU time without the host's launch gaps), one process,
-    same inputs (bench_ops.py --graph with FLA installed); the shapes of ops_h200_fla_heads.json added; ours with
-    the segmented state walk (what `auto` now picks for few long sequences) from tune_segment_v2_h200.json, run in
-    the same device call."""
-    shapes = dict(data["shapes"])
-    heads = RESULTS / "ops_h200_fla_heads.json"
-    if heads.exists():
-        shapes.update(json.loads(heads.read_text())["shapes"])
-    segment = RESULTS / "tune_segment_v2_h200.json"
-    segment_passes = json.loads(segment.read_text())["passes"] if segment.exists() else {}
+    """Ours (the state pass `auto` picks), FLA chunk_gsa and SDPA replayed from CUDA graphs (GPU time without the
+    host's launch gaps), one process, same inputs (bench_ops.py --graph with FLA installed)."""
+    shapes = data["shapes"]
     names = list(shapes)
-    peers = [("gsa (Triton), auto", lambda s, key: _ours_auto(shapes[s], segment_passes.get(s), key)),
-             ("FLA chunk_gsa", lambda s, key: shapes[s].get("fla_gsa_ms", {}).get(f"{key}_graph", 0)),
-             ("SDPA flash, causal", lambda s, key: shapes[s].get("sdpa_ms", {}).get(f"{key}_graph", 0))]
+    peers = [("gsa (Triton)", "ours_ms"), ("FLA chunk_gsa", "fla_gsa_ms"), ("SDPA flash, causal", "sdpa_ms")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.27
     for ax, key, title in zip(axes, ("forward", "forward_backward"), ("forward", "forward + backward")):
         x = range(len(names))
-        for i, (label, time_of) in enumerate(peers):
-            ax.bar([j + (i - 1) * width for j in x], [time_of(s, key) for s in names], width, label=label)
+        for i, (label, peer) in enumerate(peers):
+            times = [shapes[s].get(peer, {}).get(f"{key}_graph", 0) for s in names]
+            ax.bar([j + (i - 1) * width for j in x], times, width, label=label)
         ax.set_xticks(list(x), names, rotation=15)
         ax.set_ylabel("ms (CUDA graph replay)")
         ax.set_title(f"GSA operator, {title}, bf16, 16K tokens", fontsize=10)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(IMAGES / "ops_h200.png", dpi=120)
-
-
-def _ours_auto(shape: dict, segment: dict | None, key: str) -> float:
-    """Our time with the state pass `auto` picks now: the segmented walk where it was timed, else the run's own."""
-    if segment is not None and "segment" in segment:
-        return segment["segment"][f"{key}_graph"]
-    return shape["ours_ms"][f"{key}_graph"]
 
 
 def plot_train(data):
@@ -104,7 +89,7 @@ def plot_decode(data):
 
 def main():
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for name, plot in (("ops_h200_fla_graph.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
+    for name, plot in (("ops_h200_fla_graph_v2.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
         path = RESULTS / name
         if path.exists():
             plot(json.loads(path.read_text()))
