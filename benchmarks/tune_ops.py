@@ -102,14 +102,18 @@ def main():
             timings = {}
             for warps, stages in CONFIGS:
                 kernels.LAUNCH[kernel] = {"num_warps": warps, "num_stages": stages}
+                kernels._STEPPED.discard(kernel)
                 try:
                     if args.graph:
                         timings[f"{warps}w{stages}s"] = bench_graph(ours, inputs, do).get("forward_backward_graph")
                     else:
                         timings[f"{warps}w{stages}s"] = bench(ours, inputs, do)[1]
-                except Exception as error:  # a config that does not fit (shared memory, registers)
+                except Exception as error:  # a config that does not fit (registers) or fails otherwise
                     timings[f"{warps}w{stages}s"] = None
                     print(f"  {kernel} {warps}w{stages}s failed: {type(error).__name__}: {str(error)[:120]}")
+                if kernel in kernels._STEPPED:  # it ran, but stepped down from a config the GPU cannot hold
+                    timings[f"{warps}w{stages}s"] = None
+                    print(f"  {kernel} {warps}w{stages}s does not fit this GPU's shared memory")
             best = min((t, c) for c, t in timings.items() if t is not None)[1]
             warps, stages = (int(x) for x in best.rstrip("s").split("w"))
             kernels.LAUNCH[kernel] = {"num_warps": warps, "num_stages": stages}
