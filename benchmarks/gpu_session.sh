@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
 #   bash benchmarks/gpu_session.sh tests tests-gpu            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tests-ops                  # one H200, ~5.5 min
-#   bash benchmarks/gpu_session.sh ops                        # one H200, ~2 min
+#   bash benchmarks/gpu_session.sh ops host                   # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
@@ -76,6 +76,9 @@ for what in "$@"; do
             # benchmarks/kernel_registers.py shows which configs spill, without a GPU)
             stage tune-launch 370 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \
                 --out "$OUT/tune_launch_h200.json" ;;
+        host)  # issue 3: the host's time per operator call (what eager loops pay) and kernels per call, walk vs segment
+            stage host 120 python3 benchmarks/host_overhead.py --shapes paper-2k paper-8k paper-16k --passes walk64 segment \
+                --out "$OUT/host_overhead_h200.json" ;;
         mqar-step)  # issue 7: one MQAR training step per model and width, alone on the GPU, and its profile
             stage mqar-profile 150 python3 benchmarks/profile_mqar_step.py --widths 64 512 ;;
         train-ours)  # issue 8: ours only, saved bytes and where a step's GPU time goes
@@ -176,6 +179,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
