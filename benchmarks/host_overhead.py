@@ -42,6 +42,9 @@ def host_us(fn, calls: int) -> float:
         fn()
     elapsed = time.perf_counter() - started
     torch.cuda.synchronize()
+    if elapsed > 0.5:  # the host waited on the GPU (a full queue, or the sleep ran out): not the host's time
+        raise RuntimeError(f"enqueueing {calls} calls took {elapsed:.2f} s: the queue drained or filled; "
+                           "use fewer --calls")
     return 1e6 * elapsed / calls
 
 

@@ -711,8 +711,8 @@ LAUNCH: dict[str, dict[str, int]] = {
     "_local_dstates": {},
     "_scan_slots": {},
 }
-FEATURE_BLOCKS = ("BK", "BV")  # loop tiles over the key / value width: a kernel's result does not depend on them
-_FITTED: dict[tuple, tuple[dict, dict]] = {}  # (kernel, config, constants, dtype, device) -> what fitted
+FEATURE_BLOCKS = ("BK", "BV")  # loop tiles over the key / value width: results the same up to the sums' rounding order
+_FITTED: dict[tuple, tuple[dict, dict]] = {}  # (kernel, config, constants, device, dtypes) -> what fitted
 _STEPPED: set[str] = set()  # kernels that have needed a step down on this GPU
 
 
@@ -724,7 +724,7 @@ def _step_downs(config: dict, meta: dict):
         yield {**config, "num_stages": stages}, {}
     blocks = {name: meta[name] for name in FEATURE_BLOCKS if name in meta}
     while blocks and max(blocks.values()) > 16:
-        blocks = {name: max(16, size // 2) for name, size in blocks.items()}
+        blocks = {name: size // 2 if size > 16 else size for name, size in blocks.items()}
         yield {**config, "num_stages": 1}, blocks
 
 
@@ -744,10 +744,17 @@ def _launch(kernel, grid, *args, **meta):
             return _try(kernel, grid, args, {**meta, **config})
         except OutOfResources:
             pass
-    key = (name, tuple(config.items()), tuple(meta.items()), args[0].dtype, args[0].device)
+    # every tensor's dtype (partial sums are float32 under GQA) and the constants decide what fits
+    key = (name, tuple(config.items()), tuple(meta.items()), args[0].device,
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     if key in _FITTED:
         options, blocks = _FITTED[key]
-        return _try(kernel, grid, args, {**meta, **blocks, **options})
+        try:
+            _try(kernel, grid, args, {**meta, **blocks, **options})
+            _STEPPED.add(name)
+            return
+        except OutOfResources:  # the integer arguments' specialisation is not in the key: search again
+            pass
     failures = []
     for options, blocks in _step_downs(config, meta):
         try:
