@@ -717,8 +717,8 @@ _STEPPED: set[str] = set()  # kernels that have needed a step down on this GPU
 
 
 def _step_downs(config: dict, meta: dict):
-    """LAUNCH's config, then ones that need less shared memory: fewer pipeline stages, then half the feature
-    blocks (never below 16, tl.dot's smallest)."""
+    """LAUNCH's config, then ones that need less shared memory: fewer pipeline stages, then the feature blocks
+    halved down to 16 (tl.dot's smallest; a block already at 16 or below stays)."""
     yield config, {}
     for stages in range(config.get("num_stages", 3) - 1, 0, -1):
         yield {**config, "num_stages": stages}, {}
