@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                     # ours vs HF Llama (SDPA); --with-fla adds FLA's model
     python benchmarks/bench_train.py --models ours ours-plain --contexts 2048   # fused layers against plain PyTorch
+    python benchmarks/bench_train.py --models ours ours-graph   # eager against the whole step in one CUDA graph
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).
@@ -26,7 +27,7 @@ TOKENS_PER_STEP = 16384
 
 
 def build(kind: str):
-    if kind in ("ours", "ours-plain"):
+    if kind in ("ours", "ours-plain", "ours-graph"):
         return GSAForCausalLM(preset_config("gsa-1.3b"))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,32 +53,68 @@ def cuda_model(kind: str):
 
 
 def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: bool):
+    """tokens/s and peak memory of forward + backward + AdamW steps. `ours-graph` replays the whole step (forward,
+    backward, optimizer) as one CUDA graph: the same GPU work without the host's launches, which shows how much
+    of the eager step is the host's (where the GPU waits for launches)."""
     model = cuda_model(kind)
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    graphed = kind == "ours-graph"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True, capturable=graphed)
     batch = TOKENS_PER_STEP // context
     data = torch.randint(0, 32000, (warmup + steps, batch, context), device="cuda")
+
+    def step(ids):
+        with use_fused(kind != "ours-plain"):  # ours-plain: the layers' plain PyTorch compositions
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # captured too: backward then makes the gradients in the graph
+        return loss
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    if graphed:
+        run = graphed_step(step, data[0], max(warmup, 3))
+    else:
+        run = step
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        with use_fused(kind != "ours-plain"):  # ours-plain: the layers' plain PyTorch compositions
-            loss = model(input_ids=data[i], labels=data[i]).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = run(data[i])
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {"tokens_per_s": TOKENS_PER_STEP * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
               "loss": float(loss)}
-    del model, optimizer, data, loss
+    del model, optimizer, data, loss, run
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def graphed_step(step, example_ids: torch.Tensor, warmup: int):
+    """step(ids) captured in a CUDA graph after `warmup` eager steps on a side stream (kernels compiled, launch
+    configurations settled, gradients allocated); returns a function that copies ids into the graph's input
+    and replays it, returning the graph's loss tensor."""
+    static_ids = example_ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(static_ids)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(static_ids)
+
+    def replay(ids):
+        static_ids.copy_(ids)
+        graph.replay()
+        return static_loss
+
+    return replay
 
 
 def count_saved(kind: str, context: int) -> dict:
@@ -106,8 +143,10 @@ def count_saved(kind: str, context: int) -> dict:
     return result
 
 
-OPERATOR_KERNELS = ("_local_states", "_local_dstates", "_scan_slots", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
-ROW_KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
+OPERATOR_KERNELS = ("_local_states", "_local_dstates", "_scan_slots", "_gate_factors", "_walk_states", "_walk_dstates",
+                    "_join_segments", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
+ROW_KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+               "_slot_gates_fwd_kernel", "_slot_gates_bwd_kernel", "_cross_entropy_kernel")
 
 
 def kernel_group(name: str) -> str:
@@ -115,7 +154,7 @@ def kernel_group(name: str) -> str:
     if any(k in name for k in OPERATOR_KERNELS):
         return "GSA operator (Triton)"
     if any(k in name for k in ROW_KERNELS):
-        return "norm / SwiGLU rows (Triton)"
+        return "norm / SwiGLU / gate / loss rows (Triton)"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")):
         return "matrix products"
     if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
@@ -142,7 +181,7 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
 
     step(steps)  # warm-up
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start = time.perf_counter()
         for i in range(steps):
             step(i)
@@ -153,6 +192,8 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
     ops: dict[str, float] = {}  # the torch operators that launched the kernels (aten::copy_, aten::add_, ...)
     fields = ("device_time_total", "self_device_time_total", "cuda_time_total", "self_cuda_time_total")
     for event in prof.key_averages():
+        if getattr(event, "is_user_annotation", False) or event.key.startswith("Optimizer."):
+            continue  # a range on the GPU's timeline (the optimizer step's), not a kernel: its kernels count already
         if event.device_type != DeviceType.CUDA:
             self_fields = ("self_device_time_total", "self_cuda_time_total")
             own = max((getattr(event, field, 0.0) or 0.0) for field in self_fields) / 1e3 / steps
@@ -165,9 +206,20 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
     del model, optimizer, data
     gc.collect()
     torch.cuda.empty_cache()
-    return {"wall_ms_profiled": wall * 1e3, "gpu_ms_by_group": dict(sorted(groups.items(), key=lambda x: -x[1])),
+    # the elementwise operators by input shapes: which tensors the copies and additions run over
+    shaped: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.device_type == DeviceType.CUDA or not event.key.startswith(("aten::copy_", "aten::add", "aten::mul")):
+            continue
+        own = max((getattr(event, field, 0.0) or 0.0) for field in ("self_device_time_total", "self_cuda_time_total"))
+        if own > 0:
+            shaped[f"{event.key} {str(event.input_shapes)[:70]}"] = own / 1e3 / steps
+    busy = sum(groups.values())
+    return {"wall_ms_profiled": wall * 1e3, "gpu_busy_ms": busy, "gpu_idle_ms": wall * 1e3 - busy,
+            "gpu_ms_by_group": dict(sorted(groups.items(), key=lambda x: -x[1])),
             "top_kernels_ms": dict(sorted(kernels.items(), key=lambda x: -x[1])[:40]),
-            "top_ops_ms": dict(sorted(ops.items(), key=lambda x: -x[1])[:30])}
+            "top_ops_ms": dict(sorted(ops.items(), key=lambda x: -x[1])[:30]),
+            "elementwise_by_shape_ms": dict(sorted(shaped.items(), key=lambda x: -x[1])[:20])}
 
 
 def main():
@@ -200,11 +252,11 @@ def main():
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
     if args.profile:
-        for kind in [m for m in models if m != "fla"]:
+        for kind in [m for m in models if m not in ("fla", "ours-graph")]:
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
-            print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled);"
-                  f" GPU ms by kernel group:")
+            print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), GPU busy"
+                  f" {result['gpu_busy_ms']:.1f}; GPU ms by kernel group:")
             for group, ms in result["gpu_ms_by_group"].items():
                 print(f"  {ms:8.1f}  {group}")
             for name, ms in list(result["top_kernels_ms"].items())[:8]:

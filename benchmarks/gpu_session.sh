@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh ops host                   # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
+#   bash benchmarks/gpu_session.sh tests train-graph          # one H200, ~4 min
+#   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh swish                      # one H200, ~6 min
@@ -84,6 +86,12 @@ for what in "$@"; do
         train-ours)  # issue 8: ours only, saved bytes and where a step's GPU time goes
             stage train-ours 150 python3 benchmarks/bench_train.py --contexts 2048 16384 --steps 4 --warmup 2 \
                 --models ours --count-saved --profile --out "$OUT/train_h200_ours.json" ;;
+        train-graph)  # issue 8: ours eager and as one CUDA graph per step at every context (how much of a step is the
+            # host's), and where the eager step's GPU time goes, by kernel group and by the elementwise ops' shapes
+            stage train-graph 330 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+                --models ours ours-graph --profile --out "$OUT/train_h200_graph.json" ;;
+        tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU time
+            stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
@@ -179,6 +187,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

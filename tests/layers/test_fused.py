@@ -424,14 +424,16 @@ def test_inference_path_equals_the_functions_forward(triton, autocast):
     """Without autograd recording (generate()), the Functions are skipped: the values must be the same bits."""
     if triton and not pytest.importorskip("gsa.layers.fused_triton").KERNELS_AVAILABLE:
         pytest.skip("triton is not installed")
+    # the kernels natively on a GPU, in the interpreter on CPU tensors otherwise
+    device = "cuda" if triton and torch.cuda.is_available() else "cpu"
     x, w = randn(2, 9, 24, seed=70, dtype=torch.float32), randn(24, seed=71, dtype=torch.float32)
     linears = [randn(8, 24, seed=72 + i, dtype=torch.float32) for i in range(2)]
     gate, up, down = (randn(*shape, seed=80 + i, dtype=torch.float32) for i, shape in
                       enumerate([(2, 9, 16), (2, 9, 16), (24, 16)]))
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    context = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
     def outputs(record: bool):
-        args = [t.clone().requires_grad_(record) for t in (x, w, *linears, gate, up, down)]
+        args = [t.to(device, copy=True).requires_grad_(record) for t in (x, w, *linears, gate, up, down)]
         xs, ws, l0, l1, gs, us, ds = args
         with use_triton_kernels(triton), context, torch.set_grad_enabled(record):
             return [*rms_norm_linear(xs, ws, 1e-6, [l0, l1], pre_silu=True), rms_norm(xs, ws, 1e-6),

@@ -12,7 +12,14 @@ fused_triton = pytest.importorskip("gsa.layers.fused_triton")
 if not fused_triton.KERNELS_AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from gsa.layers.fused import rms_norm, rms_norm_linear, swiglu_linear, use_triton_kernels  # noqa: E402
+from gsa.layers.fused import (  # noqa: E402
+    rms_norm,
+    rms_norm_linear,
+    slot_gate_recipes,
+    slot_gates,
+    swiglu_linear,
+    use_triton_kernels,
+)
 from tests.helpers import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,6 +67,19 @@ def test_rms_norm_kernels_match_torch(dtype, pre_silu, affine):
     assert_close(got, want, dtype, "rms_norm")
 
 
+@pytest.mark.parametrize("launch", [dict(fwd_rows=4, bwd_rows=2, bwd_programs_per_sm=1),
+                                    dict(fwd_rows=8, fwd_warps=2, bwd_rows=4, bwd_warps=4, bwd_programs_per_sm=2,
+                                         bwd_stages=3)],
+                         ids=["rows4-2", "rows8-4"])
+def test_rms_norm_kernels_with_several_rows_a_program(launch, monkeypatch):
+    """Tiles of several rows (the last one partly past the end), programs walking several tiles: still the torch
+    path's values (21 rows: no tile or program count divides them)."""
+    monkeypatch.setattr(fused_triton, "NORM_LAUNCH", {**fused_triton.NORM_LAUNCH, **launch})
+    x, w = randn(3, 7, 100, seed=31, scale=2.0), 1 + randn(100, seed=32, scale=0.3)
+    got, want = both_paths(lambda x, w: rms_norm(x, w, 1e-6, True), [x, w])
+    assert_close(got, want, torch.float32, "rms_norm rows")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pre_silu", [False, True])
 def test_rms_norm_linear_with_kernels_matches_torch(dtype, pre_silu):
@@ -101,13 +121,72 @@ def test_kernel_outputs_directly():
 def test_functions_call_the_kernels(monkeypatch):
     """use_triton_kernels(True) routes the Functions' row-wise work to the kernels (forward and backward)."""
     calls = []
-    for name in ("rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd", "swiglu_rows_bwd"):
+    for name in ("rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd", "swiglu_rows_bwd", "slot_gates_fwd",
+                 "slot_gates_bwd"):
         kernel = getattr(fused_triton, name)
         monkeypatch.setattr(fused_triton, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     x, w, W = randn(2, 5, 48, seed=20), 1 + randn(48, seed=21), randn(8, 48, seed=22)
     gate, up, D = randn(3, 40, seed=23), randn(3, 40, seed=24), randn(5, 40, seed=25)
     both_paths(lambda x, w, W: rms_norm_linear(x, w, 1e-6, [W], pre_silu=True), [x, w, W])
     both_paths(swiglu_linear, [gate, up, D])
-    # forward, the rebuilt y in backward, backward; then SwiGLU forward and backward; the torch runs add nothing
+    both_paths(lambda f: slot_gates(f, 8.0), [randn(2, 3, 16, seed=26)])
+    # forward, the rebuilt y in backward, backward; SwiGLU forward and backward; the gates' forward and backward;
+    # the torch runs add nothing
     assert calls == ["rms_norm_rows_fwd", "rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd",
-                     "swiglu_rows_bwd"]
+                     "swiglu_rows_bwd", "slot_gates_fwd", "slot_gates_bwd"]
+
+
+# ------------------------------------------------------------------------------------------------- slot gates
+
+GATE_CASES = [(None, None), (-0.3, None), (None, "rows"), (-0.3, "rows"), (None, "heads")]  # (clamp_min, mask)
+
+
+def gate_logits(dtype, shape=(2, 37, 3, 20), seed=30):
+    f = randn(*shape, seed=seed, dtype=dtype, scale=4.0)
+    flat = f.view(-1)
+    flat[:6] = torch.tensor([-40.0, -12.0, 0.0, 9.5, 17.0, 40.0], dtype=dtype)  # both tails of logsigmoid
+    return f
+
+
+def gate_mask(kind, shape=(2, 37, 3, 20)):
+    if kind is None:
+        return None
+    B, T, H, _ = shape
+    if kind == "rows":  # the layer's padding mask: one value per token
+        return (torch.arange(T, device=DEVICE) % 5 != 0).to(torch.int64)[None, :, None, None].expand(B, T, 1, 1)
+    return (torch.arange(H, device=DEVICE) != 1).to(torch.float32)[None, None, :, None]  # per head: torch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GATE_CASES, ids=str)
+def test_slot_gate_kernels_match_torch(case, dtype):
+    clamp_min, kind = case
+    f, mask = gate_logits(dtype), gate_mask(kind)
+    got, want = both_paths(lambda f: slot_gates(f, 8.0, clamp_min, mask, dtype), [f])
+    assert_close(got, want, dtype, "slot_gates")
+    # g near 0 (large f) is where the relative error would show a log(1 + z) that rounds z away
+    assert rel_err(got[0][1].view(-1)[5:6], want[0][1].view(-1)[5:6]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_slot_gate_kernels_with_one_gradient(which):
+    """Backward with only ds or only dg (the other output unused)."""
+    f, mask = gate_logits(torch.float32), gate_mask("rows")
+    results = []
+    for triton in (True, False):
+        x = f.clone().requires_grad_()
+        with use_triton_kernels(triton):
+            out = slot_gates(x, 8.0, -0.3, mask, torch.float32)[which]
+            (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape)).sum().backward()
+        results.append(x.grad)
+    assert rel_err(results[0], results[1]) < TOL[torch.float32]
+
+
+def test_slot_gate_recipes_rebuild_the_forward_bitwise():
+    """recompute_saved relies on the rebuilt s and g being the very tensors the forward made."""
+    f, mask = gate_logits(torch.bfloat16), gate_mask("rows")
+    with use_triton_kernels(True):
+        s, g = slot_gates(f.clone().requires_grad_(), 8.0, None, mask, torch.bfloat16)
+        recipes = slot_gate_recipes(f, s, g, 8.0, None, mask, torch.bfloat16)
+    for out, fn, inp in recipes:
+        assert torch.equal(fn(inp), out)

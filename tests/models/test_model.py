@@ -216,6 +216,33 @@ def test_linear_cross_entropy_matches_cross_entropy():
     assert rel_err(gh, wh) < 1e-12 and rel_err(gw, ww) < 1e-12
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_linear_cross_entropy_bf16_accumulates_in_float32():
+    """bf16 on the GPU: the LM head's weight gradient is summed over row chunks by products that add into a float32
+    buffer (addmm with out_dtype); loss and gradients as the float32 computation's, within bf16 rounding, and no
+    further from it than the rounded-product form."""
+    from gsa.models import loss as loss_module
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 64, generator=gen).cuda()
+    weight = (torch.randn(1000, 64, generator=gen) * 0.2).cuda()
+    labels = torch.randint(0, 1000, (300,), generator=gen).cuda()
+    exact = [t.clone().requires_grad_() for t in (hidden, weight)]
+    F.cross_entropy(exact[0] @ exact[1].t(), labels).backward()
+    errors = []
+    for wide in (True, False):
+        loss_module._WIDE_ADDMM[0] = wide
+        h, w = (t.bfloat16().requires_grad_() for t in (hidden, weight))
+        linear_cross_entropy(h, w, labels, chunk_rows=64).backward()
+        errors.append((rel_err(h.grad.float(), exact[0].grad), rel_err(w.grad.float(), exact[1].grad)))
+        if wide:
+            assert loss_module._WIDE_ADDMM[0], "addmm with out_dtype failed on this GPU and torch"
+    loss_module._WIDE_ADDMM[0] = hasattr(torch.ops.aten.addmm, "dtype_out")
+    (wide_h, wide_w), (plain_h, plain_w) = errors
+    assert wide_h < 2e-2 and wide_w < 2e-2, errors
+    assert wide_w <= plain_w * 1.05, errors
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_linear_cross_entropy_row_kernel_matches_cross_entropy(grad, monkeypatch):
     """The Triton row kernel (interpreter on CPU, float32): loss and gradients as F.cross_entropy's, with ignored
@@ -233,6 +260,8 @@ def test_linear_cross_entropy_row_kernel_matches_cross_entropy(grad, monkeypatch
     labels = torch.randint(0, 300, (50,), generator=gen)
     labels[::7] = -100
     labels[3] = 299  # the last column, in the last (partial) block
+    if torch.cuda.is_available():  # natively there; in the interpreter on CPU tensors otherwise
+        hidden, weight, labels = (t.detach().cuda().requires_grad_(t.requires_grad) for t in (hidden, weight, labels))
     with use_triton_kernels(True):
         got = linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
     want = F.cross_entropy(hidden @ weight.t(), labels)

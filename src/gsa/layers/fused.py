@@ -374,19 +374,46 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
 # ------------------------------------------------------------------------------------------------- slot gates
 
 
+def _gate_rows(f: torch.Tensor, mask: torch.Tensor | None):
+    """(mask rows, row width) when the gate kernels (gsa.layers.fused_triton) take f and this mask, else None."""
+    if not _triton(f):
+        return None
+    from .fused_triton import gate_mask_rows
+
+    return gate_mask_rows(f, mask)
+
+
+def _slot_gate_values(f, tau, clamp_min, mask, dtype, rows, write_s=True, write_g=True):
+    """(s, g) in dtype: one kernel where `rows` (from _gate_rows) is given, else gsa.ops.slot_gates and casts."""
+    if rows is not None:
+        from .fused_triton import slot_gates_fwd
+
+        return slot_gates_fwd(f.contiguous(), tau, clamp_min, *rows, dtype, write_s, write_g)
+    s, g = float_slot_gates(f, tau, clamp_min, mask)
+    return s.to(dtype), g.to(dtype)
+
+
 class _SlotGates(torch.autograd.Function):
     """(s, g) = (1 - exp(g), g), g = mask * max(logsigmoid(f) / τ, clamp_min), both cast to `dtype`. Saves f."""
 
     @staticmethod
     def forward(ctx, f, tau, clamp_min, mask, dtype):
-        s, g = float_slot_gates(f, tau, clamp_min, mask)
+        ctx.rows = _gate_rows(f, mask)
         ctx.tau, ctx.clamp_min, ctx.device_type = tau, clamp_min, f.device.type
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(f, mask)
-        return s.to(dtype), g.to(dtype)
+        return _slot_gate_values(f, tau, clamp_min, mask, dtype, ctx.rows)
 
     @staticmethod
     def backward(ctx, ds, dg):
         f, mask = ctx.saved_tensors
+        if ds is None and dg is None:
+            return None, None, None, None, None
+        if ctx.rows is not None:
+            from .fused_triton import slot_gates_bwd
+
+            df = slot_gates_bwd(f.contiguous(), ctx.tau, ctx.clamp_min, *ctx.rows, ds, dg)
+            return df.view(f.shape), None, None, None, None
         with torch.autocast(ctx.device_type, enabled=False):
             fa = f.to(_acc_dtype(f.dtype))
             log_sig, buffer = torch.ops.aten.log_sigmoid_forward(fa)
@@ -399,8 +426,6 @@ class _SlotGates(torch.autograd.Function):
                 d = -ds.to(fa.dtype) * torch.exp(g)
             if dg is not None:
                 d = dg.to(fa.dtype) if d is None else d + dg.to(fa.dtype)
-            if d is None:
-                return None, None, None, None, None
             if mask is not None:
                 d = d * mask.to(d.dtype)
             if ctx.clamp_min is not None:
@@ -426,11 +451,24 @@ def slot_gates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, g) of the GSA layer from gate logits f: g = logsigmoid(f) / τ (float32 at least), clamped below at
     clamp_min, times mask (broadcast; 1 = token, 0 = padding), s = 1 - exp(g); both returned in dtype (f's by
-    default). Saves only f (and mask) for backward."""
+    default). Saves only f (and mask) for backward. On CUDA tensors one Triton kernel each way."""
     dtype = dtype or f.dtype
-    if not fused_enabled() or not (torch.is_grad_enabled() and f.requires_grad):
+    if not fused_enabled():
         return plain_slot_gates(f, tau, clamp_min, mask, dtype)
+    if not (torch.is_grad_enabled() and f.requires_grad):
+        return _slot_gate_values(f, tau, clamp_min, mask, dtype, _gate_rows(f, mask))
     return _SlotGates.apply(f, tau, clamp_min, mask, dtype)
+
+
+def slot_gate_recipes(f, s, g, tau, clamp_min=None, mask=None, dtype=None):
+    """`recompute_saved` recipes that rebuild s and g of `slot_gates(f, ...)` from f the way it made them (the same
+    kernel or the same torch operations: bitwise the same tensors), each alone."""
+    dtype = dtype or f.dtype
+    rows = _gate_rows(f, mask) if fused_enabled() else None
+    return [
+        (s, lambda f: _slot_gate_values(f, tau, clamp_min, mask, dtype, rows, write_g=rows is None)[0], f),
+        (g, lambda f: _slot_gate_values(f, tau, clamp_min, mask, dtype, rows, write_s=rows is None)[1], f),
+    ]
 
 
 # ------------------------------------------------------------------------------- recomputed operator inputs

@@ -4,6 +4,8 @@
     rms_norm_rows_bwd(x, w, rstd, dy, pre_silu)     -> (dx, dw)
     swiglu_rows_fwd(gate, up)                       -> silu(gate) * up
     swiglu_rows_bwd(gate, up, dh)                   -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
+    slot_gates_fwd(f, tau, clamp_min, mask, dtype)  -> (s, g) of the GSA layer from its gate logits f
+    slot_gates_bwd(f, tau, clamp_min, mask, ds, dg) -> df
 
 One pass over the rows each, float32 inside, the same roundings as the torch operations they stand for (silu is
 rounded to the input dtype before it is used, as torch computes it in that dtype); they agree with the torch path
@@ -44,53 +46,57 @@ if KERNELS_AVAILABLE:
         return (x * tl.sigmoid(x)).to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _rms_norm_fwd_kernel(X, W, Y, RSTD, D, eps, HAS_W: tl.constexpr, PRE_SILU: tl.constexpr,
-                             BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, D, eps, HAS_W: tl.constexpr, PRE_SILU: tl.constexpr,
+                             BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        valid = cols < D
-        x = tl.load(X + row * D + cols, mask=valid, other=0.0).to(tl.float32)
+        valid = (rows < N)[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
         if PRE_SILU:
             x = _silu_rounded(x, X.dtype.element_ty)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
-        y = x * rstd
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+        y = x * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
-        tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=valid)
-        tl.store(RSTD + row, rstd)
+            y = y * tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=valid)
+        tl.store(RSTD + rows, rstd, mask=rows < N)
 
     @triton.jit
     def _rms_norm_bwd_kernel(X, W, RSTD, DY, DX, DW, N, D, rows_per_program, HAS_W: tl.constexpr,
-                             PRE_SILU: tl.constexpr, BLOCK: tl.constexpr):
+                             PRE_SILU: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                             STAGES: tl.constexpr):
+        """rows_per_program (a multiple of ROWS) rows from pid * rows_per_program, ROWS at a time (the loads of
+        STAGES tiles in flight); each program writes its partial dw row."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        valid = cols < D
+        col_ok = cols < D
         if HAS_W:
-            w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        start = pid * rows_per_program
-        for i in range(0, rows_per_program):
-            row = start + i
-            if row < N:
-                offset = row.to(tl.int64) * D
-                x_in = tl.load(X + offset + cols, mask=valid, other=0.0).to(tl.float32)
-                if PRE_SILU:
-                    u = _silu_rounded(x_in, X.dtype.element_ty)
-                else:
-                    u = x_in
-                rstd = tl.load(RSTD + row)
-                xhat = u * rstd
-                dy = tl.load(DY + offset + cols, mask=valid, other=0.0).to(tl.float32)
-                if HAS_W:
-                    dw += dy * xhat
-                    dy = dy * w
-                du = rstd * (dy - xhat * (tl.sum(dy * xhat, 0) / D))
-                if PRE_SILU:
-                    du = du.to(DX.dtype.element_ty).to(tl.float32)  # the composition's grad of silu(x) is rounded
-                    du = swish_grad(du, x_in)
-                tl.store(DX + offset + cols, du.to(DX.dtype.element_ty), mask=valid)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        start = pid.to(tl.int64) * rows_per_program
+        for i in tl.range(0, rows_per_program, ROWS, num_stages=STAGES):
+            rows = start + i + tl.arange(0, ROWS)
+            valid = (rows < N)[:, None] & col_ok[None, :]
+            offs = rows[:, None] * D + cols[None, :]
+            x_in = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+            if PRE_SILU:
+                u = _silu_rounded(x_in, X.dtype.element_ty)
+            else:
+                u = x_in
+            rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)[:, None]
+            xhat = u * rstd
+            dy = tl.load(DY + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_W:
+                dw += dy * xhat
+                dy = dy * w
+            du = rstd * (dy - xhat * (tl.sum(dy * xhat, 1) / D)[:, None])
+            if PRE_SILU:
+                du = du.to(DX.dtype.element_ty).to(tl.float32)  # the composition's grad of silu(x) is rounded
+                du = swish_grad(du, x_in)
+            tl.store(DX + offs, du.to(DX.dtype.element_ty), mask=valid)
         if HAS_W:
-            tl.store(DW + pid.to(tl.int64) * D + cols, dw, mask=valid)
+            tl.store(DW + pid.to(tl.int64) * D + cols, tl.sum(dw, 0), mask=col_ok)
 
     @triton.jit
     def _swiglu_fwd_kernel(G, U, H, numel, BLOCK: tl.constexpr):
@@ -113,6 +119,62 @@ if KERNELS_AVAILABLE:
         tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=valid)
         ds = (dh * u).to(G.dtype.element_ty).to(tl.float32)  # torch rounds grad * up to the dtype first
         tl.store(DG + offs, swish_grad(ds, g).to(DG.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _log_sigmoid(x):
+        """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)) as torch forms it; log1p by its series where exp(-|x|) is
+        so small that log(1 + z) would round to 0."""
+        z = tl.exp(-tl.abs(x))
+        return tl.minimum(x, 0.0) - tl.where(z < 1e-4, z * (1.0 - 0.5 * z), tl.log(1.0 + z))
+
+    @triton.jit
+    def _gate_values(f, mask, tau, clamp_min, HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr):
+        """(g before the clamp, g) in float32: g = max(logsigmoid(f) / τ, clamp_min) * mask."""
+        g0 = _log_sigmoid(f) / tau
+        g = g0
+        if HAS_CLAMP:
+            g = tl.maximum(g, clamp_min)
+        if HAS_MASK:
+            g = g * mask
+        return g0, g
+
+    @triton.jit
+    def _slot_gates_fwd_kernel(F, MASK, S, G, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr,
+                               HAS_MASK: tl.constexpr, WRITE_S: tl.constexpr, WRITE_G: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < numel
+        f = tl.load(F + offs, mask=valid, other=0.0).to(tl.float32)
+        mask = tl.load(MASK + offs // width, mask=valid, other=0.0) if HAS_MASK else 1.0
+        _, g = _gate_values(f, mask, tau, clamp_min, HAS_CLAMP, HAS_MASK)
+        if WRITE_S:
+            tl.store(S + offs, (1.0 - tl.exp(g)).to(S.dtype.element_ty), mask=valid)
+        if WRITE_G:
+            tl.store(G + offs, g.to(G.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr,
+                               HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr, HAS_DG: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < numel
+        f = tl.load(F + offs, mask=valid, other=0.0).to(tl.float32)
+        mask = tl.load(MASK + offs // width, mask=valid, other=0.0) if HAS_MASK else 1.0
+        g0, g = _gate_values(f, mask, tau, clamp_min, HAS_CLAMP, HAS_MASK)
+        d = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_DS:  # s = 1 - exp(g)
+            d -= tl.load(DS + offs, mask=valid, other=0.0).to(tl.float32) * tl.exp(g)
+        if HAS_DG:
+            d += tl.load(DG + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            d = d * mask
+        if HAS_CLAMP:  # the clamp passes the gradient where it did not bite, ties included (torch.clamp's rule)
+            d = tl.where(g0 >= clamp_min, d, 0.0)
+        d = d / tau
+        # d logsigmoid(f) / df = sigmoid(-f), formed from z = exp(-|f|) as torch's log_sigmoid_backward does
+        z = tl.exp(-tl.abs(f))
+        d = d * tl.where(f < 0, 1.0 / (1.0 + z), z / (1.0 + z))
+        tl.store(DF + offs, d.to(DF.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _cross_entropy_kernel(LOGITS, LABELS, LOSS, COUNT, V, ignore_index, GRAD: tl.constexpr,
@@ -169,6 +231,25 @@ def _warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
+# Launch settings of the norm kernels: rows a program takes at a time, warps (None: by tile size), and (backward)
+# programs per multiprocessor and tiles in flight. benchmarks/tune_rows.py times the choices on an H200 at the 1.3B
+# model's rows (16K x 2048 bf16, GPU time; results/tune_rows_h200.json): forward 35.7 -> 34.3 us (2 rows, 8 warps),
+# backward 68.7 -> 58.6 us (2 rows, 4 warps, 2 programs per multiprocessor, 3 tiles in flight) against one row a
+# program; the backward's gain is mostly the pipelined loads.
+NORM_LAUNCH = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 4, "bwd_programs_per_sm": 2,
+               "bwd_stages": 3}
+
+
+def _norm_launch(kind: str, block: int) -> tuple[int, int]:
+    """(rows a program takes at a time, warps) for the norm kernel `kind` ("fwd" / "bwd") at this block width;
+    rows shrink so that a tile stays within 8192 elements."""
+    rows = NORM_LAUNCH[f"{kind}_rows"]
+    while rows > 1 and rows * block > 8192:
+        rows //= 2
+    warps = NORM_LAUNCH[f"{kind}_warps"] or _warps(block * rows)
+    return rows, warps
+
+
 def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool):
     """(y in x's dtype and shape, rstd [rows] float32)."""
     shape, D = x.shape, x.shape[-1]
@@ -177,9 +258,11 @@ def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
     y = torch.empty_like(x2)
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     block = _block(D)
+    rows, warps = _norm_launch("fwd", block)
     if N:
-        _rms_norm_fwd_kernel[(N,)](x2, weight if weight is not None else x2, y, rstd, D, eps,
-                                   HAS_W=weight is not None, PRE_SILU=pre_silu, BLOCK=block, num_warps=_warps(block))
+        _rms_norm_fwd_kernel[(cdiv(N, rows),)](x2, weight if weight is not None else x2, y, rstd, N, D, eps,
+                                               HAS_W=weight is not None, PRE_SILU=pre_silu, BLOCK=block, ROWS=rows,
+                                               num_warps=warps)
     return y.view(shape), rstd.view(*shape[:-1], 1)
 
 
@@ -191,15 +274,16 @@ def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
     N = x2.shape[0]
     dx = torch.empty_like(x2)
     block = _block(D)
-    programs = max(1, min(N, 4 * _multiprocessors(x.device)))
-    rows_per_program = cdiv(max(N, 1), programs)
+    rows, warps = _norm_launch("bwd", block)
+    programs = max(1, min(cdiv(N, rows), NORM_LAUNCH["bwd_programs_per_sm"] * _multiprocessors(x.device)))
+    rows_per_program = cdiv(cdiv(max(N, 1), programs), rows) * rows
     programs = cdiv(max(N, 1), rows_per_program)
     dw = torch.empty(programs, D, device=x.device, dtype=torch.float32) if weight is not None else None
     if N:
         _rms_norm_bwd_kernel[(programs,)](
             x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dy2, dx,
             dw if dw is not None else dx, N, D, rows_per_program, HAS_W=weight is not None, PRE_SILU=pre_silu,
-            BLOCK=block, num_warps=_warps(block),
+            BLOCK=block, ROWS=rows, STAGES=NORM_LAUNCH["bwd_stages"], num_warps=warps,
         )
     elif dw is not None:
         dw.zero_()
@@ -231,3 +315,58 @@ def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
     if n:
         _swiglu_bwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4)
     return h, dg, du
+
+
+GATE_BLOCK = 1024
+
+
+def gate_mask_rows(f: torch.Tensor, mask: torch.Tensor | None):
+    """(mask as float32 [rows] contiguous, row width) where mask broadcasts to f as one value per leading index
+    (f [B, T, H, M], mask [B, T, 1, 1]: the layer's padding mask), (None, 1) without a mask; None where the mask
+    has another shape (then the torch path serves it)."""
+    if mask is None:
+        return None, 1
+    if mask.dim() != f.dim():
+        return None
+    lead = f.dim()
+    while lead > 0 and mask.shape[lead - 1] == 1 and f.shape[lead - 1] != 1:
+        lead -= 1
+    if tuple(mask.shape[:lead]) != tuple(f.shape[:lead]) or any(n != 1 for n in mask.shape[lead:]):
+        return None
+    width = 1
+    for n in f.shape[lead:]:
+        width *= n
+    return mask.reshape(-1).to(torch.float32).contiguous(), width
+
+
+def slot_gates_fwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_rows, width: int,
+                   dtype: torch.dtype, write_s: bool = True, write_g: bool = True):
+    """(s, g) in dtype and f's shape from contiguous gate logits f; mask_rows / width from gate_mask_rows. Either
+    output may be skipped (None): backward rebuilds s and g separately."""
+    s = torch.empty(f.shape, device=f.device, dtype=dtype) if write_s else None
+    g = torch.empty(f.shape, device=f.device, dtype=dtype) if write_g else None
+    n = f.numel()
+    if n:
+        _slot_gates_fwd_kernel[(cdiv(n, GATE_BLOCK),)](
+            f, mask_rows if mask_rows is not None else f, s if write_s else g, g if write_g else s, n, width, tau,
+            clamp_min if clamp_min is not None else 0.0, HAS_CLAMP=clamp_min is not None,
+            HAS_MASK=mask_rows is not None, WRITE_S=write_s, WRITE_G=write_g, BLOCK=GATE_BLOCK, num_warps=4,
+        )
+    return s, g
+
+
+def slot_gates_bwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_rows, width: int,
+                   ds: torch.Tensor | None, dg: torch.Tensor | None) -> torch.Tensor:
+    """df (f's dtype) from the gradients of s and g (either may be None)."""
+    df = torch.empty_like(f)
+    n = f.numel()
+    ds = ds.contiguous() if ds is not None else None
+    dg = dg.contiguous() if dg is not None else None
+    if n:
+        _slot_gates_bwd_kernel[(cdiv(n, GATE_BLOCK),)](
+            f, mask_rows if mask_rows is not None else f, ds if ds is not None else f, dg if dg is not None else f,
+            df, n, width, tau, clamp_min if clamp_min is not None else 0.0, HAS_CLAMP=clamp_min is not None,
+            HAS_MASK=mask_rows is not None, HAS_DS=ds is not None, HAS_DG=dg is not None, BLOCK=GATE_BLOCK,
+            num_warps=4,
+        )
+    return df

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode, resolve_backend
 from .conv import ShortConvolution
-from .fused import fused_enabled, norm_linear, plain_slot_gates, recompute_saved, slot_gates
+from .fused import fused_enabled, norm_linear, recompute_saved, slot_gate_recipes, slot_gates
 from .norm import RMSNorm
 
 # The swish feature maps inside the Triton kernels (gated_slot_attention's swish_inputs) instead of three swish
@@ -224,10 +224,7 @@ class GatedSlotAttention(nn.Module):
         gate_mask = None if mask is None else mask[:, :, None, None]
         gate_args = (self.gate_logit_normalizer, self.clamp_min, gate_mask, q.dtype)
         s, g = slot_gates(f, *gate_args)
-        recipes += [
-            (s, lambda f: plain_slot_gates(f, *gate_args)[0], f),
-            (g, lambda f: plain_slot_gates(f, *gate_args)[1], f),
-        ]
+        recipes += slot_gate_recipes(f, s, g, *gate_args)
 
         new_state = None
         initial = (state.hk, state.hv) if state is not None else None
