@@ -231,14 +231,16 @@ def test_gpu_linear_cross_entropy_bf16_accumulates_in_float32():
     exact = [t.clone().requires_grad_() for t in (hidden, weight)]
     F.cross_entropy(exact[0] @ exact[1].t(), labels).backward()
     errors = []
-    for wide in (True, False):
-        loss_module._WIDE_ADDMM[0] = wide
-        h, w = (t.bfloat16().requires_grad_() for t in (hidden, weight))
-        linear_cross_entropy(h, w, labels, chunk_rows=64).backward()
-        errors.append((rel_err(h.grad.float(), exact[0].grad), rel_err(w.grad.float(), exact[1].grad)))
-        if wide:
-            assert loss_module._WIDE_ADDMM[0], "addmm with out_dtype failed on this GPU and torch"
-    loss_module._WIDE_ADDMM[0] = hasattr(torch.ops.aten.addmm, "dtype_out")
+    try:
+        for wide in (True, False):
+            loss_module._WIDE_ADDMM[0] = wide
+            h, w = (t.bfloat16().requires_grad_() for t in (hidden, weight))
+            linear_cross_entropy(h, w, labels, chunk_rows=64).backward()
+            errors.append((rel_err(h.grad.float(), exact[0].grad), rel_err(w.grad.float(), exact[1].grad)))
+            if wide:
+                assert loss_module._WIDE_ADDMM[0], "addmm with out_dtype failed on this GPU and torch"
+    finally:
+        loss_module._WIDE_ADDMM[0] = hasattr(torch.ops.aten.addmm, "dtype_out")
     (wide_h, wide_w), (plain_h, plain_w) = errors
     assert wide_h < 2e-2 and wide_w < 2e-2, errors
     assert wide_w <= plain_w * 1.05, errors

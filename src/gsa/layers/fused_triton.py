@@ -122,18 +122,21 @@ if KERNELS_AVAILABLE:
 
     @triton.jit
     def _log_sigmoid(x):
-        """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)) as torch forms it; log1p by its series where exp(-|x|) is
-        so small that log(1 + z) would round to 0."""
+        """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)) as torch forms it. log1p(z) as log(u) * z / (u - 1), u = 1 + z
+        (exact to float32 rounding where log(1 + z) alone loses z's low bits: |x| from ~5 on), z itself where u
+        rounds to 1."""
         z = tl.exp(-tl.abs(x))
-        return tl.minimum(x, 0.0) - tl.where(z < 1e-4, z * (1.0 - 0.5 * z), tl.log(1.0 + z))
+        u = 1.0 + z
+        log1p = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
+        return tl.minimum(x, 0.0) - log1p
 
     @triton.jit
     def _gate_values(f, mask, tau, clamp_min, HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr):
         """(g before the clamp, g) in float32: g = max(logsigmoid(f) / τ, clamp_min) * mask."""
         g0 = _log_sigmoid(f) / tau
         g = g0
-        if HAS_CLAMP:
-            g = tl.maximum(g, clamp_min)
+        if HAS_CLAMP:  # a NaN logit stays NaN, as through torch.clamp
+            g = tl.maximum(g, clamp_min, propagate_nan=tl.PropagateNan.ALL)
         if HAS_MASK:
             g = g * mask
         return g0, g
@@ -240,14 +243,17 @@ NORM_LAUNCH = {"fwd_rows": 2, "fwd_warps": 8, "bwd_rows": 2, "bwd_warps": 4, "bw
                "bwd_stages": 3}
 
 
-def _norm_launch(kind: str, block: int) -> tuple[int, int]:
-    """(rows a program takes at a time, warps) for the norm kernel `kind` ("fwd" / "bwd") at this block width;
-    rows shrink so that a tile stays within 8192 elements."""
+def _norm_launch(kind: str, block: int) -> tuple[int, int, int]:
+    """(rows a program takes at a time, warps, pipelined tiles) for the norm kernel `kind` ("fwd" / "bwd") at this
+    block width: NORM_LAUNCH's settings, tuned at 2048-wide rows, while a row fits 4096 elements; wider rows one at
+    a time with warps by their width and no pipelining (a 16384-wide float32 row would not fit 3 tiles deep)."""
+    if block > 4096:
+        return 1, _warps(block), 1
     rows = NORM_LAUNCH[f"{kind}_rows"]
-    while rows > 1 and rows * block > 8192:
+    while rows > 1 and rows * block > 4096:
         rows //= 2
     warps = NORM_LAUNCH[f"{kind}_warps"] or _warps(block * rows)
-    return rows, warps
+    return rows, warps, NORM_LAUNCH.get(f"{kind}_stages", 1)
 
 
 def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool):
@@ -258,7 +264,7 @@ def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, 
     y = torch.empty_like(x2)
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     block = _block(D)
-    rows, warps = _norm_launch("fwd", block)
+    rows, warps, _ = _norm_launch("fwd", block)
     if N:
         _rms_norm_fwd_kernel[(cdiv(N, rows),)](x2, weight if weight is not None else x2, y, rstd, N, D, eps,
                                                HAS_W=weight is not None, PRE_SILU=pre_silu, BLOCK=block, ROWS=rows,
@@ -274,7 +280,7 @@ def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
     N = x2.shape[0]
     dx = torch.empty_like(x2)
     block = _block(D)
-    rows, warps = _norm_launch("bwd", block)
+    rows, warps, stages = _norm_launch("bwd", block)
     programs = max(1, min(cdiv(N, rows), NORM_LAUNCH["bwd_programs_per_sm"] * _multiprocessors(x.device)))
     rows_per_program = cdiv(cdiv(max(N, 1), programs), rows) * rows
     programs = cdiv(max(N, 1), rows_per_program)
@@ -283,7 +289,7 @@ def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
         _rms_norm_bwd_kernel[(programs,)](
             x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dy2, dx,
             dw if dw is not None else dx, N, D, rows_per_program, HAS_W=weight is not None, PRE_SILU=pre_silu,
-            BLOCK=block, ROWS=rows, STAGES=NORM_LAUNCH["bwd_stages"], num_warps=warps,
+            BLOCK=block, ROWS=rows, STAGES=stages, num_warps=warps,
         )
     elif dw is not None:
         dw.zero_()

@@ -35,8 +35,12 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (RuntimeError, TypeError):  # a torch or GPU without it: the plain form from now on
-            _WIDE_ADDMM[0] = False
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError):
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _WIDE_ADDMM[0] = False  # a torch or GPU that refuses these operands: the plain form from now on
     acc += (a @ b).to(acc.dtype)
 
 
