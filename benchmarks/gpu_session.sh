@@ -18,7 +18,7 @@
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
-#   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~8 min
+#   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
 #   bash benchmarks/gpu_session.sh t2r-more                   # same warm machine, ~6 min
@@ -133,11 +133,11 @@ for what in "$@"; do
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
             keep_reports /tmp/compare ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
-            stage fsdp-2gpu 200 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
-                --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
+            stage fsdp-2gpu 170 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
+                --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-2gpu
-            stage fsdp-1gpu 200 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
-                "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 30 --global-batch-size 32 --log-every 2 \
+            stage fsdp-1gpu 150 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
+                "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-1gpu
             stage fsdp-table 30 python3 benchmarks/train_throughput.py /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu
             keep_reports /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu ;;

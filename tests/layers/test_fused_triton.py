@@ -164,12 +164,13 @@ def test_slot_gate_kernels_match_torch(case, dtype):
     f, mask = gate_logits(dtype), gate_mask(kind)
     got, want = both_paths(lambda f: slot_gates(f, 8.0, clamp_min, mask, dtype), [f])
     assert_close(got, want, dtype, "slot_gates")
-    # element by element where g is near 0 (large f): a log1p that dropped exp(-f)'s low bits would show here
+    # element by element where g is near 0 (large f): a log1p that dropped exp(-f)'s low bits would show here (up
+    # to 6e-4 relative); the GPU's exp and log differ from torch's by an ulp or two (~1e-6 relative in df)
     if dtype == torch.float32:
         n = len(GATE_TAILS)
         for a, b in ((got[0][1], want[0][1]), (got[1][0], want[1][0])):
             a, b = a.reshape(-1)[:n], b.reshape(-1)[:n]
-            assert torch.all((a - b).abs() <= 1e-6 * b.abs() + 1e-30), (a, b)
+            assert torch.all((a - b).abs() <= 5e-6 * b.abs() + 1e-30), (a, b)
 
 
 def test_slot_gates_with_another_mask_shape_take_the_torch_path():
