@@ -45,8 +45,8 @@ keep_reports() {  # copy a run folder's small reports (not its weights) under $O
     local dir
     for dir in "$@"; do
         mkdir -p "$OUT/$(basename "$dir")"
-        find "$dir" -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \) \
-            -size -5M -exec cp --parents {} "$OUT/$(basename "$dir")/" \; 2>/dev/null
+        (cd "$dir" && find . -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \) \
+            -size -5M -exec cp --parents {} "$OUT/$(basename "$dir")/" \; 2>/dev/null)
     done
 }
 
