@@ -171,13 +171,14 @@ for what in "$@"; do
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;
-        swish)  # issue 8: the swish feature maps inside the operator's kernels (GSA_SWISH_IN_KERNELS) against outside;
-            # both runs have the loss's row kernel (compare with results/train_h200_ours.json: 59.6K tok/s without it)
+        swish)  # issue 8: the layer handing the projections to the operator (swish_inputs: it forms the features, its
+            # backward kernels take the gradients through swish; GSA_SWISH_IN_KERNELS=1, the default) against torch's
+            # swish passes around it (=0)
             stage tests-swish 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 tests/layers/test_fused_model.py tests/models/test_model.py -k "swish or cross_entropy"
-            stage train-swish-off 110 env GSA_SWISH_IN_KERNELS=0 python3 benchmarks/bench_train.py --contexts 2048 \
+            stage train-swish-off 130 env GSA_SWISH_IN_KERNELS=0 python3 benchmarks/bench_train.py --contexts 2048 8192 \
                 --steps 4 --warmup 2 --models ours --profile --out "$OUT/train_h200_swish_off.json"
-            stage train-swish-on 110 env GSA_SWISH_IN_KERNELS=1 python3 benchmarks/bench_train.py --contexts 2048 \
+            stage train-swish-on 130 env GSA_SWISH_IN_KERNELS=1 python3 benchmarks/bench_train.py --contexts 2048 8192 \
                 --steps 4 --warmup 2 --models ours --profile --out "$OUT/train_h200_swish_on.json" ;;
         fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
             fla_setup

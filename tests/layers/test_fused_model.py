@@ -146,9 +146,9 @@ def triton_operator(monkeypatch):
 @pytest.mark.parametrize("swish_inside", [False, True], ids=["swish-recomputed", "swish-in-kernels"])
 def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, swish_inside, monkeypatch):
     """With the Triton operator (which saves the q, k, v, s, g it is given), the fused layer keeps none of those:
-    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged. With the
-    swish formed inside the kernels (what the layer does where the operator runs on Triton), the operator is given
-    the projections themselves: the same bytes kept, the same results up to float32 rounding of the swish."""
+    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged. With
+    swish_inputs (what the layer does where the operator runs on Triton), the operator is given the projections
+    themselves and forms their swish: the same bytes kept, the same results up to float32 rounding."""
     monkeypatch.setattr(gsa_layer, "SWISH_IN_KERNELS", swish_inside)
     if swish_inside:
         monkeypatch.setattr(gsa_layer, "resolve_backend", lambda backend, device: "triton")

@@ -193,8 +193,9 @@ def test_varlen_matches_reference(state_pass):
 @pytest.mark.parametrize("shape, offsets", [((2, 129, 4, 2, 16, 24, 20), None), ((1, 200, 2, 1, 8, 8, 16), [0, 5, 70, 200])],
                          ids=["gqa", "varlen"])
 def test_swish_inputs_match_reference_on_swished_projections(shape, offsets, state_pass):
-    """swish_inputs: the kernels form swish(q), swish(k), swish(v) where they load them and return the gradients of
-    the projections; against the reference given the swished tensors (autograd through torch's silu)."""
+    """swish_inputs: the operator attends with swish(q), swish(k), swish(v) and its kernels return the gradients of
+    the projections (through swish where they store them); against the reference given the swished tensors
+    (autograd through torch's silu)."""
     B, T, HQ, H, K, V, M = shape
     N = B if offsets is None else len(offsets) - 1
     tensors = gsa_inputs(*shape, dtype=torch.float32, seed=21, device=DEVICE)
@@ -212,6 +213,22 @@ def test_swish_inputs_match_reference_on_swished_projections(shape, offsets, sta
     got = outputs_and_grads(fused, tensors)
     want = outputs_and_grads(composed, tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
+
+
+def test_swish_inputs_keep_only_the_projections():
+    """With swish_inputs the operator saves q, k, v themselves for backward, not their features (formed again
+    there): the memory of the layer's default path."""
+    B, T, HQ, H, K, V, M = 1, 70, 2, 2, 8, 8, 4
+    tensors = [t.requires_grad_() for t in gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=26,
+                                                       device=DEVICE)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        o, _ = triton_ops.chunk_gsa_triton(*tensors, K**-0.5, swish_inputs=True)
+    projections = {t.untyped_storage().data_ptr() for t in tensors[:3]}
+    shaped = [t for t in saved if t.shape[-1] in (K, V) and t.shape[0] == B * T]
+    assert {t.untyped_storage().data_ptr() for t in shaped} == projections
+    o.sum().backward()
+    assert all(t.grad is not None for t in tensors)
 
 
 def test_swish_inputs_on_the_short_recurrent_path():

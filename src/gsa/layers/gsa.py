@@ -14,10 +14,11 @@ from .conv import ShortConvolution
 from .fused import fused_enabled, norm_linear, recompute_saved, slot_gate_recipes, slot_gates
 from .norm import RMSNorm
 
-# The swish feature maps inside the Triton kernels (gated_slot_attention's swish_inputs) instead of three swish
-# passes around them. Off: on the H200 the kernels grew by what the swish passes cost (1.3B step: +13.6 / -13.4 ms;
-# benchmarks/NOTES.md, session 6). GSA_SWISH_IN_KERNELS=1 turns it on.
-SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "0") == "1"
+# The swish feature maps handed to the Triton operator (gated_slot_attention's swish_inputs): it forms swish(q),
+# swish(k), swish(v) itself, keeps only the projections, and its backward kernels take the gradients through swish
+# where they store dq, dk, dv, instead of three torch swish-backward passes over the features' gradients (predicted
+# -2 to -3 ms a 1.3B training step; benchmarks/NOTES.md, session 8). GSA_SWISH_IN_KERNELS=0 turns it off.
+SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "1") == "1"
 
 
 @dataclass
@@ -206,8 +207,8 @@ class GatedSlotAttention(nn.Module):
         q_in = q.view(B, T, self.num_heads, self.head_k_dim)
         k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
         v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
-        # With swish feature maps the Triton kernels can form swish(q), swish(k), swish(v) where they load them: no
-        # swish tensors written, kept or recomputed, and their gradients reach the projections inside the kernels
+        # With swish feature maps the Triton operator takes the projections: it forms and recomputes the features
+        # itself and returns the projections' gradients (no swish-backward passes, no features kept)
         swish_inside = (SWISH_IN_KERNELS and fused_enabled() and self.feature_map is F.silu
                         and resolve_backend(self.backend, q_in.device) == "triton")
         if swish_inside:

@@ -63,8 +63,9 @@ def gated_slot_attention(
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
         swish_inputs: q, k, v are projections and the operator attends with swish(q), swish(k), swish(v) (the GSA
-            layer's default feature maps), gradients flowing to the projections. The Triton kernels form the
-            swish where they load q, k, v, so no swish tensor is written or kept; other backends compose it.
+            layer's default feature maps), gradients flowing to the projections. The Triton backend forms the
+            features itself, keeps only the projections for backward (forming the features again there) and takes
+            the gradients through swish where its kernels store dq, dk, dv; other backends compose torch's silu.
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).

@@ -29,6 +29,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
@@ -51,7 +52,6 @@ from .common import (
     store_rows,
     sub_span,
     swish_grad,
-    swish_if,
 )
 
 CHUNK = 64
@@ -62,12 +62,10 @@ SUB_CHUNK = 16  # rows of a sub-chunk in the steep-gate form (see common.py)
 def _local_states(
     x_ptr, factors_ptr, states_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, W, M, KV, row0,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """What chunk c adds to rows row0 + [d0, d0 + BD) of S: xᵀ (s * exp(G_C - G)) (the factor from
-    `_gate_factors`), written to the slot after the chunk (the scan turns it into the state there). SWISH: x
-    holds projections, and the features are their swish."""
+    `_gate_factors`), written to the slot after the chunk (the scan turns it into the state there)."""
     i_c = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -79,7 +77,7 @@ def _local_states(
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
     d0 = i_d * BD
-    x = swish_if(load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd), SWISH).to(DOT_DT)
+    x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
     factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
     local = tl.dot(tl.trans(x), factors, input_precision=PRECISION)
     base, offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
@@ -90,8 +88,7 @@ def _local_states(
 def _local_dstates(
     x_ptr, y_ptr, dstates_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, x_scale,
     H, HQ, W, M, KV, row0, GROUP,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """What chunk c adds to the gradient of the state before it: x_scale Σ_group xᵀ y, where (x, y) is
     (q, dlogits exp(G)) for key rows and (do, p exp(G)) for value rows; written to the chunk's own slot."""
@@ -109,7 +106,7 @@ def _local_dstates(
     local = tl.zeros([BD, BM], dtype=tl.float32)
     for i_g in range(GROUP):
         i_hq = i_h * GROUP + i_g
-        x = swish_if(load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd), SWISH).to(DOT_DT)
+        x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
         y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
         local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
     base, offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
@@ -222,7 +219,7 @@ def _walk_states(
     H, K, V, M, KV,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
     STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """States of one span (sequence or segment) and head, rows of one block, at every chunk boundary:
     S_n+1 = S_n exp(G_C) + xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors
@@ -244,7 +241,7 @@ def _walk_states(
         t0 = bos + n * BT
         if STORE_SLOTS:
             _store_slot(states_ptr, slot0 + n, i_h, H, KV, M, offs, state, mask)
-        x = swish_if(load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd), SWISH).to(DOT_DT)
+        x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
         factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + tl.dot(tl.trans(x), factors, input_precision=PRECISION)
@@ -260,7 +257,7 @@ def _walk_dstates(
     scale, H, HQ, K, V, M, KV, GROUP,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
     STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The state gradient, walking one span's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
     over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows.
@@ -289,11 +286,7 @@ def _walk_dstates(
         local = tl.zeros([BD, BM], dtype=tl.float32)
         for i_g in range(GROUP):
             i_hq = i_h * GROUP + i_g
-            x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd)
-            if SWISH:
-                if is_key:  # q's rows are features of projections, do's are not
-                    x = swish_if(x, SWISH)
-            x = x.to(DOT_DT)
+            x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
             y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
             local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
@@ -369,8 +362,7 @@ def _output_fwd(
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
@@ -394,8 +386,8 @@ def _output_fwd(
     q_state = tl.zeros([BT, BM], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        q = swish_if(load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
-        k = swish_if(load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         q_state += tl.dot(q, hk, input_precision=PRECISION)
@@ -428,7 +420,7 @@ def _output_fwd(
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)  # [BV, BM] = Hvᵀ rows
-        v = swish_if(load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv), SWISH).to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         o = tl.dot(p_decayed.to(DOT_DT), tl.trans(hv_t), input_precision=PRECISION)
         o += tl.dot(probs.to(DOT_DT), v, input_precision=PRECISION)
         store_rows(o_ptr, o, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv)
@@ -436,7 +428,7 @@ def _output_fwd(
 
 @triton.jit
 def _intra_bwd(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
+    q_ptr, k_ptr, v_ptr, q_raw_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, ds_ptr, dgq_ptr, dl_dec_ptr, p_dec_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
@@ -446,7 +438,7 @@ def _intra_bwd(
 ):
     """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
     summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
-    p*exp(G) for the reverse scan."""
+    p*exp(G) for the reverse scan. SWISH: q is swish(q_raw), and dq is returned for q_raw."""
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
     i_h = i_hq // GROUP
@@ -475,7 +467,7 @@ def _intra_bwd(
     d_pv = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
-        v = swish_if(load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv), SWISH).to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         do_state += tl.dot(do, hv_t, input_precision=PRECISION)
@@ -514,17 +506,16 @@ def _intra_bwd(
     dl_dec = (dlogits * decay_start).to(DOT_DT)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        q_in = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
-        q = swish_if(q_in, SWISH).to(DOT_DT)
-        k = swish_if(load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk), SWISH).to(DOT_DT)
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dq = tl.dot(dl_dec, tl.trans(hk), input_precision=PRECISION)
         dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
         dq = scale * dq
-        if SWISH:
-            dq = swish_grad(dq, q_in)
+        if SWISH:  # through swish to the projection, read only here (the loops use the features)
+            dq = swish_grad(dq, load_rows(q_raw_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk))
         store_rows(dq_ptr, dq, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
         dk = tl.dot(tl.trans(d_scores.to(DOT_DT)), q, input_precision=PRECISION)
         store_rows(dk_ptr, scale * dk, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
@@ -544,14 +535,14 @@ def _intra_bwd(
 
 @triton.jit
 def _state_grads_bwd(
-    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr, dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
+    k_ptr, v_ptr, k_raw_ptr, v_raw_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr, dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
     SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per chunk and key/value head: add the state parts to dk, dv (in place; through swish to the projections when
-    SWISH), and finish ds and dg.
+    """Per chunk and key/value head: add the state parts to dk, dv (in place; with SWISH, k and v are swish(k_raw),
+    swish(v_raw) and dk, dv are returned for the projections), and finish ds and dg.
 
     dk_j += (s_j exp(G_C - G_j)) dHk_afterᵀ; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
     dG = dgq - s ds (+ Σ dS_after S_after at the chunk's last step); dg = reverse cumulative sum of dG."""
@@ -574,24 +565,24 @@ def _state_grads_bwd(
         dhk = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhk * hk, axis=0)
-        k_in = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk)
-        ds_state += tl.dot(swish_if(k_in, SWISH).to(DOT_DT), dhk.to(DOT_DT), input_precision=PRECISION)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
+        ds_state += tl.dot(k, dhk.to(DOT_DT), input_precision=PRECISION)
         dk = load_rows(dk_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(tl.float32)
         dk += tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
         if SWISH:
-            dk = swish_grad(dk, k_in)
+            dk = swish_grad(dk, load_rows(k_raw_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk))
         store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         dhv_t = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhv_t * hv_t, axis=0)
-        v_in = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv)
-        ds_state += tl.dot(swish_if(v_in, SWISH).to(DOT_DT), dhv_t.to(DOT_DT), input_precision=PRECISION)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
+        ds_state += tl.dot(v, dhv_t.to(DOT_DT), input_precision=PRECISION)
         dv = load_rows(dv_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(tl.float32)
         dv += tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
         if SWISH:
-            dv = swish_grad(dv, v_in)
+            dv = swish_grad(dv, load_rows(v_raw_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv))
         store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
     # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
     # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
@@ -851,10 +842,9 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=False)
 
 
-def _scan_states(k, v, s, g, start, layout, swish):
+def _scan_states(k, v, s, g, start, layout):
     """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays, and the final states (float32,
-    joint), from the joint initial states `start` (float32) or zeros; swish: k and v hold projections whose swish
-    are the keys and values."""
+    joint), from the joint initial states `start` (float32) or zeros."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -879,7 +869,7 @@ def _scan_states(k, v, s, g, start, layout, swish):
             _launch(
                 _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD)),
                 k, v, factors, decay, states, start_, end, spans.cu_seqlens, spans.slot_base, spans.chunk_base,
-                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **flags, **dot
+                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot
             )
 
         _walk_spans(launch, layout, length, states, decay, start, final, reverse=False)
@@ -889,7 +879,7 @@ def _scan_states(k, v, s, g, start, layout, swish):
         _launch(
             _local_states, (layout.num_chunks, cdiv(width, BD), H),
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **dot
+            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot
         )
     final = _scan(states, decay, start, layout, reverse=False)
     return states, decay, final
@@ -900,24 +890,34 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def _features(q, k, v):
+    """swish(q), swish(k), swish(v) as torch's silu forms them (float32 inside, rounded to the inputs' dtype)."""
+    return F.silu(q), F.silu(k), F.silu(v)
+
+
 class ChunkGSAFunction(torch.autograd.Function):
+    """The chunked operator. With `swish`, q, k, v are projections: the kernels attend with their swish (formed
+    here, not kept: the backward forms them again) and return the projections' gradients, taken through swish
+    where the backward kernels store dq, dk, dv (no gradient of the features is written and read back)."""
+
     @staticmethod
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, swish):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
+        qf, kf, vf = _features(q, k, v) if swish else (q, k, v)
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
-        states, _, final = _scan_states(k, v, s, g, start, layout, swish)
+        states, _, final = _scan_states(kf, vf, s, g, start, layout)
         final_k, final_v = _split(final, K) if output_final_state else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
         BM = next_power_of_2(M)
         _launch(
             _output_fwd, (layout.num_chunks, HQ),
-            q, k, v, s, g, states, logits, o,
+            qf, kf, vf, s, g, states, logits, o,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, HQ // H,
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
-            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, SWISH=swish, **_dot_args(q.dtype)
+            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
         ctx.save_for_backward(q, k, v, s, g, start, logits)
         ctx.scale, ctx.layout, ctx.swish = scale, layout, swish
@@ -929,15 +929,17 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, start, logits = ctx.saved_tensors
+        q_raw, k_raw, v_raw, s, g, start, logits = ctx.saved_tensors
         scale, layout, swish = ctx.scale, ctx.layout, ctx.swish
+        # with swish the saved tensors are the projections; the kernels read their features
+        q, k, v = _features(q_raw, k_raw, v_raw) if swish else (q_raw, k_raw, v_raw)
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
         # the gate factors and states are recomputed, not kept: the factors would add the size of s to what
         # autograd keeps, for ~12 us of a 1.2 ms forward+backward at the paper shape
-        states, decay, _ = _scan_states(k, v, s, g, start, layout, swish)
+        states, decay, _ = _scan_states(k, v, s, g, start, layout)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -950,7 +952,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
         _launch(
             _intra_bwd, (layout.num_chunks, HQ),
-            q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
+            q, k, v, q_raw, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
             BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK,
@@ -977,17 +979,17 @@ class ChunkGSAFunction(torch.autograd.Function):
                     _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk)),
                     q, do, dl_dec, p_dec, dstates, decay, start, end, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
-                    BT=CHUNK, BD=walk, BM=BM, SWISH=swish, **flags, **dot
+                    BT=CHUNK, BD=walk, BM=BM, **flags, **dot
                 )
 
             _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, reverse=True)
         else:
-            for x, y, x_scale, width, row0, x_swish in ((q, dl_dec, scale, K, 0, swish), (do, p_dec, 1.0, V, K, False)):
+            for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
                 BD = min(64, next_power_of_2(width))
                 _launch(
                     _local_dstates, (layout.num_chunks, cdiv(width, BD), H),
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, SWISH=x_swish, **dot
+                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot
                 )
             dh0 = _scan(dstates, decay, dfinal, layout, reverse=True)
         # views: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
@@ -997,7 +999,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
         _launch(
             _state_grads_bwd, (layout.num_chunks, H),
-            k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
+            k, v, k_raw, v_raw, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, K, V, M, K + V, group,
             BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SWISH=swish, **dot
@@ -1008,7 +1010,8 @@ class ChunkGSAFunction(torch.autograd.Function):
 def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      swish_inputs=False):
     """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention);
-    swish_inputs: q, k, v are projections, their swish formed inside the kernels (and their gradients returned)."""
+    swish_inputs: q, k, v are projections; the operator attends with their swish and returns their gradients
+    (ChunkGSAFunction)."""
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))

@@ -36,16 +36,6 @@ def load_rows(ptr, t0, eos, head, n_heads, width, d0, rows, cols):
 
 
 @triton.jit
-def swish_if(x, SWISH: tl.constexpr):
-    """x, or swish(x) computed in float32 and rounded to x's dtype (as torch's silu computes it) when SWISH: the
-    operator's q, k, v features formed from the stored projections inside the kernels that load them."""
-    if SWISH:
-        xf = x.to(tl.float32)
-        x = (xf * tl.sigmoid(xf)).to(x.dtype)
-    return x
-
-
-@triton.jit
 def swish_grad(dx, x):
     """The gradient through swish at the projection x of a feature's gradient dx (float32)."""
     xf = x.to(tl.float32)
