@@ -45,11 +45,17 @@ def plot_ops(data):
     fig.savefig(IMAGES / "ops_h200.png", dpi=120)
 
 
-def plot_train(data):
-    runs = data["runs"]
+def plot_train(data, latest=None):
+    """data: the run with every peer (train_h200.json); latest: a newer run of ours alone (train_h200_final.json),
+    drawn beside it."""
+    runs = dict(data["runs"])
     contexts = sorted({int(k.split("@")[1]) for k in runs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    kinds = [("ours", "gsa"), ("ours-plain", "gsa, plain layers"), ("llama", "Transformer++ (HF Llama, SDPA)")]
+    kinds = [("ours", "gsa" if latest is None else "gsa, session 4"), ("ours-plain", "gsa, plain layers"),
+             ("llama", "Transformer++ (HF Llama, SDPA)")]
+    if latest is not None:
+        runs.update({k.replace("ours@", "latest@"): v for k, v in latest["runs"].items() if k.startswith("ours@")})
+        kinds.insert(0, ("latest", "gsa"))
     for kind, label in kinds:
         if not all(f"{kind}@{c}" in runs for c in contexts):
             continue
@@ -87,13 +93,25 @@ def plot_decode(data):
     fig.savefig(IMAGES / "decode_h200.png", dpi=120)
 
 
+def read(name: str):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main():
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for name, plot in (("ops_h200_fla_graph_v2.json", plot_ops), ("train_h200.json", plot_train), ("decode_h200.json", plot_decode)):
-        path = RESULTS / name
-        if path.exists():
-            plot(json.loads(path.read_text()))
-            print(f"plotted {name}")
+    ops, heads = read("ops_h200_fla_graph_v2.json"), read("ops_h200_fla_h32.json")
+    if ops is not None:
+        if heads is not None:  # H=32 / K=64 came from a call of its own (FLA's autotune there takes ~8 minutes)
+            ops["shapes"].update(heads["shapes"])
+        plot_ops(ops)
+        print("plotted the operator")
+    if (train := read("train_h200.json")) is not None:
+        plot_train(train, read("train_h200_final.json"))
+        print("plotted training")
+    if (decode := read("decode_h200.json")) is not None:
+        plot_decode(decode)
+        print("plotted decoding")
 
 
 if __name__ == "__main__":
