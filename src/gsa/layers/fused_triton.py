@@ -131,25 +131,30 @@ if KERNELS_AVAILABLE:
         return tl.minimum(x, 0.0) - log1p
 
     @triton.jit
-    def _gate_values(f, mask, tau, clamp_min, HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr):
-        """(g before the clamp, g) in float32: g = max(logsigmoid(f) / τ, clamp_min) * mask."""
+    def _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """This program's block of the gate logits: (offsets, valid, f and the mask in float32, g before the clamp,
+        g = max(logsigmoid(f) / τ, clamp_min) * mask)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < numel
+        f = tl.load(F + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            mask = tl.load(MASK + offs // width, mask=valid, other=0.0)
+        else:  # a tensor either way: returned values must be
+            mask = tl.full([BLOCK], 1.0, tl.float32)
         g0 = _log_sigmoid(f) / tau
         g = g0
         if HAS_CLAMP:  # a NaN logit stays NaN, as through torch.clamp
             g = tl.maximum(g, clamp_min, propagate_nan=tl.PropagateNan.ALL)
         if HAS_MASK:
             g = g * mask
-        return g0, g
+        return offs, valid, f, mask, g0, g
 
     @triton.jit
     def _slot_gates_fwd_kernel(F, MASK, S, G, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr,
                                HAS_MASK: tl.constexpr, WRITE_S: tl.constexpr, WRITE_G: tl.constexpr,
                                BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < numel
-        f = tl.load(F + offs, mask=valid, other=0.0).to(tl.float32)
-        mask = tl.load(MASK + offs // width, mask=valid, other=0.0) if HAS_MASK else 1.0
-        _, g = _gate_values(f, mask, tau, clamp_min, HAS_CLAMP, HAS_MASK)
+        offs, valid, _, _, _, g = _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP, HAS_MASK, BLOCK)
         if WRITE_S:
             tl.store(S + offs, (1.0 - tl.exp(g)).to(S.dtype.element_ty), mask=valid)
         if WRITE_G:
@@ -159,11 +164,8 @@ if KERNELS_AVAILABLE:
     def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr,
                                HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr, HAS_DG: tl.constexpr,
                                BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < numel
-        f = tl.load(F + offs, mask=valid, other=0.0).to(tl.float32)
-        mask = tl.load(MASK + offs // width, mask=valid, other=0.0) if HAS_MASK else 1.0
-        g0, g = _gate_values(f, mask, tau, clamp_min, HAS_CLAMP, HAS_MASK)
+        offs, valid, f, mask, g0, g = _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP, HAS_MASK,
+                                                  BLOCK)
         d = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_DS:  # s = 1 - exp(g)
             d -= tl.load(DS + offs, mask=valid, other=0.0).to(tl.float32) * tl.exp(g)
