@@ -132,6 +132,13 @@ for what in "$@"; do
             stage compare 280 python3 benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
             keep_reports /tmp/compare ;;
+        compare-long)  # issue 5: one model (MODEL) of the 10-minute comparison at STEPS steps (10 minutes at the slower
+            # model's speed: ~4900), with GCIDE (carry .cache/gpu-data, 50 MB); a call trains ~8 minutes and checkpoints
+            # every 250 steps; the same stage again on the warm machine resumes it (two calls a model)
+            stage compare-long 560 python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4900}" \
+                --save-every 250 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
+                --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
+            keep_reports /tmp/compare-long ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
             stage fsdp-2gpu 170 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
                 --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
@@ -188,6 +195,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

@@ -6,6 +6,8 @@
     python benchmarks/train_compare.py --export-corpora corpora   # here: write the installed corpora as text files
     python benchmarks/train_compare.py --models gsa-100m --steps 900 --out-dir runs/cmp    # one model a command;
     python benchmarks/train_compare.py --models transformer-100m --steps 900 --out-dir runs/cmp   # same table
+    python benchmarks/train_compare.py --models gsa-100m --steps 4900 --save-every 250 --resume --out-dir runs/cmp
+        # a run longer than one sitting: stopped, the same command continues it from its newest checkpoint
 
 Each model's training speed is measured first (a few steps on random tokens); both then train for the number of
 steps the slower one fits in the budget, through `gsa.train.train` with the same seed, data order, learning-rate
@@ -90,6 +92,9 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=8, help="validation points along the run")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--save-every", type=int, help="checkpoint every this many steps (default: at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a model's run in --out-dir from its newest checkpoint where it has one")
     parser.add_argument("--out-dir", default="runs/train_compare")
     parser.add_argument("--export-corpora", metavar="FOLDER",
                         help="write the --data corpora (bundled names) as text files and exit")
@@ -116,12 +121,16 @@ def main() -> None:
     summary_file = out_dir / "summary.json"
     results = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     for model_name in args.models:
+        run_dir = out_dir / f"{model_name}-{steps}-steps"
+        resume = "latest" if args.resume and any((run_dir / "checkpoints").glob("step-*")) else None
+        if resume:
+            print(f"{model_name}: resuming {run_dir}", flush=True)
         config = build_config(overrides=dict(
             model=model_name, data=data, tokenizer=args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
             steps=steps, warmup_steps=max(1, int(args.warmup_fraction * steps)), lr=args.lr, min_lr=args.min_lr,
-            eval_every=eval_every, eval_windows=args.eval_windows, log_every=10, save_every=steps, keep_last=1,
-            pack_documents=False, compile=args.compile, sample_prompt="ROMEO.\n", sample_tokens=60,
-            run_dir=str(out_dir / f"{model_name}-{steps}-steps"),
+            eval_every=eval_every, eval_windows=args.eval_windows, log_every=10, save_every=args.save_every or steps,
+            keep_last=1, pack_documents=False, compile=args.compile, sample_prompt="ROMEO.\n", sample_tokens=60,
+            run_dir=str(run_dir), resume=resume,
         ))
         started = time.perf_counter()
         result = train(config)
