@@ -115,6 +115,11 @@ for what in "$@"; do
             stage mqar-long 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
                 --workers 3 --device cuda --output-dir "$OUT/mqar-long" ;;
+        mqar-graph)  # issue 7: GSA at the four widths with CUDA-graph steps (the default now; launch-bound before: d=64
+            # ran 27 ms a step from Python), 4 runs side by side, 480 s each, up to 50K steps (Zoology's budget)
+            stage mqar-graph 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
+                --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
+                --workers 4 --device cuda --output-dir "$OUT/mqar-graph" ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
@@ -195,6 +200,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

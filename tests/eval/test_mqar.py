@@ -306,3 +306,72 @@ def test_query_logits_are_those_at_the_query_positions_in_order():
     queries = targets != IGNORE_INDEX
     assert torch.equal(wanted, targets[queries])
     torch.testing.assert_close(logits, every[queries].float())
+
+
+def _tiny_run(settings_overrides, device="cpu"):
+    sweep = PROFILES["smoke"]
+    settings = replace(sweep.train, **settings_overrides)
+    return train_and_test(MQARRun("gsa", 16, 3e-3, 0), sweep.task, settings, sweep.options, device)
+
+
+def test_snapshot_puts_parameters_and_optimizer_state_back():
+    """What a graph capture's warm-up trains is undone: the parameters and the moments as they were, moments made
+    later zeroed (AdamW's fresh state), so the next step is the step a fresh optimizer would take."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    settings = TrainSettings()
+    optimizer = mqar_sweep._optimizer(model, 1e-2, settings, torch.device("cpu"))
+    fresh_model = torch.nn.Linear(4, 3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = mqar_sweep._optimizer(fresh_model, 1e-2, settings, torch.device("cpu"))
+    restore = mqar_sweep._snapshot(model, optimizer)
+    x = torch.randn(8, 4)
+    for _ in range(3):  # a warm-up that trains
+        mqar_sweep._update(model, optimizer, model(x).square().mean())
+    restore()
+    assert all(p.grad is None for p in model.parameters())
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+    mqar_sweep._update(model, optimizer, model(x).square().mean())
+    mqar_sweep._update(fresh_model, fresh, fresh_model(x).square().mean())
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_graphed_steps_fall_back_to_eager_steps_when_capture_fails():
+    """A size whose capture fails (here: no CUDA) trains eagerly, exactly as `_train_step`, and says why."""
+    sweep = PROFILES["smoke"]
+    settings = replace(sweep.train, mixture_levels=2)
+    results = []
+    for graphed in (True, False):
+        torch.manual_seed(0)
+        model = build_model("gsa", 16, sweep.task.vocab_size, sweep.options).train()
+        optimizer = mqar_sweep._optimizer(model, 3e-3, settings, torch.device("cpu"))
+        mixture = mqar_sweep._Mixture(sweep.task, settings)
+        stream = torch.Generator().manual_seed(5)
+        device = torch.device("cpu")
+        if graphed:
+            stepper = mqar_sweep._GraphedSteps(model, optimizer, mixture, device)
+            losses = [stepper(step, stream, 3e-3) for step in range(4)]
+            assert stepper.failed
+        else:
+            losses = [mqar_sweep._train_step(model, optimizer, mixture, step, stream, device, 3e-3)
+                      for step in range(4)]
+        results.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()]))
+    (got_losses, got_params), (want_losses, want_params) = results
+    assert torch.equal(got_losses, want_losses)
+    assert all(torch.equal(a, b) for a, b in zip(got_params, want_params))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphed_run_trains_as_the_eager_run():
+    """On the GPU the steps replay CUDA graphs (captured without changing what the run trains): the same losses and
+    validation accuracies as eager steps, up to the float rounding of capturable AdamW."""
+    overrides = dict(steps=12, eval_every=4, mixture_levels=2)
+    graphed = _tiny_run({**overrides, "cuda_graphs": True}, "cuda")
+    eager = _tiny_run({**overrides, "cuda_graphs": False}, "cuda")
+    assert graphed["cuda_graphs"] and graphed["cuda_graph_failure"] is None, graphed["cuda_graph_failure"]
+    assert not eager["cuda_graphs"]
+    got = [h["loss"] for h in graphed["history"]]
+    want = [h["loss"] for h in eager["history"]]
+    assert got == pytest.approx(want, rel=2e-2), (got, want)

@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--gsa-gate-damping", type=float, help="τ of GSA's slot gates, alpha = sigmoid(f)^(1/τ) "
                       "(default 8, the paper's; larger forgets more slowly at initialisation)")
     mqar.add_argument("--gsa-backend", choices=("auto", "torch", "triton"), help="operator backend of our GSA layers")
+    mqar.add_argument("--no-cuda-graphs", action="store_true",
+                      help="train with eager steps on CUDA (default: each step replayed from a CUDA graph)")
     mqar.add_argument("--workers", type=int, default=1, help="processes training runs side by side (GPU: 8)")
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"),
@@ -194,7 +196,7 @@ def _run_mqar(args) -> int:
         "stop_accuracy": args.stop_accuracy,
         "gsa_head_dim": args.gsa_head_dim, "gsa_backend": args.gsa_backend,
         "short_conv": False if args.no_short_conv else None, "gate_damping": args.gsa_gate_damping,
-        "time_budget_seconds": args.time_budget,
+        "time_budget_seconds": args.time_budget, "cuda_graphs": False if args.no_cuda_graphs else None,
     }
     if args.models is None and args.profile != "smoke":
         overrides["models"] = tuple(dict.fromkeys([*PROFILES[args.profile].models, *default_models()]))

@@ -133,6 +133,10 @@ class TrainSettings:
     # size per step in turn with the same tokens per batch, as Zoology trains on mixed sizes; 1 = the target only.
     # Without it, small linear-state models sit on the loss plateau for thousands of steps (docs/evaluation.md).
     mixture_levels: int = 4
+    # On CUDA, each training size's step (forward, backward, clipping, AdamW) is captured once as a CUDA graph and
+    # replayed: MQAR's small models are bound by the host's kernel launches (d=64: ~27 ms a step from Python on the
+    # H200 for a few ms of GPU work). Falls back to eager steps if a capture fails.
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size",
@@ -291,7 +295,8 @@ def _query_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
 
 def _autocast(device: torch.device):
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        # no cast cache: a captured step must cast the weights it reads at replay, not reuse casts made at capture
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return torch.autocast("cpu", enabled=False)
 
 
@@ -353,16 +358,21 @@ WARMUP_SEED = 3_000_017
 CALIBRATION_SEED = 4_000_037
 
 
-def _optimizer(model: torch.nn.Module, lr: float, settings: TrainSettings, device: torch.device):
+def _optimizer(model: torch.nn.Module, lr: float, settings: TrainSettings, device: torch.device, graphs: bool = False):
+    """AdamW; for CUDA-graph steps capturable, with the learning rate a device tensor (refilled before each replay)."""
     return torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
-        fused=device.type == "cuda",
+        model.parameters(), lr=torch.tensor(lr, device=device) if graphs else lr, betas=(0.9, 0.98),
+        weight_decay=settings.weight_decay, fused=device.type == "cuda", capturable=graphs,
     )
 
 
 def _batch_loss(model, task: MQARTask, batch_size: int, stream, device) -> torch.Tensor:
     """Cross-entropy at the query positions of a fresh training batch of `task`."""
     inputs, targets = task.sample(batch_size, stream)
+    return _loss(model, task, inputs, targets, device)
+
+
+def _loss(model, task: MQARTask, inputs: torch.Tensor, targets: torch.Tensor, device) -> torch.Tensor:
     with _autocast(device):
         logits, wanted = _query_logits(model, inputs, targets, task.num_pairs)
     return F.cross_entropy(logits, wanted)
@@ -379,21 +389,121 @@ class _Mixture:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def batch(self, step: int, stream) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(the size's index, inputs, targets) of step `step`'s fresh batch."""
+        i = step % len(self.tasks)
+        return (i, *self.tasks[i].sample(self.batch_sizes[i], stream))
+
     def loss(self, model, step: int, stream, device) -> torch.Tensor:
         i = step % len(self.tasks)
         return _batch_loss(model, self.tasks[i], self.batch_sizes[i], stream, device)
 
 
-def _train_step(model, optimizer, mixture: _Mixture, step: int, stream, device, lr: float):
-    """One optimizer step on a fresh batch; returns the loss (a device tensor: reading it would sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss = mixture.loss(model, step, stream, device)
+def _update(model, optimizer, loss: torch.Tensor) -> None:
+    """Backward, clipping at norm 1, AdamW: no host sync anywhere (so it can be captured)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def _train_step(model, optimizer, mixture: _Mixture, step: int, stream, device, lr: float):
+    """One optimizer step on a fresh batch; returns the loss (a device tensor: reading it would sync)."""
+    _set_lr(optimizer, lr)
+    loss = mixture.loss(model, step, stream, device)
+    _update(model, optimizer, loss)
     return loss.detach()
+
+
+def _snapshot(model, optimizer) -> Callable[[], None]:
+    """A function that puts the parameters and the optimizer's state back as they are now, in place (captured
+    graphs keep pointing at the same tensors); state the optimizer creates later is zeroed, which is AdamW's fresh
+    state (moments and step count 0)."""
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+             for p in model.parameters() if p in optimizer.state}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), params):
+                p.copy_(saved)
+            for p in model.parameters():
+                kept = state.get(id(p), {})
+                for key, value in optimizer.state.get(p, {}).items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if key in kept:
+                        value.copy_(kept[key])
+                    else:
+                        value.zero_()
+        model.zero_grad(set_to_none=True)
+
+    return restore
+
+
+class _GraphedSteps:
+    """`_train_step` with each training size's step captured once as a CUDA graph and replayed: the batch is drawn
+    as the eager step draws it (same stream, same examples), copied into the graph's inputs, the learning rate
+    refilled, and one graph launch runs forward, backward, clipping and AdamW. Capturing warms up on a side stream
+    (which trains), so the parameters and optimizer state are put back afterwards: the run is the eager run's up to
+    float rounding. A size whose capture fails trains eagerly (`failed` says why)."""
+
+    def __init__(self, model, optimizer, mixture: _Mixture, device: torch.device):
+        self.model, self.optimizer, self.mixture, self.device = model, optimizer, mixture, device
+        self.graphs: list = [None] * len(mixture)
+        self.failed: str | None = None
+
+    def __call__(self, step: int, stream, lr: float) -> torch.Tensor:
+        i, inputs, targets = self.mixture.batch(step, stream)
+        _set_lr(self.optimizer, lr)
+        if self.graphs[i] is None and self.failed is None:
+            self.graphs[i] = self._capture(i, inputs, targets)
+        if self.graphs[i] is None:  # eager, as _train_step
+            loss = _loss(self.model, self.mixture.tasks[i], inputs, targets, self.device)
+            _update(self.model, self.optimizer, loss)
+            return loss.detach()
+        graph, static_inputs, static_targets, loss = self.graphs[i]
+        static_inputs.copy_(inputs)
+        static_targets.copy_(targets)
+        graph.replay()
+        return loss  # the graph's own output: it holds this size's latest loss
+
+    def _capture(self, i: int, inputs: torch.Tensor, targets: torch.Tensor):
+        restore = _snapshot(self.model, self.optimizer)
+        static_inputs, static_targets = inputs.clone(), targets.clone()
+        task = self.mixture.tasks[i]
+
+        def body() -> torch.Tensor:
+            loss = _loss(self.model, task, static_inputs, static_targets, self.device)
+            _update(self.model, self.optimizer, loss)
+            return loss.detach()
+
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # kernels compiled, optimizer state made, allocations settled
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # the captured backward makes the graph's own gradients
+            with torch.cuda.graph(graph):
+                loss = body()
+        except Exception as error:  # noqa: BLE001 - any capture failure leaves eager steps, which always work
+            self.failed = f"{type(error).__name__}: {error}"
+            _synchronize(self.device)
+            restore()
+            return None
+        restore()
+        return graph, static_inputs, static_targets, loss
 
 
 def _warm_up(model, task: MQARTask, mixture: _Mixture, settings: TrainSettings, validation, device) -> None:
@@ -410,28 +520,27 @@ def _warm_up(model, task: MQARTask, mixture: _Mixture, settings: TrainSettings, 
 
 
 def _time_steps(
-    model, run: "MQARRun", task: MQARTask, mixture: _Mixture, settings: TrainSettings, validation, device, clock
+    stepper, restore_point, task: MQARTask, mixture: _Mixture, settings: TrainSettings, validation, model, clock,
+    lr: float, device,
 ) -> tuple[float, float]:
     """(seconds per training step, seconds per validation pass), measured on throwaway steps over whole turns of
-    the mixture: the model's parameters are restored afterwards, so the run trains exactly as a step-count run of
+    the mixture, after one untimed turn (the optimizer's first steps; each size's graph captured): the parameters
+    and optimizer state are put back afterwards (`restore_point`), so the run trains exactly as a step-count run of
     its planned length."""
-    initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    lr = _learning_rate(0.0, settings, run.lr)  # the schedule's first: the model stays near its start
-    optimizer = _optimizer(model, lr, settings, device)
     generator = torch.Generator(device=device).manual_seed(CALIBRATION_SEED)
-    _train_step(model, optimizer, mixture, 0, generator, device, lr)  # the optimizer's first step: untimed
+    for step in range(len(mixture)):
+        stepper(step, generator, lr)
     _synchronize(device)
     steps = len(mixture) * math.ceil(settings.calibration_steps / len(mixture))
     start = clock()
     for step in range(steps):
-        _train_step(model, optimizer, mixture, step, generator, device, lr)
+        stepper(step, generator, lr)
     _synchronize(device)
     step_seconds = (clock() - start) / steps
     start = clock()
     accuracy(model, *validation, settings.eval_batch_size, task.num_pairs)
     eval_seconds = clock() - start
-    model.load_state_dict(initial)
-    model.zero_grad(set_to_none=True)
+    restore_point()
     return step_seconds, eval_seconds
 
 
@@ -458,12 +567,22 @@ def train_and_test(
     mixture = _Mixture(task, settings)
     warm_start = clock()
     _warm_up(model, task, mixture, settings, validation, device)
+    graphs = settings.cuda_graphs and device.type == "cuda"
+    optimizer = _optimizer(model, run.lr, settings, device, graphs)
+    if graphs:
+        stepper = _GraphedSteps(model, optimizer, mixture, device)
+    else:
+        def stepper(step, stream, lr):
+            return _train_step(model, optimizer, mixture, step, stream, device, lr)
     step_seconds = eval_seconds = None
     if settings.max_train_seconds is not None:
-        step_seconds, eval_seconds = _time_steps(model, run, task, mixture, settings, validation, device, clock)
+        # the schedule's first rate: the model stays near its start
+        step_seconds, eval_seconds = _time_steps(
+            stepper, _snapshot(model, optimizer), task, mixture, settings, validation, model, clock,
+            _learning_rate(0.0, settings, run.lr), device,
+        )
     plan = first_plan = planned_steps(settings, step_seconds, eval_seconds or 0.0)
     warmup_seconds = clock() - warm_start
-    optimizer = _optimizer(model, run.lr, settings, device)
     stream = torch.Generator(device=device).manual_seed(run.seed)
     budget = settings.max_train_seconds
     history, replans = [], []
@@ -474,7 +593,7 @@ def train_and_test(
     started = clock()
     while step < plan:
         lr = _learning_rate(step / plan, settings, run.lr)
-        latest[step % len(mixture)] = _train_step(model, optimizer, mixture, step, stream, device, lr)
+        latest[step % len(mixture)] = stepper(step, stream, lr)
         step += 1
         overrun = False
         if budget is not None:
@@ -525,6 +644,9 @@ def train_and_test(
         "max_train_seconds": settings.max_train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training_sizes": [[t.seq_len, t.num_pairs, b] for t, b in zip(mixture.tasks, mixture.batch_sizes)],
+        # steps replayed from CUDA graphs; cuda_graph_failure: why a capture failed (those steps ran eagerly)
+        "cuda_graphs": graphs and not (graphs and stepper.failed),
+        "cuda_graph_failure": stepper.failed if graphs else None,
         "history": history,
     }
 
