@@ -285,3 +285,20 @@ def test_matches_fla_naive_reference_when_installed():
     theirs, (their_hk, their_hv) = naive.naive_recurrent_gsa(q, k, v, s, g, 0.3, (hk, hv), True)
     assert rel_err(ours, theirs) < 1e-5
     assert rel_err(ours_hk, their_hk) < 1e-5 and rel_err(ours_hv, their_hv) < 1e-5
+
+
+def test_host_offsets_follow_the_tensor_not_its_values():
+    """cu_seqlens' host copy is kept for the same unchanged tensor only; inference-mode tensors (no version
+    counter) are read every time."""
+    from gsa.ops.checks import host_offsets
+
+    cu = torch.tensor([0, 3, 9])
+    first = host_offsets(cu)
+    assert first == [0, 3, 9] and host_offsets(cu) is first
+    cu[1] = 4
+    assert host_offsets(cu) == [0, 4, 9]
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 5, 9])
+        assert host_offsets(frozen) == [0, 5, 9]
+        frozen[1] = 6
+        assert host_offsets(frozen) == [0, 6, 9]

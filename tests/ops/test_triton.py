@@ -445,3 +445,38 @@ def test_gpu_fused_decode_in_cuda_graph_bf16():
     torch.cuda.synchronize()
     assert rel_err(o.float(), want.float()) < 1e-2
     assert rel_err(state[0], want_state[0]) < 1e-5 and rel_err(state[1], want_state[1]) < 1e-5
+
+
+def test_packed_sequences_are_read_back_once_per_cu_seqlens(monkeypatch):
+    """Every layer of a model gets the same cu_seqlens: its offsets are read to the host (a device sync on a GPU) and
+    its chunk layout built once, not once per layer; an in-place change or another tensor is read again."""
+    from gsa.ops.checks import check_cu_seqlens
+
+    reads, builds = [], []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+
+    class CountingLayout(chunk_kernels.ChunkLayout):
+        def __init__(self, *args):
+            builds.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(chunk_kernels, "ChunkLayout", CountingLayout)
+    B, T, HQ, H, K, V, M = 1, 150, 2, 2, 8, 8, 4
+    q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=27, device=DEVICE)
+    cu = torch.tensor([0, 40, 150], device=DEVICE)
+    outputs = []
+    for _ in range(3):  # three "layers"
+        assert check_cu_seqlens(cu, B, T, cu.device) == 2
+        outputs.append(triton_ops.chunk_gsa_triton(q, k, v, s, g, K**-0.5, cu_seqlens=cu)[0])
+    assert len(reads) == 1 and len(builds) == 1
+    assert all(torch.equal(o, outputs[0]) for o in outputs)
+    cu[1] = 60  # changed in place: read and built again
+    check_cu_seqlens(cu, B, T, cu.device)
+    moved = triton_ops.chunk_gsa_triton(q, k, v, s, g, K**-0.5, cu_seqlens=cu)[0]
+    assert len(reads) == 2 and len(builds) == 2
+    other = torch.tensor([0, 60, 150], device=DEVICE)  # equal values, another tensor
+    check_cu_seqlens(other, B, T, other.device)
+    assert len(reads) == 3
+    want, _ = reference(q, k, v, s, g, cu_seqlens=cu, scale=K**-0.5)  # the new layout is the changed one's
+    assert rel_err(moved.cpu(), want) < 2e-5

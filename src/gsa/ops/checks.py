@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,38 @@ def check_inputs(
     return GSAShapes(B, T, HQ, H, K, V, M, num_sequences)
 
 
+class LastTensorCache:
+    """A value derived from the last tensor it was asked for, kept while that tensor is alive and unchanged in
+    place (same object, same version counter): every layer of a model is handed the same cu_seqlens, and what is
+    derived from it (its offsets on the host, the chunk layout) is the same for all of them."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, tensor: torch.Tensor, extra, make):
+        try:
+            version = tensor._version
+        except RuntimeError:  # inference-mode tensors keep no version counter: nothing is kept for them
+            return make()
+        if self._key is not None:
+            ref, kept_version, kept_extra = self._key
+            if ref() is tensor and kept_version == version and kept_extra == extra:
+                return self._value
+        value = make()
+        self._key, self._value = (weakref.ref(tensor), version, extra), value
+        return value
+
+
+_HOST_OFFSETS = LastTensorCache()
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a Python list. Reading it from a GPU waits for the device; a model's layers all get the same
+    tensor, so it is read once per tensor (per batch), not once per layer."""
+    return _HOST_OFFSETS.get(cu_seqlens, None, cu_seqlens.tolist)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, device: torch.device) -> int:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         got = _shape(cu_seqlens) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
@@ -93,7 +126,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, device: torch.dev
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if B != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
-    cpu = cu_seqlens.tolist()
+    cpu = host_offsets(cu_seqlens)
     if cpu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cpu[0]}")
     if cpu[-1] != T:

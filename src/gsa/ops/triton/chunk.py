@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..checks import LastTensorCache, host_offsets
 from ..chunk import FACTORED_SPAN_LIMIT, LOG_GATE_FLOOR, without_autocast
 from .common import (
     cdiv,
@@ -619,7 +620,7 @@ class ChunkLayout:
             self.chunk_slot = self.slot_base[seq] + n.repeat(N)
             self.num_slots = N * (per_seq + 1)
         else:
-            offsets = self.offsets = cu_seqlens.tolist()
+            offsets = self.offsets = host_offsets(cu_seqlens)
             lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
             per_seq = [cdiv(length, CHUNK) for length in lengths]
             self.max_chunks = max(per_seq, default=0)
@@ -671,6 +672,9 @@ class SegmentLayout:
         self.chunk_base = torch.tensor(chunks, device=device, dtype=torch.int64)
         self.first = torch.tensor(first, device=device, dtype=torch.int64)
         self.num_segments = len(slots)
+
+
+_VARLEN_LAYOUTS = LastTensorCache()
 
 
 @functools.lru_cache(maxsize=64)
@@ -1017,8 +1021,8 @@ def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_stat
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
     if cu_seqlens is None:
         layout = _uniform_layout(B, T, q.device)
-    else:
-        layout = ChunkLayout(cu_seqlens, T, None)
+    else:  # built once per cu_seqlens tensor: a model's layers share it (and its host round trip)
+        layout = _VARLEN_LAYOUTS.get(cu_seqlens, T, lambda: ChunkLayout(cu_seqlens, T, None))
     hk0 = hv0 = None
     if initial_state is not None:
         hk0, hv0 = initial_state  # converted to float32 as the operator joins them
