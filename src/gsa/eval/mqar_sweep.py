@@ -295,7 +295,8 @@ def _query_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.T
 
 def _autocast(device: torch.device):
     if device.type == "cuda":
-        # no cast cache: a captured step must cast the weights it reads at replay, not reuse casts made at capture
+        # no cast cache: a captured step makes its own casts of the weights (a cached cast made outside the capture
+        # would be replayed as a stale copy); MQAR's weights are small, so eager steps lose nothing that matters
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return torch.autocast("cpu", enabled=False)
 
@@ -424,17 +425,18 @@ def _train_step(model, optimizer, mixture: _Mixture, step: int, stream, device, 
 
 
 def _snapshot(model, optimizer) -> Callable[[], None]:
-    """A function that puts the parameters and the optimizer's state back as they are now, in place (captured
-    graphs keep pointing at the same tensors); state the optimizer creates later is zeroed, which is AdamW's fresh
-    state (moments and step count 0)."""
-    params = [p.detach().clone() for p in model.parameters()]
+    """A function that puts the parameters, buffers and the optimizer's state back as they are now, in place
+    (captured graphs keep pointing at the same tensors); state the optimizer creates later is zeroed, which is
+    AdamW's fresh state (moments and step count 0)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    params = [t.detach().clone() for t in tensors]
     state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
              for p in model.parameters() if p in optimizer.state}
 
     def restore() -> None:
         with torch.no_grad():
-            for p, saved in zip(model.parameters(), params):
-                p.copy_(saved)
+            for t, saved in zip(tensors, params):
+                t.copy_(saved)
             for p in model.parameters():
                 kept = state.get(id(p), {})
                 for key, value in optimizer.state.get(p, {}).items():
@@ -486,7 +488,9 @@ class _GraphedSteps:
             _update(self.model, self.optimizer, loss)
             return loss.detach()
 
+        stream = None
         try:
+            stream = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -499,6 +503,8 @@ class _GraphedSteps:
                 loss = body()
         except Exception as error:  # noqa: BLE001 - any capture failure leaves eager steps, which always work
             self.failed = f"{type(error).__name__}: {error}"
+            if stream is not None:  # a capture that fails as it ends can leave its own stream current
+                torch.cuda.set_stream(stream)
             _synchronize(self.device)
             restore()
             return None
@@ -644,8 +650,9 @@ def train_and_test(
         "max_train_seconds": settings.max_train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "training_sizes": [[t.seq_len, t.num_pairs, b] for t, b in zip(mixture.tasks, mixture.batch_sizes)],
-        # steps replayed from CUDA graphs; cuda_graph_failure: why a capture failed (those steps ran eagerly)
-        "cuda_graphs": graphs and not (graphs and stepper.failed),
+        # training sizes whose steps replayed a CUDA graph (of training_sizes); cuda_graph_failure: why a capture
+        # failed (that size and those not yet captured then ran eagerly)
+        "cuda_graph_sizes": sum(g is not None for g in stepper.graphs) if graphs else 0,
         "cuda_graph_failure": stepper.failed if graphs else None,
         "history": history,
     }
