@@ -80,9 +80,15 @@ class Batch:
     num_targets: int  # labels that are not IGNORE_INDEX (counted on the host: no device sync to read it)
 
     def to(self, device: torch.device) -> Batch:
-        move = dict(device=device, non_blocking=True)
-        return Batch(self.input_ids.to(**move), self.labels.to(**move),
-                     None if self.cu_seqlens is None else self.cu_seqlens.to(**move), self.num_targets)
+        # to a GPU from pinned host memory: a copy from pageable memory first waits for the stream's queued work
+        # (the previous step's), leaving the GPU idle while the host builds the next batches
+        pin = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if pin else t).to(device=device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.labels), None if self.cu_seqlens is None else move(self.cu_seqlens),
+                     self.num_targets)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for GSAForCausalLM: the labels are already the next tokens (shift_labels=False)."""
