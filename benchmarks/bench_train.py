@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                     # ours vs HF Llama (SDPA); --with-fla adds FLA's model
     python benchmarks/bench_train.py --models ours ours-plain --contexts 2048   # fused layers against plain PyTorch
     python benchmarks/bench_train.py --models ours ours-graph   # eager against the whole step in one CUDA graph
+    python benchmarks/bench_train.py --models ours ours-autocast ours-packed   # what `gsa train` does differently
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).
@@ -27,7 +28,7 @@ TOKENS_PER_STEP = 16384
 
 
 def build(kind: str):
-    if kind in ("ours", "ours-plain", "ours-graph"):
+    if kind.startswith("ours"):
         return GSAForCausalLM(preset_config("gsa-1.3b"))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,10 +47,23 @@ def build(kind: str):
 
 
 def cuda_model(kind: str):
-    """The model, seeded, built on the GPU in bf16."""
+    """The model, seeded, built on the GPU in bf16 (`ours-autocast`: float32, run under bf16 autocast)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return build(kind).to(torch.bfloat16)
+        model = build(kind)
+    return model if kind == "ours-autocast" else model.to(torch.bfloat16)
+
+
+def packed_boundaries(context: int, seed: int = 0) -> torch.Tensor:
+    """cu_seqlens of the step's tokens as `gsa train` packs them: every row start, and document starts inside the
+    rows (documents of 64 to 4096 tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts, position = {0, TOKENS_PER_STEP}, 0
+    while position < TOKENS_PER_STEP:
+        position += int(torch.randint(64, 4097, (1,), generator=gen))
+        cuts.add(min(position, TOKENS_PER_STEP))
+    cuts |= set(range(0, TOKENS_PER_STEP, context))
+    return torch.tensor(sorted(cuts), device="cuda")
 
 
 def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: bool):
@@ -65,9 +79,17 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
     batch = TOKENS_PER_STEP // context
     data = torch.randint(0, 32000, (warmup + steps, batch, context), device="cuda")
 
+    # ours-autocast: the float32 weights and bf16 autocast of `gsa train` on one process; ours-packed: its documents
+    # packed with cu_seqlens (the step's tokens as one sequence of documents)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=kind == "ours-autocast")
+    cu_seqlens = packed_boundaries(context) if kind == "ours-packed" else None
+
     def step(ids):
-        with use_fused(kind != "ours-plain"):  # ours-plain: the layers' plain PyTorch compositions
-            loss = model(input_ids=ids, labels=ids).loss
+        packing = {}
+        if cu_seqlens is not None:
+            ids, packing = ids.reshape(1, -1), {"cu_seqlens": cu_seqlens}
+        with use_fused(kind != "ours-plain"), autocast:  # ours-plain: the layers' plain PyTorch compositions
+            loss = model(input_ids=ids, labels=ids, **packing).loss
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # captured too: backward then makes the gradients in the graph
@@ -252,7 +274,7 @@ def main():
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
     if args.profile:
-        for kind in [m for m in models if m not in ("fla", "ours-graph")]:
+        for kind in [m for m in models if m in ("ours", "ours-plain", "llama")]:  # profile_step runs these as measured
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
             print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), GPU busy"

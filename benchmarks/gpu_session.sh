@@ -90,6 +90,10 @@ for what in "$@"; do
             # host's), and where the eager step's GPU time goes, by kernel group and by the elementwise ops' shapes
             stage train-graph 330 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
                 --models ours ours-graph --profile --out "$OUT/train_h200_graph.json" ;;
+        train-modes)  # issue 8 / 5: what `gsa train` on one GPU (44.6K tok/s) does that the benchmark (63.4K) does not:
+            # float32 weights under bf16 autocast, documents packed with cu_seqlens
+            stage train-modes 300 python3 benchmarks/bench_train.py --contexts 2048 --steps 4 --warmup 2 \
+                --models ours ours-autocast ours-packed --out "$OUT/train_h200_modes.json" ;;
         tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU time
             stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;
         ops)
@@ -200,6 +204,6 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph train-modes tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
