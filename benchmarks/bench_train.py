@@ -277,8 +277,8 @@ def main():
         for kind in [m for m in models if m in ("ours", "ours-plain", "llama")]:  # profile_step runs these as measured
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
-            print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), GPU busy"
-                  f" {result['gpu_busy_ms']:.1f}; GPU ms by kernel group:")
+            print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), "
+                  f"GPU busy {result['gpu_busy_ms']:.1f}; GPU ms by kernel group:")
             for group, ms in result["gpu_ms_by_group"].items():
                 print(f"  {ms:8.1f}  {group}")
             for name, ms in list(result["top_kernels_ms"].items())[:8]:

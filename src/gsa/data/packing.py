@@ -87,8 +87,8 @@ class Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return (t.pin_memory() if pin else t).to(device=device, non_blocking=True)
 
-        return Batch(move(self.input_ids), move(self.labels), None if self.cu_seqlens is None else move(self.cu_seqlens),
-                     self.num_targets)
+        cu_seqlens = None if self.cu_seqlens is None else move(self.cu_seqlens)
+        return Batch(move(self.input_ids), move(self.labels), cu_seqlens, self.num_targets)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for GSAForCausalLM: the labels are already the next tokens (shift_labels=False)."""

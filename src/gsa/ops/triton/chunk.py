@@ -536,7 +536,8 @@ def _intra_bwd(
 
 @triton.jit
 def _state_grads_bwd(
-    k_ptr, v_ptr, k_raw_ptr, v_raw_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr, dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
+    k_ptr, v_ptr, k_raw_ptr, v_raw_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr,
+    dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
