@@ -99,7 +99,8 @@ def main():
     parser.add_argument("--stages", nargs="+", type=int, default=None, help="default: each kernel's LAUNCH entry")
     parser.add_argument("--slots", nargs="+", type=int, default=[64], help="the slot block BM (power of two)")
     parser.add_argument("--swish", action="store_true",
-                        help="the backward kernels taking the gradients through swish to the projections (swish_inputs)")
+                        help="the backward kernels taking the gradients through swish to the projections "
+                             "(swish_inputs)")
     args = parser.parse_args()
     print(f"{'kernel':<18} {'slots':>5} {'warps':>5} {'stages':>6} {'registers':>9} {'spilled B':>9} {'shared B':>8}")
     for name in args.kernels:

@@ -429,13 +429,13 @@ def _snapshot(model, optimizer) -> Callable[[], None]:
     (captured graphs keep pointing at the same tensors); state the optimizer creates later is zeroed, which is
     AdamW's fresh state (moments and step count 0)."""
     tensors = [*model.parameters(), *model.buffers()]
-    params = [t.detach().clone() for t in tensors]
+    copies = [t.detach().clone() for t in tensors]
     state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
              for p in model.parameters() if p in optimizer.state}
 
     def restore() -> None:
         with torch.no_grad():
-            for t, saved in zip(tensors, params):
+            for t, saved in zip(tensors, copies):
                 t.copy_(saved)
             for p in model.parameters():
                 kept = state.get(id(p), {})
