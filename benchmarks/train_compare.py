@@ -8,6 +8,8 @@
     python benchmarks/train_compare.py --models transformer-100m --steps 900 --out-dir runs/cmp   # same table
     python benchmarks/train_compare.py --models gsa-100m --steps 4900 --save-every 250 --resume --out-dir runs/cmp
         # a run longer than one sitting: stopped, the same command continues it from its newest checkpoint
+    python benchmarks/train_compare.py --steps 4500 --out-dir benchmarks/results/train_compare_long_h200 --report-only
+        # table, summary.json and comparison.png from the runs' metrics.jsonl as they are (runs cut short included)
 
 Each model's training speed is measured first (a few steps on random tokens); both then train for the number of
 steps the slower one fits in the budget, through `gsa.train.train` with the same seed, data order, learning-rate
@@ -74,6 +76,63 @@ def tokens_per_second(model_name: str, vocab_size: int, seq_len: int, batch_size
     return speed
 
 
+def count_parameters(model_name: str, vocab_size: int) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in GSAForCausalLM(preset_config(model_name, vocab_size=vocab_size)).parameters())
+
+
+def summarize_run(run_dir: Path, steps: int, parameters: int) -> dict:
+    """One model's row of the comparison from its metrics.jsonl; `reached_step` says where a run cut short stopped."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if "loss" in r]
+    steady = train_records[len(train_records) // 2:] or train_records  # past compilation and warm-up
+    return {
+        "steps": steps,
+        "reached_step": max(r["step"] for r in train_records),
+        "val": {str(r["tokens"]): r["val_perplexity"] for r in records if "val_perplexity" in r},
+        "tokens_per_s": sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2],
+        "peak_gib": max(r["memory_gib"] for r in train_records),
+        "train_s": train_records[-1]["train_seconds"],
+        "parameters": parameters,
+        "final_train_loss": train_records[-1]["loss"],
+    }
+
+
+def plot_comparison(results: dict, image_file: Path, title: str) -> None:
+    """Validation perplexity against tokens seen, one line a model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, row in results.items():
+        points = sorted((int(tokens), ppl) for tokens, ppl in row["val"].items())
+        axes.plot([t / 1e6 for t, _ in points], [p for _, p in points], "o-", label=name, linewidth=1.5, markersize=4)
+    axes.set_xlabel("tokens seen (M)")
+    axes.set_ylabel("validation perplexity")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(image_file)
+    plt.close(figure)
+
+
+def print_table(results: dict, heading: str) -> None:
+    names = list(results)
+    print(heading)
+    print(f"{'tokens':>14} " + " ".join(f"{n:>18}" for n in names))
+    for tokens in sorted({int(t) for n in names for t in results[n]["val"]}):
+        cells = (results[n]["val"].get(str(tokens), float("nan")) for n in names)
+        print(f"{tokens:>14,} " + " ".join(f"{cell:>18.3f}" for cell in cells))
+    for label, key, form in (("parameters (M)", "parameters", "{:>18.1f}"), ("tokens/s", "tokens_per_s", "{:>18,.0f}"),
+                             ("peak GiB", "peak_gib", "{:>18.1f}"), ("train s", "train_s", "{:>18.0f}"),
+                             ("reached step", "reached_step", "{:>18}")):
+        scale = 1e-6 if key == "parameters" else 1
+        print(f"{label:>14} " + " ".join(form.format(results[n].get(key, float("nan")) * scale) for n in names))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -98,10 +157,14 @@ def main() -> None:
     parser.add_argument("--out-dir", default="runs/train_compare")
     parser.add_argument("--export-corpora", metavar="FOLDER",
                         help="write the --data corpora (bundled names) as text files and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the table, summary.json and comparison.png of the --steps runs in --out-dir")
     args = parser.parse_args()
     if args.export_corpora:
         export_corpora(Path(args.export_corpora), args.data or default_data())
         return
+    if args.report_only and args.steps is None:
+        raise SystemExit("--report-only reads the runs of --steps steps in --out-dir: give --steps")
     if not torch.cuda.is_available() and args.steps is None:
         raise SystemExit("measuring the budget's steps needs a CUDA device; on CPU give --steps (a smoke test)")
     data = args.data or default_data()
@@ -122,6 +185,11 @@ def main() -> None:
     results = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     for model_name in args.models:
         run_dir = out_dir / f"{model_name}-{steps}-steps"
+        parameters = count_parameters(model_name, tokenizer.vocab_size)
+        if args.report_only:
+            if (run_dir / "metrics.jsonl").is_file():
+                results[model_name] = {**results.get(model_name, {}), **summarize_run(run_dir, steps, parameters)}
+            continue
         resume = "latest" if args.resume and any((run_dir / "checkpoints").glob("step-*")) else None
         if resume:
             print(f"{model_name}: resuming {run_dir}", flush=True)
@@ -134,35 +202,24 @@ def main() -> None:
         ))
         started = time.perf_counter()
         result = train(config)
-        records = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
-        train_records = [r for r in records if "loss" in r]
-        steady = train_records[len(train_records) // 2:] or train_records  # past compilation and warm-up
-        results[model_name] = {
-            "steps": steps,
-            "val": {str(r["tokens"]): r["val_perplexity"] for r in records if "val_perplexity" in r},
-            "tokens_per_s": sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2],
-            "peak_gib": max(r["memory_gib"] for r in train_records),
-            "train_s": result.train_seconds,
-            "wall_s": time.perf_counter() - started,
-            "parameters": sum(p.numel() for p in GSAForCausalLM.from_pretrained(result.model_dir).parameters()),
-            "sample": result.sample,
-        }
+        results[model_name] = {**summarize_run(run_dir, steps, parameters), "wall_s": time.perf_counter() - started,
+                               "sample": result.sample}
         print(f"{model_name}: sample\n{result.sample}\n", flush=True)
+    if not results:
+        raise SystemExit(f"no runs of {steps} steps in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     summary_file.write_text(json.dumps(results, indent=1))
-
-    names = list(results)
-    print(f"\nvalidation perplexity at equal tokens ({', '.join(data)}; {tokenizer.name} tokenizer; "
-          f"seq {args.seq_len}, batch {args.batch_size}; "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'})")
-    print(f"{'tokens':>14} " + " ".join(f"{n:>18}" for n in names))
-    for tokens in sorted({int(t) for n in names for t in results[n]["val"]}):
-        cells = (results[n]["val"].get(str(tokens), float("nan")) for n in names)
-        print(f"{tokens:>14,} " + " ".join(f"{cell:>18.3f}" for cell in cells))
-    for label, key, form in (("parameters (M)", "parameters", "{:>18.1f}"), ("tokens/s", "tokens_per_s", "{:>18,.0f}"),
-                             ("peak GiB", "peak_gib", "{:>18.1f}"), ("train s", "train_s", "{:>18.0f}")):
-        scale = 1e-6 if key == "parameters" else 1
-        print(f"{label:>14} " + " ".join(form.format(results[n][key] * scale) for n in names))
-    print(f"runs and summary.json in {out_dir}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if args.report_only:  # the corpora the runs trained on, not this command's
+        configs = [out_dir / f"{name}-{steps}-steps" / "train_config.json" for name in results]
+        data = next(json.loads(c.read_text())["data"] for c in configs if c.is_file())
+    heading = (f"\nvalidation perplexity at equal tokens ({', '.join(Path(d).name for d in data)}; "
+               f"{tokenizer.name} tokenizer; "
+               f"seq {args.seq_len}, batch {args.batch_size}; {steps} steps{'' if args.report_only else '; ' + device})")
+    print_table(results, heading)
+    plot_comparison(results, out_dir / "comparison.png", f"{', '.join(results)}: {steps}-step schedule, "
+                    f"{args.batch_size} x {args.seq_len} tokens a step")
+    print(f"runs, summary.json and comparison.png in {out_dir}")
 
 
 if __name__ == "__main__":

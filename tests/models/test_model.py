@@ -217,6 +217,40 @@ def test_linear_cross_entropy_matches_cross_entropy():
 
 
 
+
+def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
+    """float32 hidden states and head under bf16 autocast (`gsa train` on one process): every product runs in bf16,
+    as F.linear's would there (a `torch.mm(out=)` is not cast by autocast and ran in float32), the gradients come
+    back in float32, and loss and gradients are what autocast makes of F.linear + F.cross_entropy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = []
+
+    class RecordProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                operands = args[:2] if func.overloadpacket is torch.ops.aten.mm else args[1:3]
+                products.append(tuple(t.dtype for t in operands))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(40, 32, generator=gen, requires_grad=True)
+    weight = (torch.randn(200, 32, generator=gen) * 0.3).requires_grad_()
+    labels = torch.randint(0, 200, (40,), generator=gen)
+    labels[::6] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with RecordProducts():
+            got = linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
+        want = F.cross_entropy(F.linear(hidden, weight).float(), labels)
+    assert products and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in products), products
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    wh, ww = torch.autograd.grad(want, (hidden, weight))
+    assert got.dtype == torch.float32 and gh.dtype == torch.float32 and gw.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
+    # the same bf16 operands on both sides; the composition rounds the logits' gradient to bf16 as well
+    assert rel_err(gh, wh) < 1e-2 and rel_err(gw, ww) < 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_linear_cross_entropy_bf16_accumulates_in_float32():
     """bf16 on the GPU: the LM head's weight gradient is summed over row chunks by products that add into a float32

@@ -98,7 +98,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast gives F.linear on this device now, None when autocast is off."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -146,7 +146,7 @@ def _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, trit
         y = _scale(xhat, norm_weight, x.dtype)
     if not weights:
         return y, rstd
-    mm_dtype = _autocast_dtype(x.device.type)
+    mm_dtype = autocast_dtype(x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         y = _cast(y, mm_dtype)
         return tuple(F.linear(y, _cast(w, mm_dtype), _cast(b, mm_dtype)) for w, b in zip(weights, biases)), rstd
@@ -168,7 +168,7 @@ class _RMSNormLinear(torch.autograd.Function):
         ctx.triton = _triton(x)
         ctx.eps, ctx.pre_silu, ctx.count = eps, pre_silu, count
         ctx.device_type = x.device.type
-        ctx.mm_dtype = _autocast_dtype(x.device.type)
+        ctx.mm_dtype = autocast_dtype(x.device.type)
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
         ctx.set_materialize_grads(False)
         outputs, rstd = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, ctx.triton)
@@ -312,7 +312,7 @@ def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_s
 
 def _swiglu_linear_values(gate, up, weight, triton: bool) -> torch.Tensor:
     """F.linear(silu(gate) * up, weight), the product cast as autocast would cast it."""
-    mm_dtype = _autocast_dtype(gate.device.type)
+    mm_dtype = autocast_dtype(gate.device.type)
     with torch.autocast(gate.device.type, enabled=False):
         if triton:
             from .fused_triton import swiglu_rows_fwd
@@ -329,7 +329,7 @@ class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight):
         ctx.device_type = gate.device.type
-        ctx.mm_dtype = _autocast_dtype(gate.device.type)
+        ctx.mm_dtype = autocast_dtype(gate.device.type)
         ctx.triton = _triton(gate, up) and gate.shape == up.shape  # the row kernels do not broadcast
         ctx.save_for_backward(gate, up, weight)
         return _swiglu_linear_values(gate, up, weight, ctx.triton)

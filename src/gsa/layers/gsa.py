@@ -16,9 +16,10 @@ from .norm import RMSNorm
 
 # The swish feature maps handed to the Triton operator (gated_slot_attention's swish_inputs): it forms swish(q),
 # swish(k), swish(v) itself, keeps only the projections, and its backward kernels take the gradients through swish
-# where they store dq, dk, dv, instead of three torch swish-backward passes over the features' gradients (predicted
-# -2 to -3 ms a 1.3B training step; benchmarks/NOTES.md, session 8). GSA_SWISH_IN_KERNELS=0 turns it off.
-SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "1") == "1"
+# where they store dq, dk, dv. Off by default: measured on the H200 (session 9) the 1.3B step was slower with it
+# (2K: 60.9-61.8K tok/s with it, 61.7-62.4K without, three pairs; the operator's backward 28.7 against 20.4 ms), the
+# epilogues' extra loads and spills costing more than the three swish-backward passes they save. GSA_SWISH_IN_KERNELS=1.
+SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "0") == "1"
 
 
 @dataclass

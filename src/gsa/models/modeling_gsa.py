@@ -117,7 +117,8 @@ class GSAPreTrainedModel(PreTrainedModel):
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.aminmax(input_ids)
+    low, high = torch.stack((low, high)).tolist()  # one read back (a device sync), not one for each
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}) (the vocabulary size); got ids from {low} to {high}")
 
