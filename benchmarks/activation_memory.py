@@ -181,12 +181,10 @@ def _use_triton_operator_on_cpu():
     import gsa.layers.gsa as layer
     from gsa.ops.triton import chunk_gsa_triton
 
-    def operator(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 swish_inputs=False, **_):
+    def operator(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **_):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         with torch.autocast(q.device.type, enabled=False):
-            return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens,
-                                    swish_inputs)
+            return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
 
     layer.gated_slot_attention = operator
 

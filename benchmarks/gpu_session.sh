@@ -12,7 +12,6 @@
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
-#   bash benchmarks/gpu_session.sh swish                      # one H200, ~6 min
 #   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
@@ -187,15 +186,6 @@ for what in "$@"; do
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;
-        swish)  # issue 8: the layer handing the projections to the operator (swish_inputs: it forms the features, its
-            # backward kernels take the gradients through swish; GSA_SWISH_IN_KERNELS=1, the default) against torch's
-            # swish passes around it (=0)
-            stage tests-swish 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
-                tests/layers/test_fused_model.py tests/models/test_model.py -k "swish or cross_entropy"
-            stage train-swish-off 130 env GSA_SWISH_IN_KERNELS=0 python3 benchmarks/bench_train.py --contexts 2048 8192 \
-                --steps 4 --warmup 2 --models ours --profile --out "$OUT/train_h200_swish_off.json"
-            stage train-swish-on 130 env GSA_SWISH_IN_KERNELS=1 python3 benchmarks/bench_train.py --contexts 2048 8192 \
-                --steps 4 --warmup 2 --models ours --profile --out "$OUT/train_h200_swish_on.json" ;;
         fla-model)  # FLA's 1.3B model against ours in the same run: training, and generate() latency
             fla_setup
             stage fla-train 300 python3 benchmarks/bench_train.py --models ours --with-fla --contexts 2048 8192 \
@@ -204,6 +194,8 @@ for what in "$@"; do
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
-            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours train-graph train-modes tune-rows ops fla fla-heads segment swish fla-model decode train activation mqar mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
+            echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
+                "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
+                "mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

@@ -75,10 +75,9 @@ def ptxas() -> str:
     raise FileNotFoundError(f"no ptxas in {binaries}")
 
 
-def report(name: str, swish: bool, warps: int, stages: int, slots: int = 64) -> dict:
+def report(name: str, warps: int, stages: int, slots: int = 64) -> dict:
     fn = getattr(kernels, name)
-    constants = {key: value for key, value in {**CONSTANTS[name], "SWISH": swish, "BM": slots}.items()
-                 if key in fn.arg_names}
+    constants = {key: value for key, value in {**CONSTANTS[name], "BM": slots}.items() if key in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants),
                               target=TARGET, options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as folder:
@@ -98,9 +97,6 @@ def main():
     parser.add_argument("--warps", nargs="+", type=int, default=None, help="default: each kernel's LAUNCH entry")
     parser.add_argument("--stages", nargs="+", type=int, default=None, help="default: each kernel's LAUNCH entry")
     parser.add_argument("--slots", nargs="+", type=int, default=[64], help="the slot block BM (power of two)")
-    parser.add_argument("--swish", action="store_true",
-                        help="the backward kernels taking the gradients through swish to the projections "
-                             "(swish_inputs)")
     args = parser.parse_args()
     print(f"{'kernel':<18} {'slots':>5} {'warps':>5} {'stages':>6} {'registers':>9} {'spilled B':>9} {'shared B':>8}")
     for name in args.kernels:
@@ -108,7 +104,7 @@ def main():
         for slots in args.slots:
             for warps in args.warps or [launch.get("num_warps", 4)]:
                 for stages in args.stages or [launch.get("num_stages", 3)]:
-                    row = report(name, args.swish, warps, stages, slots)
+                    row = report(name, warps, stages, slots)
                     print(f"{name:<18} {slots:>5} {warps:>5} {stages:>6} {row['registers']:>9} "
                           f"{row['spill_bytes']:>9} {row['shared_bytes']:>8}", flush=True)
 

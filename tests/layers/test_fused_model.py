@@ -134,24 +134,16 @@ def triton_operator(monkeypatch):
     if not triton_ops.KERNELS_AVAILABLE:
         pytest.skip("triton is not installed")
 
-    def operator(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                 swish_inputs=False, **_):
+    def operator(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **_):
         with torch.autocast(q.device.type, enabled=False):
-            return triton_ops.chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens,
-                                               swish_inputs)
+            return triton_ops.chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
 
     monkeypatch.setattr(gsa_layer, "gated_slot_attention", operator)
 
 
-@pytest.mark.parametrize("swish_inside", [False, True], ids=["swish-recomputed", "swish-in-kernels"])
-def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, swish_inside, monkeypatch):
+def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator):
     """With the Triton operator (which saves the q, k, v, s, g it is given), the fused layer keeps none of those:
-    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged. With
-    swish_inputs (what the layer does where the operator runs on Triton), the operator is given the projections
-    themselves and forms their swish: the same bytes kept, the same results up to float32 rounding."""
-    monkeypatch.setattr(gsa_layer, "SWISH_IN_KERNELS", swish_inside)
-    if swish_inside:
-        monkeypatch.setattr(gsa_layer, "resolve_backend", lambda backend, device: "triton")
+    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, natively on a GPU
     layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(device)
@@ -180,7 +172,7 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, swish
             sum(v for k, v in saved.items() if k not in params),
         )
     (y0, dx0, dp0, bytes0), (y1, dx1, dp1, bytes1) = results[False], results[True]
-    assert torch.equal(y0, y1) if not swish_inside else rel_err(y1, y0) < 1e-6
+    assert torch.equal(y0, y1)
     assert rel_err(dx1, dx0) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(dp1, dp0))
     T, D = 70, 32
     # plain: x, norm's float32 x and x̂, its output, q/k/v in and out, f (float32 twice), exp(g), s, g, logits,

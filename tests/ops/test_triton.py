@@ -190,59 +190,6 @@ def test_varlen_matches_reference(state_pass):
     check_varlen([0, 5, 70, 71, 200], query_heads=4, seed=7)
 
 
-@pytest.mark.parametrize("shape, offsets", [((2, 129, 4, 2, 16, 24, 20), None), ((1, 200, 2, 1, 8, 8, 16), [0, 5, 70, 200])],
-                         ids=["gqa", "varlen"])
-def test_swish_inputs_match_reference_on_swished_projections(shape, offsets, state_pass):
-    """swish_inputs: the operator attends with swish(q), swish(k), swish(v) and its kernels return the gradients of
-    the projections (through swish where they store them); against the reference given the swished tensors
-    (autograd through torch's silu)."""
-    B, T, HQ, H, K, V, M = shape
-    N = B if offsets is None else len(offsets) - 1
-    tensors = gsa_inputs(*shape, dtype=torch.float32, seed=21, device=DEVICE)
-    tensors += list(random_state(N, H, K, V, M, dtype=torch.float32, seed=22, device=DEVICE))
-    cu = None if offsets is None else torch.tensor(offsets, device=DEVICE)
-    scale = K**-0.5
-
-    def fused(q, k, v, s, g, hk, hv):
-        return triton_ops.chunk_gsa_triton(q, k, v, s, g, scale, (hk, hv), True, cu, swish_inputs=True)
-
-    def composed(q, k, v, s, g, hk, hv):
-        silu = torch.nn.functional.silu
-        return reference(silu(q), silu(k), silu(v), s, g, hk, hv, cu_seqlens=cu, scale=scale)
-
-    got = outputs_and_grads(fused, tensors)
-    want = outputs_and_grads(composed, tensors)
-    assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
-
-
-def test_swish_inputs_keep_only_the_projections():
-    """With swish_inputs the operator saves q, k, v themselves for backward, not their features (formed again
-    there): the memory of the layer's default path."""
-    B, T, HQ, H, K, V, M = 1, 70, 2, 2, 8, 8, 4
-    tensors = [t.requires_grad_() for t in gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=26,
-                                                       device=DEVICE)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        o, _ = triton_ops.chunk_gsa_triton(*tensors, K**-0.5, swish_inputs=True)
-    projections = {t.untyped_storage().data_ptr() for t in tensors[:3]}
-    shaped = [t for t in saved if t.shape[-1] in (K, V) and t.shape[0] == B * T]
-    assert {t.untyped_storage().data_ptr() for t in shaped} == projections
-    o.sum().backward()
-    assert all(t.grad is not None for t in tensors)
-
-
-def test_swish_inputs_on_the_short_recurrent_path():
-    """Short prompts without gradients take the step kernels: swish_inputs composes swish there."""
-    B, T, HQ, H, K, V, M = 2, 5, 2, 2, 8, 6, 4
-    q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=24, device=DEVICE)
-    hk, hv = random_state(B, H, K, V, M, dtype=torch.float32, seed=25, device=DEVICE)
-    silu = torch.nn.functional.silu
-    with torch.no_grad():
-        o, (hk1, hv1) = triton_ops.triton_gsa(q, k, v, s, g, 0.5, (hk, hv), True, swish_inputs=True)
-    want, (hk_want, hv_want) = reference(silu(q), silu(k), silu(v), s, g, hk, hv, scale=0.5)
-    assert_close_all([o.cpu(), hk1.cpu(), hv1.cpu()], [want, hk_want, hv_want], 1e-5, names=["o", "hk", "hv"])
-
-
 def uniform(B, T):
     return chunk_kernels._uniform_layout(B, T, torch.device("cpu"))
 
@@ -373,25 +320,6 @@ def test_gpu_real_shapes(shape, dtype, tol):
         lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, backend="torch"), [t.double() for t in tensors]
     )
     assert_close_all([t.float() for t in got], want, tol, context=f"{shape} {dtype}")
-
-
-@gpu
-@pytest.mark.parametrize(
-    "shape, dtype",
-    [((2, 2048, 4, 4, 512, 512, 64), torch.bfloat16), ((2, 2048, 4, 4, 512, 512, 64), torch.float32),
-     ((1, 1000, 32, 8, 64, 64, 48), torch.bfloat16)],  # the paper's layer; GQA (dk, dv summed over the group)
-    ids=str,
-)
-def test_gpu_swish_inputs_at_real_shapes(shape, dtype):
-    """The kernels' own swish against the float64 PyTorch path on swished projections (bf16: 1e-2, fp32: 1e-4)."""
-    tensors = [t.to(dtype) for t in gsa_inputs(*shape, dtype=torch.float32, seed=23, device="cuda")]
-    silu = torch.nn.functional.silu
-    got = outputs_and_grads(
-        lambda *a: gated_slot_attention(*a, None, None, True, backend="triton", swish_inputs=True), tensors)
-    want = outputs_and_grads(
-        lambda q, k, v, s, g: gated_slot_attention(silu(q), silu(k), silu(v), s, g, None, None, True, backend="torch"),
-        [t.double() for t in tensors])
-    assert_close_all([t.float() for t in got], want, 1e-2 if dtype == torch.bfloat16 else 1e-4, context=str(dtype))
 
 
 @gpu

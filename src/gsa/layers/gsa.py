@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode, resolve_backend
+from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
 from .conv import ShortConvolution
-from .fused import fused_enabled, norm_linear, recompute_saved, slot_gate_recipes, slot_gates
+from .fused import norm_linear, recompute_saved, slot_gate_recipes, slot_gates
 from .norm import RMSNorm
-
-# The swish feature maps handed to the Triton operator (gated_slot_attention's swish_inputs): it forms swish(q),
-# swish(k), swish(v) itself, keeps only the projections, and its backward kernels take the gradients through swish
-# where they store dq, dk, dv. Off by default: measured on the H200 (session 9) the 1.3B step was slower with it
-# (2K: 60.9-61.8K tok/s with it, 61.7-62.4K without, three pairs; the operator's backward 28.7 against 20.4 ms), the
-# epilogues' extra loads and spills costing more than the three swish-backward passes they save. GSA_SWISH_IN_KERNELS=1.
-SWISH_IN_KERNELS = os.environ.get("GSA_SWISH_IN_KERNELS", "0") == "1"
 
 
 @dataclass
@@ -208,19 +200,11 @@ class GatedSlotAttention(nn.Module):
         q_in = q.view(B, T, self.num_heads, self.head_k_dim)
         k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
         v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
-        # With swish feature maps the Triton operator takes the projections: it forms and recomputes the features
-        # itself and returns the projections' gradients (no swish-backward passes, no features kept)
-        swish_inside = (SWISH_IN_KERNELS and fused_enabled() and self.feature_map is F.silu
-                        and resolve_backend(self.backend, q_in.device) == "triton")
-        if swish_inside:
-            q, k, v = q_in, k_in, v_in
-            recipes = []
-        else:
-            q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
-            # swish saves its input for backward; the operator saves its output as well: let it recompute that
-            recipes = [(v, F.silu, v_in)]
-            if self.feature_map is F.silu:
-                recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+        q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
+        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
+        recipes = [(v, F.silu, v_in)]
+        if self.feature_map is F.silu:
+            recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
         f = f.view(B, T, self.num_kv_heads, self.num_slots)
         # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
         gate_mask = None if mask is None else mask[:, :, None, None]
@@ -233,7 +217,7 @@ class GatedSlotAttention(nn.Module):
         with recompute_saved(recipes):
             o, final = gated_slot_attention(
                 q, k, v, s, g, self.scale, initial, use_cache or state is not None, cu_seqlens,
-                backend=self.backend, check_gate_values=False, swish_inputs=swish_inside,
+                backend=self.backend, check_gate_values=False,
             )
         if final is not None:
             new_state = SlotState(final[0], final[1], conv_windows)

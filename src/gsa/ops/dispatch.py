@@ -46,7 +46,6 @@ def gated_slot_attention(
     *,
     backend: str = "auto",
     check_gate_values: bool = True,
-    swish_inputs: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Gated Slot Attention over whole sequences.
 
@@ -62,10 +61,6 @@ def gated_slot_attention(
         backend: "reference" (step by step), "torch" (chunked, CPU and fallback), "triton" (GPU), or
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
-        swish_inputs: q, k, v are projections and the operator attends with swish(q), swish(k), swish(v) (the GSA
-            layer's default feature maps), gradients flowing to the projections. The Triton backend forms the
-            features itself, keeps only the projections for backward (forming the features again there) and takes
-            the gradients through swish where its kernels store dq, dk, dv; other backends compose torch's silu.
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).
@@ -74,16 +69,14 @@ def gated_slot_attention(
     if scale is None:
         scale = shapes.K**-0.5
     chosen = resolve_backend(backend, q.device)
+    args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
     # The operator fixes its own precision (float32 accumulation and softmax whatever the input dtype), so an
     # enclosing autocast region must not recast its internal matmuls.
     with torch.autocast(q.device.type, enabled=False):
-        if swish_inputs and chosen != "triton":
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
-        return _run(chosen, args, swish_inputs and chosen == "triton")
+        return _run(chosen, args)
 
 
-def _run(chosen: str, args: tuple, swish_inputs: bool = False):
+def _run(chosen: str, args: tuple):
     q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)
@@ -94,7 +87,7 @@ def _run(chosen: str, args: tuple, swish_inputs: bool = False):
         raise RuntimeError(f"backend='triton' needs CUDA tensors and an importable triton; q is on {q.device}")
     from .triton import triton_gsa
 
-    return triton_gsa(*args, swish_inputs=swish_inputs)
+    return triton_gsa(*args)
 
 
 def gated_slot_attention_step(

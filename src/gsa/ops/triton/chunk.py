@@ -29,7 +29,6 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
@@ -52,7 +51,6 @@ from .common import (
     state_offsets,
     store_rows,
     sub_span,
-    swish_grad,
 )
 
 CHUNK = 64
@@ -429,17 +427,17 @@ def _output_fwd(
 
 @triton.jit
 def _intra_bwd(
-    q_ptr, k_ptr, v_ptr, q_raw_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
     dq_ptr, dk_ptr, dv_ptr, ds_ptr, dgq_ptr, dl_dec_ptr, p_dec_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
     summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
-    p*exp(G) for the reverse scan. SWISH: q is swish(q_raw), and dq is returned for q_raw."""
+    p*exp(G) for the reverse scan."""
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
     i_h = i_hq // GROUP
@@ -515,8 +513,6 @@ def _intra_bwd(
         dq = tl.dot(dl_dec, tl.trans(hk), input_precision=PRECISION)
         dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
         dq = scale * dq
-        if SWISH:  # through swish to the projection, read only here (the loops use the features)
-            dq = swish_grad(dq, load_rows(q_raw_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk))
         store_rows(dq_ptr, dq, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
         dk = tl.dot(tl.trans(d_scores.to(DOT_DT)), q, input_precision=PRECISION)
         store_rows(dk_ptr, scale * dk, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
@@ -536,15 +532,14 @@ def _intra_bwd(
 
 @triton.jit
 def _state_grads_bwd(
-    k_ptr, v_ptr, k_raw_ptr, v_raw_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr,
+    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr,
     dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per chunk and key/value head: add the state parts to dk, dv (in place; with SWISH, k and v are swish(k_raw),
-    swish(v_raw) and dk, dv are returned for the projections), and finish ds and dg.
+    """Per chunk and key/value head: add the state parts to dk, dv (in place), and finish ds and dg.
 
     dk_j += (s_j exp(G_C - G_j)) dHk_afterᵀ; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
     dG = dgq - s ds (+ Σ dS_after S_after at the chunk's last step); dg = reverse cumulative sum of dG."""
@@ -571,8 +566,6 @@ def _state_grads_bwd(
         ds_state += tl.dot(k, dhk.to(DOT_DT), input_precision=PRECISION)
         dk = load_rows(dk_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(tl.float32)
         dk += tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
-        if SWISH:
-            dk = swish_grad(dk, load_rows(k_raw_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk))
         store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
@@ -583,8 +576,6 @@ def _state_grads_bwd(
         ds_state += tl.dot(v, dhv_t.to(DOT_DT), input_precision=PRECISION)
         dv = load_rows(dv_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(tl.float32)
         dv += tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
-        if SWISH:
-            dv = swish_grad(dv, load_rows(v_raw_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv))
         store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
     # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
     # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
@@ -801,7 +792,8 @@ STATE_PASS = os.environ.get("GSA_TRITON_STATE_PASS", "auto")
 WALK_MIN_PROGRAMS = int(os.environ.get("GSA_TRITON_WALK_MIN_PROGRAMS", "256"))
 SEGMENT_PROGRAMS = 512  # segments are cut to give about this many walking programs (the paper shape's 512 won)
 SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overhead
-SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))  # > 0 forces the segment length (tests; auto too)
+# > 0 forces the segment length (tests; auto too)
+SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))
 
 
 def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | None] | None:
@@ -895,37 +887,27 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _features(q, k, v):
-    """swish(q), swish(k), swish(v) as torch's silu forms them (float32 inside, rounded to the inputs' dtype)."""
-    return F.silu(q), F.silu(k), F.silu(v)
-
-
 class ChunkGSAFunction(torch.autograd.Function):
-    """The chunked operator. With `swish`, q, k, v are projections: the kernels attend with their swish (formed
-    here, not kept: the backward forms them again) and return the projections' gradients, taken through swish
-    where the backward kernels store dq, dk, dv (no gradient of the features is written and read back)."""
-
     @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, swish):
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
-        qf, kf, vf = _features(q, k, v) if swish else (q, k, v)
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
-        states, _, final = _scan_states(kf, vf, s, g, start, layout)
+        states, _, final = _scan_states(k, v, s, g, start, layout)
         final_k, final_v = _split(final, K) if output_final_state else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
         BM = next_power_of_2(M)
         _launch(
             _output_fwd, (layout.num_chunks, HQ),
-            qf, kf, vf, s, g, states, logits, o,
+            q, k, v, s, g, states, logits, o,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, HQ // H,
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
         ctx.save_for_backward(q, k, v, s, g, start, logits)
-        ctx.scale, ctx.layout, ctx.swish = scale, layout, swish
+        ctx.scale, ctx.layout = scale, layout
         # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
         # the final states are returned but not trained through)
         ctx.set_materialize_grads(False)
@@ -934,10 +916,8 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q_raw, k_raw, v_raw, s, g, start, logits = ctx.saved_tensors
-        scale, layout, swish = ctx.scale, ctx.layout, ctx.swish
-        # with swish the saved tensors are the projections; the kernels read their features
-        q, k, v = _features(q_raw, k_raw, v_raw) if swish else (q_raw, k_raw, v_raw)
+        q, k, v, s, g, start, logits = ctx.saved_tensors
+        scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
@@ -957,11 +937,10 @@ class ChunkGSAFunction(torch.autograd.Function):
         dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
         _launch(
             _intra_bwd, (layout.num_chunks, HQ),
-            q, k, v, q_raw, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
+            q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK,
-            SWISH=swish, **dot
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **dot
         )
         if group > 1:
             dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
@@ -1004,19 +983,16 @@ class ChunkGSAFunction(torch.autograd.Function):
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
         _launch(
             _state_grads_bwd, (layout.num_chunks, H),
-            k, v, k_raw, v_raw, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
+            k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SWISH=swish, **dot
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot
         )
-        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None, None
+        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None
 
 
-def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     swish_inputs=False):
-    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention);
-    swish_inputs: q, k, v are projections; the operator attends with their swish and returns their gradients
-    (ChunkGSAFunction)."""
+def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention)."""
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
@@ -1027,7 +1003,6 @@ def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_stat
     hk0 = hv0 = None
     if initial_state is not None:
         hk0, hv0 = initial_state  # converted to float32 as the operator joins them
-    o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state,
-                                                 bool(swish_inputs))
+    o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state)
     o = o.view(B, T, HQ, V)
     return o, ((final_k, final_v) if output_final_state else None)
