@@ -140,11 +140,11 @@ for what in "$@"; do
             stage compare 280 python3 benchmarks/train_compare.py --budget-s 100 --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare
             keep_reports /tmp/compare ;;
-        compare-long)  # issue 5: one model (MODEL) of the 10-minute comparison at STEPS steps (10 minutes at the slower
-            # model's speed: ~4900), with GCIDE (carry .cache/gpu-data, 50 MB); a call trains ~8 minutes and checkpoints
-            # every 250 steps; the same stage again on the warm machine resumes it (two calls a model)
-            stage compare-long 560 python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4900}" \
-                --save-every 250 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
+        compare-long)  # issue 5: one model (MODEL) of the 10-minute comparison at STEPS steps (10 minutes of GSA at the
+            # trainer's measured 6.9 steps/s: ~4100), with GCIDE (carry .cache/gpu-data, 50 MB); the cap's SIGINT makes
+            # the trainer checkpoint the step it is on, and the same stage again on the warm machine resumes it
+            stage compare-long 560 python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4100}" \
+                --save-every 1000 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
                 --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
             keep_reports /tmp/compare-long ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU

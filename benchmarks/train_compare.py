@@ -133,6 +133,40 @@ def print_table(results: dict, heading: str) -> None:
         print(f"{label:>14} " + " ".join(form.format(results[n].get(key, float("nan")) * scale) for n in names))
 
 
+def publish(results: dict, out_dir: Path, heading: str, title: str) -> None:
+    """summary.json, the table on stdout and comparison.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(results, indent=1))
+    print_table(results, heading)
+    plot_comparison(results, out_dir / "comparison.png", title)
+    print(f"runs, summary.json and comparison.png in {out_dir}")
+
+
+def report(out_dir: Path, models: list[str], steps: int, fallback_tokenizer: str) -> None:
+    """--report-only: the comparison of the runs of `steps` steps in out_dir, from their own train_config.json and
+    metrics.jsonl as they are (runs cut short included)."""
+    results, settings = {}, None
+    for name in models:
+        run_dir = out_dir / f"{name}-{steps}-steps"
+        if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "train_config.json").is_file():
+            continue
+        settings = json.loads((run_dir / "train_config.json").read_text())
+        try:  # the tokenizer the run used, for the vocabulary size; its path may be another machine's
+            tokenizer = load_tokenizer(settings["tokenizer"])
+        except (FileNotFoundError, ValueError):
+            tokenizer = load_tokenizer(fallback_tokenizer)
+        previous = json.loads((out_dir / "summary.json").read_text()).get(name, {}) \
+            if (out_dir / "summary.json").is_file() else {}
+        results[name] = {**previous, **summarize_run(run_dir, steps, count_parameters(name, tokenizer.vocab_size))}
+    if settings is None:
+        raise SystemExit(f"no runs of {steps} steps (metrics.jsonl and train_config.json) in {out_dir}")
+    batch, seq_len = settings["batch_size"], settings["seq_len"]
+    heading = (f"\nvalidation perplexity at equal tokens ({', '.join(Path(d).name for d in settings['data'])}; "
+               f"tokenizer {Path(settings['tokenizer']).name}; seq {seq_len}, batch {batch}; {steps} steps)")
+    title = f"{', '.join(results)}: {steps}-step schedule, {batch} x {seq_len} tokens a step"
+    publish(results, out_dir, heading, title)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -158,13 +192,16 @@ def main() -> None:
     parser.add_argument("--export-corpora", metavar="FOLDER",
                         help="write the --data corpora (bundled names) as text files and exit")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: the table, summary.json and comparison.png of the --steps runs in --out-dir")
+                        help="train nothing: the table, summary.json and plot of the --steps runs in --out-dir")
     args = parser.parse_args()
     if args.export_corpora:
         export_corpora(Path(args.export_corpora), args.data or default_data())
         return
-    if args.report_only and args.steps is None:
-        raise SystemExit("--report-only reads the runs of --steps steps in --out-dir: give --steps")
+    if args.report_only:
+        if args.steps is None:
+            raise SystemExit("--report-only reads the runs of --steps steps in --out-dir: give --steps")
+        report(Path(args.out_dir), args.models, args.steps, args.tokenizer)
+        return
     if not torch.cuda.is_available() and args.steps is None:
         raise SystemExit("measuring the budget's steps needs a CUDA device; on CPU give --steps (a smoke test)")
     data = args.data or default_data()
@@ -182,14 +219,10 @@ def main() -> None:
 
     out_dir = Path(args.out_dir) if args.steps else Path(args.out_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
     summary_file = out_dir / "summary.json"
-    results = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    results = json.loads(summary_file.read_text()) if summary_file.is_file() else {}  # other models' earlier runs
     for model_name in args.models:
         run_dir = out_dir / f"{model_name}-{steps}-steps"
         parameters = count_parameters(model_name, tokenizer.vocab_size)
-        if args.report_only:
-            if (run_dir / "metrics.jsonl").is_file():
-                results[model_name] = {**results.get(model_name, {}), **summarize_run(run_dir, steps, parameters)}
-            continue
         resume = "latest" if args.resume and any((run_dir / "checkpoints").glob("step-*")) else None
         if resume:
             print(f"{model_name}: resuming {run_dir}", flush=True)
@@ -202,24 +235,14 @@ def main() -> None:
         ))
         started = time.perf_counter()
         result = train(config)
-        results[model_name] = {**summarize_run(run_dir, steps, parameters), "wall_s": time.perf_counter() - started,
-                               "sample": result.sample}
+        results[model_name] = {**summarize_run(run_dir, steps, parameters), "train_s": result.train_seconds,
+                               "wall_s": time.perf_counter() - started, "sample": result.sample}
         print(f"{model_name}: sample\n{result.sample}\n", flush=True)
-    if not results:
-        raise SystemExit(f"no runs of {steps} steps in {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary_file.write_text(json.dumps(results, indent=1))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    if args.report_only:  # the corpora the runs trained on, not this command's
-        configs = [out_dir / f"{name}-{steps}-steps" / "train_config.json" for name in results]
-        data = next(json.loads(c.read_text())["data"] for c in configs if c.is_file())
-    heading = (f"\nvalidation perplexity at equal tokens ({', '.join(Path(d).name for d in data)}; "
-               f"{tokenizer.name} tokenizer; "
-               f"seq {args.seq_len}, batch {args.batch_size}; {steps} steps{'' if args.report_only else '; ' + device})")
-    print_table(results, heading)
-    plot_comparison(results, out_dir / "comparison.png", f"{', '.join(results)}: {steps}-step schedule, "
-                    f"{args.batch_size} x {args.seq_len} tokens a step")
-    print(f"runs, summary.json and comparison.png in {out_dir}")
+    heading = (f"\nvalidation perplexity at equal tokens ({', '.join(data)}; {tokenizer.name} tokenizer; "
+               f"seq {args.seq_len}, batch {args.batch_size}; {steps} steps; {device})")
+    publish(results, out_dir, heading, f"{', '.join(results)}: {steps}-step schedule, "
+            f"{args.batch_size} x {args.seq_len} tokens a step")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from gsa.models import GSACache, GSAConfig, GSAForCausalLM, GSAModel, preset_config
@@ -216,30 +217,45 @@ def test_linear_cross_entropy_matches_cross_entropy():
     assert rel_err(gh, wh) < 1e-12 and rel_err(gw, ww) < 1e-12
 
 
+class RecordProducts(TorchDispatchMode):
+    """The operand dtypes of every matrix product run inside it."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.dtypes = []
+        return self.dtypes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            operands = args[:2] if func.overloadpacket is torch.ops.aten.mm else args[1:3]
+            self.dtypes.append(tuple(t.dtype for t in operands))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_without_grad_mode_forms_only_the_loss():
+    """Under torch.no_grad (evaluation) with a weight that requires grad (the LM head's parameter): one product a
+    chunk, the logits; no gradient products (which tripled the head's cost of every validation pass)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, 16, generator=gen)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (40,), generator=gen)
+    with torch.no_grad(), RecordProducts() as products:
+        got = linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
+    assert len(products) == 3  # 40 rows in chunks of 16
+    assert abs(got.item() - F.cross_entropy(hidden @ weight.detach().t(), labels).item()) < 1e-5
 
 
 def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
     """float32 hidden states and head under bf16 autocast (`gsa train` on one process): every product runs in bf16,
     as F.linear's would there (a `torch.mm(out=)` is not cast by autocast and ran in float32), the gradients come
     back in float32, and loss and gradients are what autocast makes of F.linear + F.cross_entropy."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    products = []
-
-    class RecordProducts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
-                operands = args[:2] if func.overloadpacket is torch.ops.aten.mm else args[1:3]
-                products.append(tuple(t.dtype for t in operands))
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(40, 32, generator=gen, requires_grad=True)
     weight = (torch.randn(200, 32, generator=gen) * 0.3).requires_grad_()
     labels = torch.randint(0, 200, (40,), generator=gen)
     labels[::6] = -100
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with RecordProducts():
+        with RecordProducts() as products:
             got = linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
         want = F.cross_entropy(F.linear(hidden, weight).float(), labels)
     assert products and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in products), products

@@ -6,10 +6,12 @@ Where the Triton kernels run (gsa.layers.fused_triton), one row kernel forms a c
 gradient over the logits; elsewhere the chunk is taken to float32, turned into the softmax in place, and cast
 back to the weight's dtype.
 
-Inside torch.autocast the products run in autocast's dtype as F.linear's would there (float32 weights are cast
-once a call, the logits come out in bf16 / fp16, the loss is taken in float32) and the gradients come back in the
-inputs' dtypes, the weight's summed in float32. Left to autocast, `torch.mm(..., out=)` is not cast at all: the
-[tokens, vocab] x [vocab, d] product of grad_hidden ran in float32 (~2.1 TFLOP a 1.3B step at 16K tokens).
+Inside bf16 autocast the products run in bf16 as F.linear's would there (float32 weights are cast once a call,
+the loss is taken in float32) and the gradients come back in the inputs' dtypes, the weight's summed in float32.
+Left to autocast, `torch.mm(..., out=)` is not cast at all: the [tokens, vocab] x [vocab, d] product of
+grad_hidden ran in float32 (~2.1 TFLOP a 1.3B step at 16K tokens). Under fp16 autocast autocast keeps its way:
+the softmax gradient, already divided by the token count, would underflow in fp16 before a GradScaler's scale
+reaches it (it arrives in backward).
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows, mm_dtype):
-        # mm_dtype: autocast's dtype for the products (autocast itself is off in here), None outside autocast
+    def forward(ctx, hidden, weight, labels, chunk_rows, mm_dtype, needs_grad):
+        # mm_dtype: autocast's dtype for the products (autocast itself is off in here), None outside autocast.
+        # needs_grad: taken outside, where grad mode is seen (in here it is always off)
         mm_weight = weight if mm_dtype is None else weight.to(mm_dtype)
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
-        needs_grad = hidden.requires_grad or weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if needs_grad else None  # every row is written below
         grad_weight = (
             torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if needs_grad else None
@@ -98,8 +100,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None,
-                None)
+        d_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), d_weight, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -108,11 +110,12 @@ def linear_cross_entropy(
     """Mean cross-entropy of softmax(hidden @ weightᵀ) against labels over rows whose label is not -100.
 
     hidden [N, D], weight [V, D], labels [N]. Equal to F.cross_entropy(hidden @ weight.T, labels) in value
-    and gradients; inside torch.autocast, equal to what autocast makes of that composition (products in its dtype,
-    the loss in float32).
+    and gradients; inside bf16 autocast, equal to what autocast makes of that composition (products in bf16, the
+    loss in float32). Under torch.no_grad (evaluation) only the loss is formed.
     """
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     mm_dtype = autocast_dtype(hidden.device.type)
-    if mm_dtype is not None and weight.dtype != torch.float64:
+    if mm_dtype == torch.bfloat16 and torch.float64 not in (hidden.dtype, weight.dtype):
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, mm_dtype)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, None)
+            return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, mm_dtype, needs_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, None, needs_grad)

@@ -119,6 +119,7 @@ def _report(result) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
+    from .trainer import TrainingInterrupted
 
     try:
         config = resolve(args)
@@ -132,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         kind = "checkpoint error" if isinstance(error, CheckpointError) else "error"
         print(f"gsa train: {kind}: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"gsa train: {stop}", file=sys.stderr)
+        return 130  # the shell's code for a run stopped by Ctrl-C
     if int(os.environ.get("RANK", "0")) == 0:
         _report(result)
     return 0

@@ -14,7 +14,9 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -138,6 +140,34 @@ def choose_cpu_threads(requested: int) -> tuple[int, str]:
     load = os.getloadavg()[0]
     threads = max(1, min(torch.get_num_threads(), int(cores - load + 0.5)))
     return threads, f"{cores} cores, load average {load:.1f}"
+
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run at a step's end, after checkpointing that step."""
+
+
+@contextlib.contextmanager
+def _interrupts_held_to_step_end(enabled: bool):
+    """Hold Ctrl-C (SIGINT) until the step in flight ends, so the run can checkpoint a whole step (never a half-made
+    optimizer update) before it stops; a second Ctrl-C stops at once. Yields a function: has one arrived? Off
+    under torchrun, where every process would have to agree on the step to save at."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received = []
+
+    def hold(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
@@ -456,47 +486,53 @@ class Trainer:
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         window_targets, window_tokens, window_time, train_seconds = 0, 0, 0.0, 0.0
         try:
-            while self.step < config.steps:
-                started = time.perf_counter()
-                summed_loss, targets, grad_norm, lr = self._train_step()
-                self.step += 1
-                self.samples_seen += self.global_batch
-                self.tokens_seen += self.tokens_per_step
-                window_loss += summed_loss
-                window_targets += targets
-                window_tokens += self.tokens_per_step
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    (loss_sum,) = dist_utils.all_reduce_sum([window_loss.item()], self.processes)
-                    loss = loss_sum / window_targets
-                    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                    window_time += time.perf_counter() - started
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"training diverged at step {self.step}: the loss is {loss}; lower "
-                                                 f"--lr (now {config.lr}) or raise --warmup-steps")
-                    record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
-                              "grad_norm": float(norm), "tokens_per_s": window_tokens / window_time,
-                              "tokens_per_s_per_process": window_tokens / window_time / world,
-                              "memory_gib": _memory_gib(self.device), "train_seconds": train_seconds + window_time}
-                    if self.main:
-                        metrics.write(record)
-                        if self.bar is not None:
-                            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-                    train_seconds += window_time
-                    window_loss.zero_()
-                    window_targets, window_tokens, window_time = 0, 0, 0.0
-                else:
-                    window_time += time.perf_counter() - started
-                if self.bar is not None:
-                    self.bar.update(1)
-                if len(self.val_windows) and (self.step % config.eval_every == 0 or self.step == config.steps):
-                    val_loss, val_ppl = self.evaluate()
-                    if self.main:
-                        metrics.write({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                                       "val_perplexity": val_ppl})
-                    self.say(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.3f}")
-                if self.step % config.save_every == 0 or self.step == config.steps:
-                    self.save()
+            with _interrupts_held_to_step_end(not self.processes.distributed) as held:
+                while self.step < config.steps:
+                    started = time.perf_counter()
+                    summed_loss, targets, grad_norm, lr = self._train_step()
+                    self.step += 1
+                    self.samples_seen += self.global_batch
+                    self.tokens_seen += self.tokens_per_step
+                    window_loss += summed_loss
+                    window_targets += targets
+                    window_tokens += self.tokens_per_step
+                    if self.step % config.log_every == 0 or self.step == config.steps:
+                        (loss_sum,) = dist_utils.all_reduce_sum([window_loss.item()], self.processes)
+                        loss = loss_sum / window_targets
+                        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                        window_time += time.perf_counter() - started
+                        if not math.isfinite(loss):
+                            raise FloatingPointError(f"training diverged at step {self.step}: the loss is {loss}; "
+                                                     f"lower --lr (now {config.lr}) or raise --warmup-steps")
+                        record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                                  "grad_norm": float(norm), "tokens_per_s": window_tokens / window_time,
+                                  "tokens_per_s_per_process": window_tokens / window_time / world,
+                                  "memory_gib": _memory_gib(self.device), "train_seconds": train_seconds + window_time}
+                        if self.main:
+                            metrics.write(record)
+                            if self.bar is not None:
+                                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                                                     tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                        train_seconds += window_time
+                        window_loss.zero_()
+                        window_targets, window_tokens, window_time = 0, 0, 0.0
+                    else:
+                        window_time += time.perf_counter() - started
+                    if self.bar is not None:
+                        self.bar.update(1)
+                    if len(self.val_windows) and (self.step % config.eval_every == 0 or self.step == config.steps):
+                        val_loss, val_ppl = self.evaluate()
+                        if self.main:
+                            metrics.write({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                                           "val_perplexity": val_ppl})
+                        self.say(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.3f}")
+                    if self.step % config.save_every == 0 or self.step == config.steps:
+                        self.save()
+                    if held():
+                        if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
+                            self.save()
+                        raise TrainingInterrupted(f"interrupted at step {self.step}, saved in {self.last_checkpoint}; "
+                                                  f"`gsa train --resume {self.run_dir}` continues the run")
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
