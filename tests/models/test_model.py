@@ -268,6 +268,39 @@ def test_linear_cross_entropy_under_autocast_multiplies_in_its_dtype():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_linear_cross_entropy_under_autocast_takes_the_row_kernel(monkeypatch):
+    """`gsa train` on one GPU: float32 head and hidden states under bf16 autocast. The products run in bf16, the
+    softmax gradient in the Triton row kernel (not the float32 fallback), and loss and gradients are autocast's
+    composition's within bf16 rounding."""
+    from gsa.models import loss as loss_module
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    hidden = torch.randn(5000, 256, generator=gen, device="cuda", requires_grad=True)
+    weight = (torch.randn(32000, 256, generator=gen, device="cuda") / 16).requires_grad_()
+    labels = torch.randint(0, 32000, (5000,), generator=gen, device="cuda")
+    labels[::5] = -100
+    rows_calls = []
+    original = loss_module.cross_entropy_rows
+
+    def counted(*args, **kwargs):
+        rows_calls.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "cross_entropy_rows", counted)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with RecordProducts() as products:
+            got = linear_cross_entropy(hidden, weight, labels, chunk_rows=2048)
+        want = F.cross_entropy(F.linear(hidden, weight).float(), labels)
+    assert rows_calls == [torch.bfloat16] * 3, rows_calls
+    assert all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in products), products
+    gh, gw = torch.autograd.grad(got, (hidden, weight))
+    wh, ww = torch.autograd.grad(want, (hidden, weight))
+    assert gh.dtype == gw.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-3 * abs(want.item())
+    assert rel_err(gh, wh) < 2e-2 and rel_err(gw, ww) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_linear_cross_entropy_bf16_accumulates_in_float32():
     """bf16 on the GPU: the LM head's weight gradient is summed over row chunks by products that add into a float32
     buffer (addmm with out_dtype); loss and gradients as the float32 computation's, within bf16 rounding, and no
