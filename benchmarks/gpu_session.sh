@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
+#   bash benchmarks/gpu_session.sh trainer-1gpu               # one H200, carry .cache/gpu-data, ~5 min
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
@@ -147,6 +148,16 @@ for what in "$@"; do
                 --save-every 1000 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
                 --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
             keep_reports /tmp/compare-long ;;
+        trainer-1gpu)  # issue 5 / 8: `gsa train` on one GPU, autocast over float32 weights (the default) against
+            # FSDP2 on a group of one (bf16 compute over float32 masters), the paper-1.3b recipe, 24 steps each
+            for mode in none fsdp; do
+                stage "trainer-1gpu-$mode" 170 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
+                    "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 \
+                    --log-every 2 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress \
+                    --parallel "$mode" --run-dir "/tmp/trainer-1gpu-$mode"
+            done
+            stage trainer-1gpu-table 30 python3 benchmarks/train_throughput.py /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp
+            keep_reports /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
             stage fsdp-2gpu 170 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
                 --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
@@ -196,6 +207,6 @@ for what in "$@"; do
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
                 "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
-                "mqar-gsa mqar-long mqar-graph harness compare compare-long fsdp t2r t2r-more)"; exit 2 ;;
+                "mqar-gsa mqar-long mqar-graph harness compare compare-long trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

@@ -1,9 +1,12 @@
 """torchrun on CPU (gloo): 2-process FSDP2 takes the same steps as one process with the same global batch, and its
-checkpoints resume on another number of processes and under DDP."""
+checkpoints resume on another number of processes and under DDP; FSDP2 on one process (a group of its own) takes
+the plain run's steps too."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.train.common import (
     gsa_train_command,
@@ -24,7 +27,7 @@ def assert_same_losses(got, want, rel=1e-5):
 
 
 @pytest.mark.slow
-def test_fsdp_and_ddp_on_two_processes_match_one_process(tmp_path):
+def test_fsdp_and_ddp_match_one_plain_process(tmp_path):
     settings = tiny_settings(tmp_path, steps=8, save_every=3, global_batch_size=GLOBAL_BATCH, batch_size=2,
                              eval_every=4, warmup_steps=2)
     config = write_config_file(tmp_path / "run.toml", settings)
@@ -50,3 +53,15 @@ def test_fsdp_and_ddp_on_two_processes_match_one_process(tmp_path):
                                           str(replicated), "--parallel", "ddp"), cwd=tmp_path, timeout=180).stdout
     assert "ddp" in output
     assert_same_losses(train_losses(replicated), reference[6:])
+
+    # `--parallel fsdp` without torchrun: the process joins a group of its own and FSDP2 manages the model (on a
+    # GPU, bf16 compute over float32 master weights); in float32 the steps are the plain run's, and its checkpoints
+    # (gathered whole) continue as plain runs
+    managed = tmp_path / "managed"
+    output = run_command(gsa_train_command("--config", str(config), "--run-dir", str(managed), "--parallel", "fsdp"),
+                         cwd=tmp_path).stdout
+    assert "1 process(es) on cpu" in output and "single process, fsdp" in output
+    assert_same_losses(train_losses(managed), reference)
+    whole, plain = (load_file(run / "model" / "model.safetensors") for run in (managed, single))
+    assert whole.keys() == plain.keys()  # gathered whole: plain names and shapes, no shards
+    assert all(torch.allclose(whole[name], plain[name], rtol=1e-4, atol=1e-6) for name in plain)

@@ -44,19 +44,23 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def start_processes(device: str) -> Processes:
+def start_processes(device: str, group_of_one: bool = False) -> Processes:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...); a lone process
-    joins nothing. NCCL between GPUs, gloo between CPU processes."""
+    joins nothing, or with `group_of_one` a group of its own (for FSDP2 on one device: its mixed precision keeps
+    float32 master weights and computes with bf16 copies). NCCL between GPUs, gloo between CPU processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device, local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group_of_one) and not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
-        # first-time tokenisation of a big corpus happens on rank 0 while the others wait at a barrier
-        dist.init_process_group(backend, timeout=timedelta(minutes=60),
-                                device_id=target if target.type == "cuda" else None)
+        device_id = target if target.type == "cuda" else None
+        if world_size > 1:
+            # first-time tokenisation of a big corpus happens on rank 0 while the others wait at a barrier
+            dist.init_process_group(backend, timeout=timedelta(minutes=60), device_id=device_id)
+        else:  # no torchrun rendezvous to read: an in-process store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     return Processes(rank, local_rank, world_size, target)
 
 
@@ -121,10 +125,17 @@ def gradient_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _options(processes: Processes, for_loading: bool):
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 manages the model (its parameters are DTensors, even on a group of one)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _options(model: nn.Module, processes: Processes, for_loading: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    if not processes.distributed:
+    if not processes.distributed and not is_sharded(model):
         # one process: the state dicts are already whole, keyed by parameter name
         return StateDictOptions()
     if for_loading:
@@ -137,7 +148,8 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer, processes: 
     Every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(processes, for_loading=False))
+    options = _options(model, processes, for_loading=False)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     if processes.is_main:
         model_state = {k: v.detach().cpu() for k, v in model_state.items()}
     return model_state, optimizer_state
@@ -149,7 +161,7 @@ def scatter_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mod
     optimizer; each process keeps its own shard. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    options = _options(processes, for_loading=True)
+    options = _options(model, processes, for_loading=True)
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -175,7 +175,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.processes = dist_utils.start_processes(config.device)
+        self.processes = dist_utils.start_processes(config.device, group_of_one=config.parallel == "fsdp")
         self.device = self.processes.device
         self.main = self.processes.is_main
         self.bar = None
@@ -290,8 +290,8 @@ class Trainer:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
         parallel = config.parallel
-        if parallel == "auto" or not self.processes.distributed:
-            parallel = "fsdp" if self.processes.distributed else "none"
+        if parallel == "auto" or (parallel == "ddp" and not self.processes.distributed):
+            parallel = "fsdp" if self.processes.distributed else "none"  # (DDP of one process replicates nothing)
         self.parallel = parallel
         compute_dtype = torch.bfloat16 if precision == "bf16" else None
         if parallel == "fsdp":
@@ -434,8 +434,8 @@ class Trainer:
         config = self.config
         if not self.main or config.sample_tokens == 0:
             return None
-        if self.processes.distributed:
-            # a whole copy on rank 0: the trained model is sharded over the processes
+        if self.processes.distributed or self.parallel == "fsdp":
+            # a whole copy on rank 0: the trained model is sharded (over the processes, or FSDP2's on one)
             model = GSAForCausalLM.from_pretrained(model_dir).to(self.device)
         else:
             model = dist_utils.unwrap(self.model)
@@ -472,7 +472,7 @@ class Trainer:
             f"tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size}) | data {', '.join(config.data)}: "
             f"{self.train_windows.num_tokens:,} training tokens, {self.val_windows.num_tokens:,} validation\n"
             f"{world} process(es) on {self.device.type}{self.threads_note}, "
-            f"{self.parallel if world > 1 else 'single process'}, "
+            f"{self.parallel if world > 1 else 'single process' + (', fsdp' if self.parallel == 'fsdp' else '')}, "
             f"{self.precision} | batch {self.global_batch} x {config.seq_len} = {self.tokens_per_step:,} tokens a step "
             f"({config.batch_size} per process x {self.accum} accumulation) | steps {config.steps:,}, warm-up "
             f"{self.warmup_steps} | run folder {self.run_dir}"
