@@ -46,7 +46,7 @@ def test_fsdp_and_ddp_match_one_plain_process(tmp_path):
     # the FSDP checkpoint of step 3 continues on one process, then step 6's under DDP on two: same losses still
     moved = tmp_path / "moved"
     run_command(gsa_train_command("--resume", str(sharded / "checkpoints" / "step-00000003"), "--run-dir", str(moved),
-                                  "--steps", "8"), cwd=tmp_path)
+                                  "--steps", "8", "--parallel", "none"), cwd=tmp_path)
     assert_same_losses(train_losses(moved), reference[3:])
     replicated = tmp_path / "replicated"
     output = run_command(torchrun_command(2, "--resume", str(sharded / "checkpoints" / "step-00000006"), "--run-dir",
@@ -56,7 +56,7 @@ def test_fsdp_and_ddp_match_one_plain_process(tmp_path):
 
     # `--parallel fsdp` without torchrun: the process joins a group of its own and FSDP2 manages the model (on a
     # GPU, bf16 compute over float32 master weights); in float32 the steps are the plain run's, and its checkpoints
-    # (gathered whole) continue as plain runs
+    # are gathered whole (the exported weights are the plain run's)
     managed = tmp_path / "managed"
     output = run_command(gsa_train_command("--config", str(config), "--run-dir", str(managed), "--parallel", "fsdp"),
                          cwd=tmp_path).stdout

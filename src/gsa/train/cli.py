@@ -136,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:
         print(f"gsa train: {stop}", file=sys.stderr)
         return 130  # the shell's code for a run stopped by Ctrl-C
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        print("gsa train: stopped by Ctrl-C; the newest checkpoint, if any, is where --resume continues",
+              file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         _report(result)
     return 0

@@ -92,15 +92,18 @@ def all_gather_objects(value, processes: Processes) -> list:
     return gathered
 
 
-def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None, device: torch.device) -> nn.Module:
     """FSDP2: each decoder block is its own unit (gathered just before it runs, freed after), the remaining
-    parameters form the root unit. param_dtype bf16 computes in bf16 and reduces gradients in fp32."""
+    parameters form the root unit. param_dtype bf16 computes in bf16 and reduces gradients in fp32. The mesh is
+    the training device's type (FSDP2's default is the machine's accelerator, even for a CPU run over gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in model.model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

@@ -150,17 +150,21 @@ class TrainingInterrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def _interrupts_held_to_step_end(enabled: bool):
     """Hold Ctrl-C (SIGINT) until the step in flight ends, so the run can checkpoint a whole step (never a half-made
-    optimizer update) before it stops; a second Ctrl-C stops at once. Yields a function: has one arrived? Off
-    under torchrun, where every process would have to agree on the step to save at."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    optimizer update) before it stops; a second Ctrl-C (a second after the first or later) stops at once. Yields a
+    function: has one arrived? Off with several processes, which would have to agree on the step to save at, and
+    where SIGINT is not Python's default (ignored in a background job, or handled by the caller)."""
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield lambda: False
         return
     received = []
 
     def hold(signum, frame):
         if received:
+            if time.monotonic() - received[0] < 1.0:
+                return  # the same interrupt again: `timeout` signals the child, then its process group
             raise KeyboardInterrupt
-        received.append(signum)
+        received.append(time.monotonic())
         print("\ninterrupt: stopping after this step, with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, hold)
@@ -295,7 +299,7 @@ class Trainer:
         self.parallel = parallel
         compute_dtype = torch.bfloat16 if precision == "bf16" else None
         if parallel == "fsdp":
-            model = dist_utils.apply_fsdp(model, compute_dtype)
+            model = dist_utils.apply_fsdp(model, compute_dtype, self.device)
             self.autocast = contextlib.nullcontext  # FSDP's mixed-precision policy casts the parameters itself
         else:
             if parallel == "ddp":
@@ -496,7 +500,10 @@ class Trainer:
                     window_loss += summed_loss
                     window_targets += targets
                     window_tokens += self.tokens_per_step
-                    if self.step % config.log_every == 0 or self.step == config.steps:
+                    # a Ctrl-C held during this step: log, checkpoint and stop after it (one held during the
+                    # logging, evaluation or save below stops after the next step; at the last step the run ends)
+                    stopping = held() and self.step < config.steps
+                    if self.step % config.log_every == 0 or self.step == config.steps or stopping:
                         (loss_sum,) = dist_utils.all_reduce_sum([window_loss.item()], self.processes)
                         loss = loss_sum / window_targets
                         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -526,11 +533,9 @@ class Trainer:
                             metrics.write({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
                                            "val_perplexity": val_ppl})
                         self.say(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.3f}")
-                    if self.step % config.save_every == 0 or self.step == config.steps:
+                    if self.step % config.save_every == 0 or self.step == config.steps or stopping:
                         self.save()
-                    if held():
-                        if self.last_checkpoint is None or checkpoint_step(self.last_checkpoint) != self.step:
-                            self.save()
+                    if stopping:
                         raise TrainingInterrupted(f"interrupted at step {self.step}, saved in {self.last_checkpoint}; "
                                                   f"`gsa train --resume {self.run_dir}` continues the run")
             if self.bar is not None:
