@@ -147,6 +147,8 @@ for what in "$@"; do
             stage compare-long 560 python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4100}" \
                 --save-every 1000 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
                 --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
+            stage compare-long-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
+                --steps "${STEPS:-4100}" --out-dir /tmp/compare-long --report-only
             keep_reports /tmp/compare-long ;;
         trainer-1gpu)  # issue 5 / 8: `gsa train` on one GPU, autocast over float32 weights (the default) against
             # FSDP2 on a group of one (bf16 compute over float32 masters), the paper-1.3b recipe, 24 steps each

@@ -32,6 +32,7 @@ import torch
 from gsa.data import bundled_corpus_available, load_tokenizer, source_documents
 from gsa.models import GSAForCausalLM, preset_config
 from gsa.train import build_config, train
+from gsa.train.trainer import TrainingInterrupted
 
 
 def default_data() -> list[str]:
@@ -234,7 +235,10 @@ def main() -> None:
             run_dir=str(run_dir), resume=resume,
         ))
         started = time.perf_counter()
-        result = train(config)
+        try:
+            result = train(config)
+        except TrainingInterrupted as stop:  # checkpointed: the same command with --resume continues
+            raise SystemExit(f"{model_name}: {stop}") from None
         results[model_name] = {**summarize_run(run_dir, steps, parameters), "train_s": result.train_seconds,
                                "wall_s": time.perf_counter() - started, "sample": result.sample}
         print(f"{model_name}: sample\n{result.sample}\n", flush=True)
