@@ -68,6 +68,8 @@ def test_resume_continues_exactly(tmp_path):
     resumed = train(tiny_config(tmp_path, steps=8, save_every=4, resume=str(checkpoint),
                                 run_dir=str(tmp_path / "resumed")))
     assert train_losses(resumed.run_dir) == train_losses(straight.run_dir)[4:]  # bit-identical
+    # training time counts on from the checkpoint's, not from zero: the run's total over its sittings
+    assert 0 < state["train_seconds"] < resumed.train_seconds
     a = load_file(straight.model_dir / "model.safetensors")
     b = load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)

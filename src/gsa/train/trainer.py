@@ -320,6 +320,7 @@ class Trainer:
         """Load the checkpoint (rank 0 reads and verifies the files; the state reaches the others through the
         collective state-dict calls)."""
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
+        self.train_seconds = 0.0  # time in training steps, over every sitting of the run
         self.last_checkpoint = self.checkpoint_path
         if self.checkpoint_path is None:
             return
@@ -341,6 +342,7 @@ class Trainer:
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.tokens_seen = trainer_state["tokens_seen"]
+        self.train_seconds = trainer_state.get("train_seconds", 0.0)  # absent from checkpoints before session 9
         if trainer_state.get("data_fingerprint") != self.tokenized.fingerprint:
             self.say("warning: the training text or tokenizer differs from the checkpoint's; the data order will not "
                      "continue the interrupted run's")
@@ -414,6 +416,7 @@ class Trainer:
             trainer_state = {
                 "step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                 "global_batch_size": self.global_batch, "world_size": self.processes.world_size,
+                "train_seconds": self.train_seconds,
                 "scheduler": self.scheduler.state_dict(), "data_fingerprint": self.tokenized.fingerprint,
                 "config": self.config.to_dict(),
             }
@@ -488,7 +491,7 @@ class Trainer:
                             file=sys.stdout)
         val_loss = val_ppl = None
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        window_targets, window_tokens, window_time, train_seconds = 0, 0, 0.0, 0.0
+        window_targets, window_tokens, window_time = 0, 0, 0.0
         try:
             with _interrupts_held_to_step_end(not self.processes.distributed) as held:
                 while self.step < config.steps:
@@ -514,13 +517,14 @@ class Trainer:
                         record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
                                   "grad_norm": float(norm), "tokens_per_s": window_tokens / window_time,
                                   "tokens_per_s_per_process": window_tokens / window_time / world,
-                                  "memory_gib": _memory_gib(self.device), "train_seconds": train_seconds + window_time}
+                                  "memory_gib": _memory_gib(self.device),
+                                  "train_seconds": self.train_seconds + window_time}
                         if self.main:
                             metrics.write(record)
                             if self.bar is not None:
                                 self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
                                                      tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-                        train_seconds += window_time
+                        self.train_seconds += window_time
                         window_loss.zero_()
                         window_targets, window_tokens, window_time = 0, 0, 0.0
                     else:
@@ -554,7 +558,7 @@ class Trainer:
                 metrics.close()
         plot = plot_losses(metrics.path, self.run_dir / "loss.png", title=self.run_dir.name) if self.main else None
         return TrainResult(self.run_dir, model_dir, self.step, self.tokens_seen, val_loss, val_ppl, sample, plot,
-                           self.run_dir / "metrics.jsonl", train_seconds)
+                           self.run_dir / "metrics.jsonl", self.train_seconds)
 
 
 def train(config: TrainConfig) -> TrainResult:
