@@ -142,7 +142,6 @@ def choose_cpu_threads(requested: int) -> tuple[int, str]:
     return threads, f"{cores} cores, load average {load:.1f}"
 
 
-
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped the run at a step's end, after checkpointing that step."""
 
@@ -441,8 +440,8 @@ class Trainer:
         config = self.config
         if not self.main or config.sample_tokens == 0:
             return None
-        if self.processes.distributed or self.parallel == "fsdp":
-            # a whole copy on rank 0: the trained model is sharded (over the processes, or FSDP2's on one)
+        if self.processes.distributed or dist_utils.is_sharded(self.model):
+            # a whole copy on rank 0: the trained model is split over the processes, or FSDP2's DTensors on one
             model = GSAForCausalLM.from_pretrained(model_dir).to(self.device)
         else:
             model = dist_utils.unwrap(self.model)
