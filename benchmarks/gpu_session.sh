@@ -144,7 +144,7 @@ for what in "$@"; do
         compare-long)  # issue 5: one model (MODEL) of the 10-minute comparison at STEPS steps (10 minutes of GSA at the
             # trainer's measured 6.9 steps/s: ~4100), with GCIDE (carry .cache/gpu-data, 50 MB); the cap's SIGINT makes
             # the trainer checkpoint the step it is on, and the same stage again on the warm machine resumes it
-            stage compare-long 560 python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4100}" \
+            stage compare-long "${COMPARE_CAP:-560}" python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4100}" \
                 --save-every 1000 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
                 --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
             stage compare-long-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \

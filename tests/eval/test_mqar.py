@@ -375,3 +375,25 @@ def test_gpu_graphed_run_trains_as_the_eager_run():
     got = [h["loss"] for h in graphed["history"]]
     want = [h["loss"] for h in eager["history"]]
     assert got == pytest.approx(want, rel=2e-2), (got, want)
+
+
+def test_merge_makes_one_table_of_split_sweeps_and_refuses_another_task(tmp_path, capsys):
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--output-dir", str(first)]) == 0
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "attention", "--output-dir", str(second)]) == 0
+    runs = [json.loads((first / "mqar.json").read_text())["runs"][0],
+            json.loads((second / "mqar.runs.jsonl").read_text().splitlines()[0])]
+    capsys.readouterr()
+    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(first / "mqar.json"),
+                     str(second / "mqar.runs.jsonl"), "--output-dir", str(merged)]) == 0
+    assert "runs of several sweeps, merged." in capsys.readouterr().out
+    report = json.loads((merged / "mqar.json").read_text())
+    assert report["runs"] == runs
+    assert {model: {int(w): v["accuracy"] for w, v in widths.items()} for model, widths in report["summary"].items()} \
+        == {run["model"]: {run["width"]: run["accuracy"]} for run in runs}
+    assert (merged / "mqar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_eval(["mqar", "--profile", "smoke", "--seq-len", "64", "--merge", str(first / "mqar.json"),
+                     "--output-dir", str(merged)]) != 0
+    assert "is of another task" in capsys.readouterr().err
+    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(tmp_path / "missing.json")]) != 0
+    assert "missing.json is not a file" in capsys.readouterr().err

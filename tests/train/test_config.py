@@ -117,3 +117,24 @@ def test_every_flag_reaches_its_setting():
     parser_actions = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
     assert set(TrainConfig.__dataclass_fields__) - {"model_overrides", "recipe"} <= parser_actions
     assert resolve(parse("--data", "a", "b", "--seed", "5", "--eps", "1e-6")).data == ["a", "b"]
+
+
+@pytest.mark.parametrize("parallel, world_size, cuda, precision, chosen", [
+    ("auto", 1, False, "auto", "none"),   # one CPU process: nothing to manage
+    ("auto", 1, True, "auto", "fsdp"),    # one GPU in bf16: FSDP2's mixed precision beats autocast (measured)
+    ("auto", 1, True, "bf16", "fsdp"),
+    ("auto", 1, True, "fp32", "none"),    # float32 on one GPU: no bf16 copies to make
+    ("auto", 2, False, "auto", "fsdp"),
+    ("ddp", 1, True, "auto", "none"),     # DDP of one process replicates nothing
+    ("ddp", 2, True, "auto", "ddp"),
+    ("none", 1, True, "auto", "none"),
+    ("fsdp", 1, False, "auto", "fsdp"),
+])
+def test_parallel_auto_resolves_by_processes_device_and_precision(monkeypatch, parallel, world_size, cuda, precision,
+                                                                  chosen):
+    from gsa.train import trainer
+
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: cuda)
+    config = build_config(overrides={"parallel": parallel, "precision": precision})
+    assert trainer.choose_parallel(config) == chosen

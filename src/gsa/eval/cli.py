@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"),
                       help="where mqar.json, mqar.md (the table) and mqar.png go")
+    mqar.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                      help="train nothing: one table and plot of the runs in these mqar.json / mqar.runs.jsonl files "
+                      "(a sweep split over GPUs or calls), which must be of the task the flags describe")
     mqar.set_defaults(eval_run=_run_mqar)
 
     harness = sub.add_parser("harness", help="lm-evaluation-harness tasks (offline: gsa_offline, ruler_vt)")
@@ -175,14 +178,9 @@ def _run_ppl(args) -> int:
 
 
 def _run_mqar(args) -> int:
-    from dataclasses import asdict
-
     from .loading import resolve_device
     from .mqar import training_mixture
-    from .mqar_sweep import (
-        PAPER_ACCURACY, PROFILES, default_models, is_paper_setting, plot_accuracy_by_width, report_text, run_sweep,
-        summarize, with_overrides,
-    )
+    from .mqar_sweep import PROFILES, default_models, load_runs, run_sweep, with_overrides
 
     if args.profile not in PROFILES:
         raise ValueError(f"unknown MQAR profile {args.profile!r}; expected one of {', '.join(PROFILES)}")
@@ -201,6 +199,14 @@ def _run_mqar(args) -> int:
     if args.models is None and args.profile != "smoke":
         overrides["models"] = tuple(dict.fromkeys([*PROFILES[args.profile].models, *default_models()]))
     sweep = with_overrides(PROFILES[args.profile], **{k: v for k, v in overrides.items() if v is not None})
+    if args.merge:
+        results = load_runs(args.merge, sweep.task)
+        merged = with_overrides(sweep, models=tuple(dict.fromkeys(r["model"] for r in results)),
+                                widths=tuple(sorted({r["width"] for r in results})),
+                                lrs=tuple(sorted({r["lr"] for r in results})),
+                                seeds=tuple(sorted({r["seed"] for r in results})))
+        _write_mqar_report(merged, results, None, args, None)
+        return 0
     device = resolve_device(args.device)
     runs = sweep.runs()
     cap = sweep.train_settings(args.workers).max_train_seconds
@@ -238,24 +244,34 @@ def _run_mqar(args) -> int:
         )
 
     results = run_sweep(sweep, device, args.workers, report)
-    seconds = time.perf_counter() - started
+    _write_mqar_report(sweep, results, time.perf_counter() - started, args, device)
+    return 0
+
+
+def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, device) -> None:
+    """Print the table; write mqar.json (settings, summary, every run), mqar.md (the table) and mqar.png."""
+    from dataclasses import asdict
+
+    from .mqar_sweep import PAPER_ACCURACY, is_paper_setting, plot_accuracy_by_width, report_text, summarize
+
     summary = summarize(results)
     summary = {model: summary[model] for model in sweep.models if model in summary}  # the order asked for
     paper_setting = is_paper_setting(sweep.task)
     report = report_text(sweep, summary, seconds)
     print("\n" + report)
     paths = [args.output_dir / name for name in ("mqar.json", "mqar.md", "mqar.png")]
-    _write_json(paths[0], {"sweep": {**sweep.as_dict(), "workers": args.workers,
-                                     "train_per_run": asdict(sweep.train_settings(args.workers))},
-                           "summary": summary,
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    sweep_record = {**sweep.as_dict(), "workers": args.workers, "train_per_run": asdict(sweep.train_settings(
+        args.workers))} if not args.merge else {**sweep.as_dict(), "merged_from": [str(p) for p in args.merge]}
+    _write_json(paths[0], {"sweep": sweep_record, "summary": summary,
                            "paper": PAPER_ACCURACY if paper_setting else None, "runs": results,
-                           "seconds": round(seconds, 1), "environment": _environment(device)})
+                           "seconds": round(seconds, 1) if seconds is not None else None,
+                           "environment": _environment(device) if device is not None else None})
     paths[1].write_text(report, encoding="utf-8")
     plot_accuracy_by_width(
         summary, paths[2], f"MQAR, seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs", include_paper=paper_setting
     )
     print(f"wrote {', '.join(map(str, paths))}")
-    return 0
 
 
 def _run_harness(args) -> int:

@@ -17,10 +17,13 @@ together: each run's steps/s in the results shows what it got.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -662,9 +665,10 @@ def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options
     """train_and_test, with a failure (a width the heads do not divide, out of memory, a kernel error) recorded
     in the result instead of ending the whole sweep."""
     try:
-        return train_and_test(run, task, settings, options, device)
+        result = train_and_test(run, task, settings, options, device)
     except Exception as error:  # noqa: BLE001  (any failure of one run is reported with that run)
-        return {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
+        result = {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
+    return {**result, "task": asdict(task)}  # so runs of several sweeps can be merged into one table (--merge)
 
 
 def _worker_run(job: tuple) -> dict:
@@ -699,6 +703,31 @@ def run_sweep(
             if on_result:
                 on_result(result)
     return results
+
+
+def load_runs(paths: Iterable[str | os.PathLike], task: MQARTask) -> list[dict]:
+    """The runs recorded in mqar.json or mqar.runs.jsonl files (sweeps split over GPUs or calls), checked to be
+    of `task`: by their task where recorded, else by their target size (the first of their training sizes)."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"--merge: {path} is not a file (expected an mqar.json or mqar.runs.jsonl)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text)["runs"] if path.suffix == ".json" else [
+                json.loads(line) for line in text.splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--merge: {path} holds no MQAR runs ({error})") from None
+        for record in records:
+            recorded = record.get("task")
+            target = record.get("training_sizes", [[None, None]])[0][:2]
+            if recorded is not None and recorded != asdict(task) or recorded is None and target != [
+                    task.seq_len, task.num_pairs]:
+                found = recorded or f"seq_len {target[0]}, num_pairs {target[1]}"
+                raise ValueError(f"--merge: a run in {path} is of another task ({found}); expected {asdict(task)}"
+                                 " (give the sweep's --seq-len, --num-pairs and --vocab-size)")
+            runs.append(record)
+    return runs
 
 
 def summarize(results: Iterable[dict]) -> dict:
@@ -758,14 +787,15 @@ def paper_comparison(summary: dict) -> list[str]:
     return lines
 
 
-def report_text(sweep: Sweep, summary: dict, seconds: float) -> str:
+def report_text(sweep: Sweep, summary: dict, seconds: float | None) -> str:
     """The table (and, at the paper's setting, the comparison with its GSA values) as mqar.md holds it."""
     task = sweep.task
     lines = [
         f"# MQAR: seq {task.seq_len}, {task.num_pairs} pairs, vocab {task.vocab_size}",
         "",
         f"Accuracy (%) of the best learning rate per cell (lrs {', '.join(f'{lr:g}' for lr in sweep.lrs)}; seeds "
-        f"{', '.join(map(str, sweep.seeds))}); {seconds:.0f} s in all.",
+        f"{', '.join(map(str, sweep.seeds))}); "
+        + (f"{seconds:.0f} s in all." if seconds is not None else "runs of several sweeps, merged."),
         "",
         "```",
         format_table(summary, include_paper=is_paper_setting(task)),

@@ -74,8 +74,9 @@ class TrainConfig:
     device: str = _field("auto", "system", "auto (CUDA when present), cpu or cuda")
     precision: str = _field("auto", "system", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
     compile: bool = _field(False, "system", "torch.compile each block")
-    parallel: str = _field("auto", "system", "how several processes share the model: auto (fsdp when more than "
-                           "one), fsdp, ddp or none; fsdp on one GPU: bf16 compute over float32 master weights")
+    parallel: str = _field("auto", "system", "what manages the model: auto (fsdp on several processes and on one "
+                           "GPU in bf16: bf16 compute over float32 master weights; none on one CPU), fsdp, ddp or "
+                           "none (one GPU: float32 weights under bf16 autocast)")
     threads: int = _field(0, "system", "CPU threads (0: the cores other work leaves idle at the start, or "
                           "OMP_NUM_THREADS when set)")
     seed: int = _field(0, "system", "seed of the initial weights and of the data order")
