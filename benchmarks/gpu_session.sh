@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh trainer-1gpu               # one H200, carry .cache/gpu-data, ~5 min
+#   bash benchmarks/gpu_session.sh compare-pair               # nvidia-h200-x2, carry .cache/gpu-data, 2 calls
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
@@ -41,12 +42,13 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a cap, keep the log, never 
     tail -n 25 "$OUT/$name.log"
 }
 
-keep_reports() {  # copy a run folder's small reports (not its weights) under $OUT
+keep_reports() {  # a run folder's small reports (not its weights) as one archive under $OUT: the device tool brings
+    # back only a few files a call, and none from deep folders
     local dir
     for dir in "$@"; do
-        mkdir -p "$OUT/$(basename "$dir")"
-        (cd "$dir" && find . -maxdepth 2 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \) \
-            -size -5M -exec cp --parents {} "$OUT/$(basename "$dir")/" \; 2>/dev/null)
+        (cd "$(dirname "$dir")" && find "$(basename "$dir")" -maxdepth 3 -type f \( -name '*.json' -o -name '*.jsonl' \
+            -o -name '*.png' -o -name '*.md' \) -size -5M -not -path '*/checkpoints/*' -print0 |
+            tar -czf "$OUT/$(basename "$dir").reports.tar.gz" --null -T -)
     done
 }
 
@@ -150,6 +152,19 @@ for what in "$@"; do
             stage compare-long-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
                 --steps "${STEPS:-4100}" --out-dir /tmp/compare-long --report-only
             keep_reports /tmp/compare-long ;;
+        compare-pair)  # issue 5 on nvidia-h200-x2: both models of compare-long at once, one per GPU (STEPS ~6,500 is
+            # 10 minutes of GSA at session 10's 381K tok/s: two calls on a warm machine, the second resuming)
+            for gpu in 0 1; do
+                model=$([ "$gpu" = 0 ] && echo gsa-100m || echo transformer-100m)
+                CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-540}" python3 benchmarks/train_compare.py \
+                    --models "$model" --steps "${STEPS:-6500}" --save-every 1000 --resume --data "$DATA/shakespeare" \
+                    "$DATA/bible-kjv" "$DATA/gcide" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-pair &
+                sleep 2
+            done
+            wait
+            stage compare-pair-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
+                --steps "${STEPS:-6500}" --out-dir /tmp/compare-pair --report-only
+            keep_reports /tmp/compare-pair ;;
         trainer-1gpu)  # issue 5 / 8: `gsa train` on one GPU, autocast over float32 weights (the default) against
             # FSDP2 on a group of one (bf16 compute over float32 masters), the paper-1.3b recipe, 24 steps each
             for mode in none fsdp; do
@@ -209,6 +224,6 @@ for what in "$@"; do
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
                 "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
-                "mqar-gsa mqar-long mqar-graph harness compare compare-long trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
+                "mqar-gsa mqar-long mqar-graph harness compare compare-long compare-pair trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done
