@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_session.sh compare                    # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh trainer-1gpu               # one H200, carry .cache/gpu-data, ~5 min
 #   bash benchmarks/gpu_session.sh compare-pair               # nvidia-h200-x2, carry .cache/gpu-data, 2 calls
+#   bash benchmarks/gpu_session.sh mqar-sittings              # nvidia-h200-x2, ~9.5 min a call, again until done
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
@@ -126,6 +127,21 @@ for what in "$@"; do
             stage mqar-graph 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
                 --workers 4 --device cuda --output-dir "$OUT/mqar-graph" ;;
+        mqar-sittings)  # issue 7 on nvidia-h200-x2: GSA at d=512 alone on GPU 0, d=256 and d=128 sharing GPU 1, lr 3e-3,
+            # a fixed STEPS schedule (default 30,000) in sittings of SITTING seconds: run the stage again on the warm
+            # machine until every run has finished; each call prints the merged table so far
+            for gpu in 0 1; do
+                widths=$([ "$gpu" = 0 ] && echo 512 || echo "256 128")
+                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-gpu$gpu" $(( ${SITTING:-480} + 90 )) python3 \
+                    benchmarks/mqar_sweep.py --profile gpu --models gsa --widths $widths --seq-len 512 --num-pairs 64 \
+                    --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "${STEPS:-30000}" --sitting-seconds "${SITTING:-480}" \
+                    --workers 2 --device cuda --output-dir "/tmp/mqar-sittings-gpu$gpu" &
+                sleep 2
+            done
+            wait
+            stage mqar-sittings-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
+                --vocab-size 8192 --merge /tmp/mqar-sittings-gpu0/mqar.json /tmp/mqar-sittings-gpu1/mqar.json \
+                --output-dir "$OUT/mqar-sittings" ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
@@ -224,6 +240,6 @@ for what in "$@"; do
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
                 "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
-                "mqar-gsa mqar-long mqar-graph harness compare compare-long compare-pair trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
+                "mqar-gsa mqar-long mqar-graph mqar-sittings harness compare compare-long compare-pair trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
     esac
 done

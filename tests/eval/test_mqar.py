@@ -377,6 +377,22 @@ def test_gpu_graphed_run_trains_as_the_eager_run():
     assert got == pytest.approx(want, rel=2e-2), (got, want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphed_run_in_sittings_trains_as_the_uninterrupted_run(tmp_path):
+    """Each sitting captures its graphs after loading the saved state (capture puts back the state it finds): the
+    continued run's losses are the uninterrupted graphed run's up to the GPU's float rounding."""
+    overrides = dict(steps=12, eval_every=4, mixture_levels=2, cuda_graphs=True, **NEVER_STOP)
+    whole = _tiny_run(overrides, "cuda")
+    settings = replace(SMOKE.train, **overrides, sitting_seconds=6.0, checkpoint_dir=str(tmp_path))
+    parts = [train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cuda", clock=FakeClock(1.0))]
+    parts.append(train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cuda", clock=FakeClock(1.0)))
+    assert [p["steps"] for p in parts] == [6, 12] and parts[-1]["stopped"] == "planned steps"
+    assert parts[-1]["cuda_graph_sizes"] == 2, parts[-1]["cuda_graph_failure"]
+    got = [h["loss"] for h in parts[-1]["history"]]
+    want = [h["loss"] for h in whole["history"]]
+    assert got == pytest.approx(want, rel=2e-2), (got, want)
+
+
 def test_merge_makes_one_table_of_split_sweeps_and_refuses_another_task(tmp_path, capsys):
     first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
     assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--output-dir", str(first)]) == 0
@@ -397,3 +413,60 @@ def test_merge_makes_one_table_of_split_sweeps_and_refuses_another_task(tmp_path
     assert "is of another task" in capsys.readouterr().err
     assert run_eval(["mqar", "--profile", "smoke", "--merge", str(tmp_path / "missing.json")]) != 0
     assert "missing.json is not a file" in capsys.readouterr().err
+
+
+def test_a_run_in_sittings_trains_as_the_uninterrupted_run(tmp_path):
+    """Stopped after each sitting's seconds, saved and continued by the same call again, a run's losses, validation
+    history, final weights' test accuracy and step count are the uninterrupted run's, bit for bit on the CPU."""
+    settings = replace(SMOKE.train, steps=14, eval_every=3, **NEVER_STOP)
+    whole = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu")
+    in_sittings = replace(settings, sitting_seconds=5.0, checkpoint_dir=str(tmp_path))
+    parts = []
+    for _ in range(10):
+        parts.append(train_and_test(SMOKE_RUN, SMOKE.task, in_sittings, SMOKE.options, "cpu", clock=FakeClock(1.0)))
+        if parts[-1]["stopped"] != "sitting":
+            break
+    # one clock reading a step: each sitting ends after 5 steps; the third finishes the run's 14
+    assert [p["steps"] for p in parts] == [5, 10, 14] and [p["sittings"] for p in parts] == [1, 2, 3]
+    assert parts[-1]["stopped"] == "planned steps"
+    assert parts[-1]["history"] == whole["history"] and parts[-1]["accuracy"] == whole["accuracy"]
+    run_folder = tmp_path / "gsa-d16-lr0.003-seed0"
+    assert (run_folder / "result.json").is_file() and not list(run_folder.glob("step-*"))  # done: state dropped
+    again = train_and_test(SMOKE_RUN, SMOKE.task, in_sittings, SMOKE.options, "cpu", clock=FakeClock(1.0))
+    assert again == parts[-1]  # a finished run is read back, not trained again
+
+
+def test_a_sitting_refuses_a_saved_run_of_other_settings(tmp_path):
+    settings = replace(SMOKE.train, steps=14, eval_every=3, sitting_seconds=2.0, checkpoint_dir=str(tmp_path),
+                       **NEVER_STOP)
+    first = train_and_test(SMOKE_RUN, SMOKE.task, settings, SMOKE.options, "cpu", clock=FakeClock(1.0))
+    assert first["stopped"] == "sitting" and first["steps"] == 2
+    with pytest.raises(ValueError, match=r"holds a run of other settings \(settings differ\)"):
+        train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, steps=20), SMOKE.options, "cpu", clock=FakeClock(1.0))
+    # a longer sitting is the same run
+    longer = train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, sitting_seconds=100.0), SMOKE.options, "cpu",
+                            clock=FakeClock(1.0))
+    assert longer["steps"] == 14 and longer["sittings"] == 2
+
+
+def test_sittings_need_a_step_schedule_and_a_place_for_the_state(tmp_path):
+    with pytest.raises(ValueError, match="needs a checkpoint_dir"):
+        TrainSettings(sitting_seconds=10.0)
+    with pytest.raises(ValueError, match="fixed step schedule"):
+        TrainSettings(sitting_seconds=10.0, checkpoint_dir=str(tmp_path), max_train_seconds=5.0)
+
+
+def test_mqar_command_in_sittings_continues_where_it_stopped(tmp_path, capsys):
+    command = ["mqar", "--profile", "smoke", "--models", "gsa", "--steps", "6", "--stop-accuracy", "1.01",
+               "--sitting-seconds", "0.001", "--output-dir", str(tmp_path)]
+    steps = []
+    for _ in range(10):  # a sitting of 1 ms ends after its first step on any machine
+        assert run_eval(command) == 0
+        run = json.loads((tmp_path / "mqar.json").read_text())["runs"][0]
+        steps.append(run["steps"])
+        if run["stopped"] != "sitting":
+            break
+        assert "the same command again continues them" in capsys.readouterr().out
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    assert run_eval([*command[:-4], "--time-budget", "5", "--sitting-seconds", "1"]) != 0
+    assert "give one of them" in capsys.readouterr().err

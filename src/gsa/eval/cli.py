@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"),
                       help="where mqar.json, mqar.md (the table) and mqar.png go")
+    mqar.add_argument("--sitting-seconds", type=float, help="runs longer than one command: each run trains its "
+                      "--steps schedule for at most this many seconds, then saves its state under OUTPUT_DIR/"
+                      "checkpoints; the same command again continues every run (no --time-budget with it)")
     mqar.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
                       help="train nothing: one table and plot of the runs in these mqar.json / mqar.runs.jsonl files "
                       "(a sweep split over GPUs or calls), which must be of the task the flags describe")
@@ -199,6 +202,12 @@ def _run_mqar(args) -> int:
     if args.models is None and args.profile != "smoke":
         overrides["models"] = tuple(dict.fromkeys([*PROFILES[args.profile].models, *default_models()]))
     sweep = with_overrides(PROFILES[args.profile], **{k: v for k, v in overrides.items() if v is not None})
+    if args.sitting_seconds is not None:
+        if args.time_budget is not None:
+            raise ValueError("--sitting-seconds follows the --steps schedule in sittings; --time-budget plans a "
+                             "schedule to fit one sitting: give one of them")
+        sweep = with_overrides(sweep, time_budget_seconds=None, sitting_seconds=args.sitting_seconds,
+                               checkpoint_dir=str(args.output_dir / "checkpoints"))
     if args.merge:
         results = load_runs(args.merge, sweep.task)
         merged = with_overrides(sweep, models=tuple(dict.fromkeys(r["model"] for r in results)),
@@ -215,7 +224,8 @@ def _run_mqar(args) -> int:
         f"MQAR: seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs, vocab {sweep.task.vocab_size}; "
         f"{len(runs)} runs (models {', '.join(sweep.models)}; widths {list(sweep.widths)}; lrs {list(sweep.lrs)}; "
         f"seeds {list(sweep.seeds)}); <= {sweep.train.steps} steps of {sweep.train.batch_size}"
-        + (f" or {cap:.0f} s" if cap else "") + f" per run, trained on seq/pairs {sizes} in turn; {device}, "
+        + (f" or {cap:.0f} s" if cap else "")
+        + (f", in sittings of {args.sitting_seconds:g} s" if args.sitting_seconds else "") + f" per run, trained on seq/pairs {sizes} in turn; {device}, "
         f"{args.workers} worker(s)",
         flush=True,
     )
@@ -245,6 +255,10 @@ def _run_mqar(args) -> int:
 
     results = run_sweep(sweep, device, args.workers, report)
     _write_mqar_report(sweep, results, time.perf_counter() - started, args, device)
+    unfinished = [r for r in results if r.get("stopped") == "sitting"]
+    if unfinished:
+        print(f"{len(unfinished)} of {len(results)} runs stopped at the end of their sitting (their accuracy above is "
+              f"so far); the same command again continues them from {args.output_dir / 'checkpoints'}")
     return 0
 
 

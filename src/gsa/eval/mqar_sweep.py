@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..layers import GatedSlotAttention
 from ..models import GSAConfig, GSAForCausalLM
 from .mqar import IGNORE_INDEX, MQARTask, mqar_examples, training_mixture
+from .mqar_sittings import RunSittings
 
 # Fig. 3a of the paper, accuracy (%) at widths 64 / 128 / 256 / 512 (read off the plot; seq 512, 64 pairs).
 PAPER_ACCURACY = {
@@ -140,6 +141,10 @@ class TrainSettings:
     # replayed: MQAR's small models are bound by the host's kernel launches (d=64: ~27 ms a step from Python on the
     # H200 for a few ms of GPU work). Falls back to eager steps if a capture fails.
     cuda_graphs: bool = True
+    # Runs longer than one sitting (gsa.eval.mqar_sittings): train the fixed step schedule for at most this many
+    # seconds, save the run's state under checkpoint_dir, and continue from there when the same sweep runs again.
+    sitting_seconds: float | None = None
+    checkpoint_dir: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "validation_examples", "test_examples", "eval_batch_size",
@@ -152,6 +157,14 @@ class TrainSettings:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.overrun < 1:
             raise ValueError(f"overrun must be >= 1, got {self.overrun}")
+        if self.sitting_seconds is not None:
+            if self.sitting_seconds <= 0:
+                raise ValueError(f"sitting_seconds must be > 0, got {self.sitting_seconds}")
+            if self.checkpoint_dir is None:
+                raise ValueError("sitting_seconds needs a checkpoint_dir to keep the runs' state between sittings")
+            if self.max_train_seconds is not None:
+                raise ValueError("sittings follow a fixed step schedule: give steps, not a time budget "
+                                 f"(max_train_seconds {self.max_train_seconds})")
 
 
 @dataclass(frozen=True)
@@ -570,6 +583,12 @@ def train_and_test(
     `clock` is for tests.
     """
     device = torch.device(device)
+    sittings = None
+    if settings.checkpoint_dir is not None:
+        sittings = RunSittings(settings.checkpoint_dir, run, task, settings, options)
+        finished = sittings.finished_result()
+        if finished is not None:
+            return finished
     torch.manual_seed(run.seed)
     model = build_model(run.model, run.width, task.vocab_size, options).to(device).train()
     validation = mqar_examples(task, settings.validation_examples, VALIDATION_SEED, device)
@@ -578,7 +597,9 @@ def train_and_test(
     _warm_up(model, task, mixture, settings, validation, device)
     graphs = settings.cuda_graphs and device.type == "cuda"
     optimizer = _optimizer(model, run.lr, settings, device, graphs)
-    if graphs:
+    stream = torch.Generator(device=device).manual_seed(run.seed)
+    resumed = sittings.load(model, optimizer, stream) if sittings is not None else None
+    if graphs:  # captured after the state is loaded: capturing puts back the state it finds
         stepper = _GraphedSteps(model, optimizer, mixture, device)
     else:
         def stepper(step, stream, lr):
@@ -592,13 +613,16 @@ def train_and_test(
         )
     plan = first_plan = planned_steps(settings, step_seconds, eval_seconds or 0.0)
     warmup_seconds = clock() - warm_start
-    stream = torch.Generator(device=device).manual_seed(run.seed)
     budget = settings.max_train_seconds
     history, replans = [], []
     stopped = "planned steps"
-    step = 0
-    next_check = None if budget is None else budget / REPLAN_CHECKS
+    step, earlier_seconds, sitting = 0, 0.0, 1
     latest = [None] * len(mixture)  # the last step's loss on each training size (device tensors)
+    if resumed is not None:
+        step, history, earlier_seconds = resumed["step"], resumed["history"], resumed["train_seconds"]
+        sitting = resumed["sittings"] + 1
+        latest = [None if loss is None else torch.tensor(loss) for loss in resumed["latest_losses"]]
+    next_check = None if budget is None else budget / REPLAN_CHECKS
     started = clock()
     while step < plan:
         lr = _learning_rate(step / plan, settings, run.lr)
@@ -629,20 +653,23 @@ def train_and_test(
                 stopped = "overrun"
             if stopped != "planned steps":
                 break
+        if settings.sitting_seconds is not None and step < plan and clock() - started >= settings.sitting_seconds:
+            stopped = "sitting"  # saved below; the same sweep again continues from this step
+            break
     _synchronize(device)
-    train_seconds = clock() - started
+    train_seconds = earlier_seconds + clock() - started
     test = accuracy(
         model, *mqar_examples(task, settings.test_examples, TEST_SEED, device), settings.eval_batch_size,
         task.num_pairs,
     )
-    return {
+    result = {
         **asdict(run),
         "accuracy": test,
         "steps": step,
         "planned_steps": plan,
         "stopped": stopped,
-        "reached_stop_accuracy": history[-1]["validation_accuracy"] >= settings.stop_accuracy,
-        "final_validation_accuracy": history[-1]["validation_accuracy"],
+        "reached_stop_accuracy": bool(history) and history[-1]["validation_accuracy"] >= settings.stop_accuracy,
+        "final_validation_accuracy": history[-1]["validation_accuracy"] if history else None,
         "train_seconds": round(train_seconds, 2),
         "steps_per_second": round(step / train_seconds, 2) if train_seconds > 0 else None,
         "warmup_seconds": round(warmup_seconds, 2),
@@ -657,8 +684,16 @@ def train_and_test(
         # failed (that size and those not yet captured then ran eagerly)
         "cuda_graph_sizes": sum(g is not None for g in stepper.graphs) if graphs else 0,
         "cuda_graph_failure": stepper.failed if graphs else None,
+        "sittings": sitting,
         "history": history,
     }
+    if sittings is not None and stopped == "sitting":
+        sittings.save(model, optimizer, stream, step, {
+            "step": step, "history": history, "train_seconds": train_seconds, "sittings": sitting,
+            "latest_losses": [None if loss is None else loss.item() for loss in latest]})
+    elif sittings is not None:
+        sittings.finish(result)
+    return result
 
 
 def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options: ModelOptions, device) -> dict:
@@ -692,8 +727,6 @@ def run_sweep(
             if on_result:
                 on_result(results[-1])
         return results
-    import os
-
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = [(run, sweep.task, settings, sweep.options, str(device), threads) for run in runs]
     context = torch.multiprocessing.get_context("spawn")

@@ -1,0 +1,100 @@
+"""MQAR runs longer than one sitting: a run's state saved when its sitting ends, and continued by the next.
+
+The paper's accuracies come from ~50,000-step runs; at d=512 that is close to an hour of an H200, longer than one
+command may run on a lent GPU. With `--sitting-seconds S` every run trains its fixed step schedule for at most S
+seconds, then saves its state (the same atomic, verified checkpoint folders as `gsa train`: model and AdamW state
+in safetensors, the batch stream's generator state, step and validation history in JSON) under
+`<checkpoint_dir>/<run>/`; the same command again continues each run from there, and a finished run's result is
+kept as `result.json` beside, so rerunning a finished sweep only rebuilds its table. Continued runs train exactly
+as the uninterrupted run does (bitwise on the CPU: the checkpoint holds everything a step reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..train.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+
+RESULT_FILE = "result.json"
+# settings that may change between sittings: how long a sitting is and where the state lives
+SITTING_FIELDS = ("sitting_seconds", "checkpoint_dir")
+
+
+def run_name(run) -> str:
+    return f"{run.model}-d{run.width}-lr{run.lr:g}-seed{run.seed}"
+
+
+def _plain(value):
+    """JSON's view of a value (tuples become lists), so identities read back compare equal."""
+    return json.loads(json.dumps(value))
+
+
+class RunSittings:
+    """One run's folder of sittings: its latest state, or its finished result."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, run, task, settings, options):
+        self.folder = Path(checkpoint_dir) / run_name(run)
+        kept = {k: v for k, v in asdict(settings).items() if k not in SITTING_FIELDS}
+        self.identity = _plain({"run": asdict(run), "task": asdict(task), "settings": kept, "options": asdict(options)})
+
+    def _check(self, identity: dict, where: Path) -> None:
+        if identity != self.identity:
+            changed = sorted(k for k in self.identity if identity.get(k) != self.identity[k])
+            raise ValueError(
+                f"{where} holds a run of other settings ({', '.join(changed)} differ); continuing it would mix two "
+                f"runs. Remove {self.folder} to start this run afresh, or give the settings it was started with."
+            )
+
+    def finished_result(self) -> dict | None:
+        path = self.folder / RESULT_FILE
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        self._check(saved["identity"], path)
+        return saved["result"]
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Generator) -> dict | None:
+        """Put the latest sitting's state into model, optimizer and stream (in place); returns its trainer state
+        (step, history, training seconds, sittings so far), or None when the run has not started."""
+        saved = list_checkpoints(self.folder)
+        if not saved:
+            return None
+        checkpoint = load_checkpoint(saved[-1])
+        self._check(checkpoint.trainer_state["identity"], saved[-1])
+        model.load_state_dict(checkpoint.model_state)
+        ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+        state = optimizer.state_dict()  # its param_groups keep the live objects (the graphs' learning-rate tensor)
+        state["state"] = {ids[name]: fields for name, fields in checkpoint.optimizer_state["state"].items()}
+        optimizer.load_state_dict(state)
+        stream.set_state(checkpoint.rng_states[0][1]["stream"])
+        return checkpoint.trainer_state
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Generator, step: int,
+             trainer_state: dict) -> None:
+        names = [name for name, _ in model.named_parameters()]
+        state = optimizer.state_dict()
+        optimizer_state = {
+            "state": {names[i]: fields for i, fields in state["state"].items()},
+            "param_groups": [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in group.items()
+                              if k != "params"} | {"params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]],
+        }
+        save_checkpoint(self.folder, step, model.config, model.state_dict(), optimizer_state,
+                        {**trainer_state, "identity": self.identity}, [({}, {"stream": stream.get_state()})])
+        prune_checkpoints(self.folder, keep_last=1)
+
+    def finish(self, result: dict) -> None:
+        """Keep the result (written whole, then renamed into place) and drop the state: the run is done."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f".{RESULT_FILE}.tmp"
+        staging.write_text(json.dumps({"identity": self.identity, "result": result}) + "\n", encoding="utf-8")
+        os.replace(staging, self.folder / RESULT_FILE)
+        for path in list_checkpoints(self.folder):
+            shutil.rmtree(path, ignore_errors=True)
+
