@@ -159,6 +159,26 @@ def choose_parallel(config: TrainConfig) -> str:
     return "fsdp" if on_gpu and config.precision in ("auto", "bf16") else "none"
 
 
+@dataclass
+class _LogWindow:
+    """The steps since the last log record: their summed loss (a device tensor, read only when logging), targets,
+    tokens and seconds."""
+
+    loss: torch.Tensor
+    targets: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, summed_loss: torch.Tensor, targets: int, tokens: int) -> None:
+        self.loss += summed_loss
+        self.targets += targets
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.targets, self.tokens, self.seconds = 0, 0, 0.0
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped the run at a step's end, after checkpointing that step."""
 
@@ -477,16 +497,9 @@ class Trainer:
         model.train()
         return config.sample_prompt + self.tokenizer.decode(output[0, len(prompt):].tolist())
 
-    def run(self) -> TrainResult:
-        self._resolve_run()
-        self._resolve_tokenizer()
-        self._prepare_data()
-        self._build_model()
-        self._restore()
+    def _announce(self) -> None:
+        """One paragraph of what is about to run: model, data, processes, precision, batch and schedule."""
         config = self.config
-        metrics = MetricsLog(self.run_dir, self.step if self.checkpoint_path else None) if self.main else None
-        if self.main:
-            (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
         world = self.processes.world_size
         self.say(
             f"model {config.init_from or config.model}: {self.num_parameters / 1e6:.1f}M parameters | "
@@ -498,64 +511,84 @@ class Trainer:
             f"({config.batch_size} per process x {self.accum} accumulation) | steps {config.steps:,}, warm-up "
             f"{self.warmup_steps} | run folder {self.run_dir}"
         )
+
+    def _run_steps(self, metrics: MetricsLog | None) -> tuple[float | None, float | None]:
+        """Train from self.step to the last step: log every log_every steps, evaluate every eval_every (returns the
+        last validation loss and perplexity), save every save_every. A Ctrl-C held during a step logs, saves and
+        raises TrainingInterrupted after it (one held during the logging, evaluation or save stops after the next
+        step; at the last step the run just ends)."""
+        config = self.config
+        val_loss = val_ppl = None
+        window = _LogWindow(torch.zeros((), dtype=torch.float64, device=self.device))
+        with _interrupts_held_to_step_end(not self.processes.distributed) as held:
+            while self.step < config.steps:
+                started = time.perf_counter()
+                summed_loss, targets, grad_norm, lr = self._train_step()
+                self.step += 1
+                self.samples_seen += self.global_batch
+                self.tokens_seen += self.tokens_per_step
+                window.add(summed_loss, targets, self.tokens_per_step)
+                stopping = held() and self.step < config.steps
+                if self.step % config.log_every == 0 or self.step == config.steps or stopping:
+                    self._log_window(window, started, grad_norm, lr, metrics)
+                else:
+                    window.seconds += time.perf_counter() - started
+                if self.bar is not None:
+                    self.bar.update(1)
+                if len(self.val_windows) and (self.step % config.eval_every == 0 or self.step == config.steps):
+                    val_loss, val_ppl = self.evaluate()
+                    if self.main:
+                        metrics.write({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                                       "val_perplexity": val_ppl})
+                    self.say(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.3f}")
+                if self.step % config.save_every == 0 or self.step == config.steps or stopping:
+                    self.save()
+                if stopping:
+                    raise TrainingInterrupted(f"interrupted at step {self.step}, saved in {self.last_checkpoint}; "
+                                              f"`gsa train --resume {self.run_dir}` continues the run")
+        return val_loss, val_ppl
+
+    def _log_window(self, window: _LogWindow, started: float, grad_norm, lr: float, metrics: MetricsLog | None):
+        """Write the log record of the steps since the last one (mean loss over their targets, tokens/s: reading
+        the loss waits for the device, so the window's seconds hold its steps' device time) and start a new
+        window."""
+        (loss_sum,) = dist_utils.all_reduce_sum([window.loss.item()], self.processes)
+        window.seconds += time.perf_counter() - started
+        loss = loss_sum / window.targets
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged at step {self.step}: the loss is {loss}; "
+                                     f"lower --lr (now {self.config.lr}) or raise --warmup-steps")
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        tokens_per_s = window.tokens / window.seconds
+        record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                  "tokens_per_s": tokens_per_s,
+                  "tokens_per_s_per_process": tokens_per_s / self.processes.world_size,
+                  "memory_gib": _memory_gib(self.device), "train_seconds": self.train_seconds + window.seconds}
+        if self.main:
+            metrics.write(record)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.train_seconds += window.seconds
+        window.reset()
+
+    def run(self) -> TrainResult:
+        self._resolve_run()
+        self._resolve_tokenizer()
+        self._prepare_data()
+        self._build_model()
+        self._restore()
+        config = self.config
+        metrics = MetricsLog(self.run_dir, self.step if self.checkpoint_path else None) if self.main else None
+        if self.main:
+            (self.run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        self._announce()
         if self.main and config.progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=config.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                             file=sys.stdout)
-        val_loss = val_ppl = None
-        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        window_targets, window_tokens, window_time = 0, 0, 0.0
         try:
-            with _interrupts_held_to_step_end(not self.processes.distributed) as held:
-                while self.step < config.steps:
-                    started = time.perf_counter()
-                    summed_loss, targets, grad_norm, lr = self._train_step()
-                    self.step += 1
-                    self.samples_seen += self.global_batch
-                    self.tokens_seen += self.tokens_per_step
-                    window_loss += summed_loss
-                    window_targets += targets
-                    window_tokens += self.tokens_per_step
-                    # a Ctrl-C held during this step: log, checkpoint and stop after it (one held during the
-                    # logging, evaluation or save below stops after the next step; at the last step the run ends)
-                    stopping = held() and self.step < config.steps
-                    if self.step % config.log_every == 0 or self.step == config.steps or stopping:
-                        (loss_sum,) = dist_utils.all_reduce_sum([window_loss.item()], self.processes)
-                        loss = loss_sum / window_targets
-                        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                        window_time += time.perf_counter() - started
-                        if not math.isfinite(loss):
-                            raise FloatingPointError(f"training diverged at step {self.step}: the loss is {loss}; "
-                                                     f"lower --lr (now {config.lr}) or raise --warmup-steps")
-                        record = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
-                                  "grad_norm": float(norm), "tokens_per_s": window_tokens / window_time,
-                                  "tokens_per_s_per_process": window_tokens / window_time / world,
-                                  "memory_gib": _memory_gib(self.device),
-                                  "train_seconds": self.train_seconds + window_time}
-                        if self.main:
-                            metrics.write(record)
-                            if self.bar is not None:
-                                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                                                     tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-                        self.train_seconds += window_time
-                        window_loss.zero_()
-                        window_targets, window_tokens, window_time = 0, 0, 0.0
-                    else:
-                        window_time += time.perf_counter() - started
-                    if self.bar is not None:
-                        self.bar.update(1)
-                    if len(self.val_windows) and (self.step % config.eval_every == 0 or self.step == config.steps):
-                        val_loss, val_ppl = self.evaluate()
-                        if self.main:
-                            metrics.write({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                                           "val_perplexity": val_ppl})
-                        self.say(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {val_ppl:.3f}")
-                    if self.step % config.save_every == 0 or self.step == config.steps or stopping:
-                        self.save()
-                    if stopping:
-                        raise TrainingInterrupted(f"interrupted at step {self.step}, saved in {self.last_checkpoint}; "
-                                                  f"`gsa train --resume {self.run_dir}` continues the run")
+            val_loss, val_ppl = self._run_steps(metrics)
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
