@@ -128,13 +128,14 @@ for what in "$@"; do
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
                 --workers 4 --device cuda --output-dir "$OUT/mqar-graph" ;;
         mqar-sittings)  # issue 7 on nvidia-h200-x2: GSA at d=512 alone on GPU 0, d=256 and d=128 sharing GPU 1, lr 3e-3,
-            # a fixed STEPS schedule (default 30,000) in sittings of SITTING seconds: run the stage again on the warm
-            # machine until every run has finished; each call prints the merged table so far
+            # a fixed STEPS schedule (default 20,000: ~3 calls at session 10's rates) in sittings of SITTING whole
+            # seconds: run the stage again on the warm machine (the state stays in its /tmp, ~130 MB at d=512: too
+            # big to carry) until every run has finished; each call prints the merged table so far
             for gpu in 0 1; do
                 widths=$([ "$gpu" = 0 ] && echo 512 || echo "256 128")
-                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-gpu$gpu" $(( ${SITTING:-480} + 90 )) python3 \
+                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-gpu$gpu" $(( ${SITTING:-420} + 90 )) python3 \
                     benchmarks/mqar_sweep.py --profile gpu --models gsa --widths $widths --seq-len 512 --num-pairs 64 \
-                    --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "${STEPS:-30000}" --sitting-seconds "${SITTING:-480}" \
+                    --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "${STEPS:-20000}" --sitting-seconds "${SITTING:-420}" \
                     --workers 2 --device cuda --output-dir "/tmp/mqar-sittings-gpu$gpu" &
                 sleep 2
             done
@@ -169,10 +170,11 @@ for what in "$@"; do
                 --steps "${STEPS:-4100}" --out-dir /tmp/compare-long --report-only
             keep_reports /tmp/compare-long ;;
         compare-pair)  # issue 5 on nvidia-h200-x2: both models of compare-long at once, one per GPU (STEPS ~6,500 is
-            # 10 minutes of GSA at session 10's 381K tok/s: two calls on a warm machine, the second resuming)
+            # 10 minutes of GSA at session 10's 381K tok/s: two calls on a warm machine, the second resuming; the
+            # checkpoints stay in /tmp there, so the machine must not be given back between the calls)
             for gpu in 0 1; do
                 model=$([ "$gpu" = 0 ] && echo gsa-100m || echo transformer-100m)
-                CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-540}" python3 benchmarks/train_compare.py \
+                CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-520}" python3 benchmarks/train_compare.py \
                     --models "$model" --steps "${STEPS:-6500}" --save-every 1000 --resume --data "$DATA/shakespeare" \
                     "$DATA/bible-kjv" "$DATA/gcide" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-pair &
                 sleep 2
@@ -181,8 +183,9 @@ for what in "$@"; do
             stage compare-pair-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
                 --steps "${STEPS:-6500}" --out-dir /tmp/compare-pair --report-only
             keep_reports /tmp/compare-pair ;;
-        trainer-1gpu)  # issue 5 / 8: `gsa train` on one GPU, autocast over float32 weights (the default) against
-            # FSDP2 on a group of one (bf16 compute over float32 masters), the paper-1.3b recipe, 24 steps each
+        trainer-1gpu)  # issue 5 / 8: `gsa train` on one GPU, autocast over float32 weights (--parallel none) against
+            # FSDP2 on a group of one (bf16 compute over float32 masters; the default since session 10), paper-1.3b
+            # recipe, 24 steps each
             for mode in none fsdp; do
                 stage "trainer-1gpu-$mode" 170 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
                     "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 \
@@ -191,7 +194,8 @@ for what in "$@"; do
             done
             stage trainer-1gpu-table 30 python3 benchmarks/train_throughput.py /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp
             keep_reports /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp ;;
-        fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU
+        fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU (FSDP2 on a group of one there since
+            # session 10's default; session 9's one-GPU figure was autocast over float32 weights)
             stage fsdp-2gpu 170 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
                 --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-2gpu

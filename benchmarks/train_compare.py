@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -135,9 +136,15 @@ def print_table(results: dict, heading: str) -> None:
 
 
 def publish(results: dict, out_dir: Path, heading: str, title: str) -> None:
-    """summary.json, the table on stdout and comparison.png."""
+    """summary.json (merged with the models other commands wrote there meanwhile: runs of one model a command may
+    finish side by side), the table on stdout and comparison.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(results, indent=1))
+    summary_file = out_dir / "summary.json"
+    if summary_file.is_file():
+        results = {**json.loads(summary_file.read_text()), **results}
+    staging = out_dir / f".summary.json.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(results, indent=1))
+    os.replace(staging, summary_file)  # whole, never half-written for the other command to read
     print_table(results, heading)
     plot_comparison(results, out_dir / "comparison.png", title)
     print(f"runs, summary.json and comparison.png in {out_dir}")

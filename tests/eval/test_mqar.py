@@ -413,6 +413,9 @@ def test_merge_makes_one_table_of_split_sweeps_and_refuses_another_task(tmp_path
     assert "is of another task" in capsys.readouterr().err
     assert run_eval(["mqar", "--profile", "smoke", "--merge", str(tmp_path / "missing.json")]) != 0
     assert "missing.json is not a file" in capsys.readouterr().err
+    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(first / "mqar.json"), str(first / "mqar.runs.jsonl"),
+                     "--output-dir", str(merged)]) != 0
+    assert "give one of them" in capsys.readouterr().err  # the same runs twice would count twice in the means
 
 
 def test_a_run_in_sittings_trains_as_the_uninterrupted_run(tmp_path):
@@ -466,7 +469,9 @@ def test_mqar_command_in_sittings_continues_where_it_stopped(tmp_path, capsys):
         steps.append(run["steps"])
         if run["stopped"] != "sitting":
             break
-        assert "the same command again continues them" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "the same command again continues them" in printed
+        assert f"Not finished yet (accuracy so far): gsa d=16 lr=0.003 seed=0 at step {run['steps']} of 6" in printed
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert run_eval([*command[:-4], "--time-budget", "5", "--sitting-seconds", "1"]) != 0
     assert "give one of them" in capsys.readouterr().err

@@ -257,8 +257,8 @@ def _run_mqar(args) -> int:
     _write_mqar_report(sweep, results, time.perf_counter() - started, args, device)
     unfinished = [r for r in results if r.get("stopped") == "sitting"]
     if unfinished:
-        print(f"{len(unfinished)} of {len(results)} runs stopped at the end of their sitting (their accuracy above is "
-              f"so far); the same command again continues them from {args.output_dir / 'checkpoints'}")
+        print(f"{len(unfinished)} of {len(results)} runs stopped at the end of their sitting; the same command again "
+              f"continues them from {args.output_dir / 'checkpoints'}")
     return 0
 
 
@@ -272,11 +272,20 @@ def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, 
     summary = {model: summary[model] for model in sweep.models if model in summary}  # the order asked for
     paper_setting = is_paper_setting(sweep.task)
     report = report_text(sweep, summary, seconds)
+    unfinished = [r for r in results if r.get("stopped") == "sitting"]
+    if unfinished:  # their accuracy in the table is the one they had reached
+        report += "\nNot finished yet (accuracy so far): " + "; ".join(
+            f"{r['model']} d={r['width']} lr={r['lr']:g} seed={r['seed']} at step {r['steps']} of {r['planned_steps']}"
+            for r in unfinished) + "\n"
     print("\n" + report)
     paths = [args.output_dir / name for name in ("mqar.json", "mqar.md", "mqar.png")]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    sweep_record = {**sweep.as_dict(), "workers": args.workers, "train_per_run": asdict(sweep.train_settings(
-        args.workers))} if not args.merge else {**sweep.as_dict(), "merged_from": [str(p) for p in args.merge]}
+    if args.merge:  # the runs' own settings are in each run's record; the profile's would not be theirs
+        sweep_record = {"task": sweep.task.as_dict(), "models": list(sweep.models), "widths": list(sweep.widths),
+                        "lrs": list(sweep.lrs), "seeds": list(sweep.seeds), "merged_from": [str(p) for p in args.merge]}
+    else:
+        sweep_record = {**sweep.as_dict(), "workers": args.workers,
+                        "train_per_run": asdict(sweep.train_settings(args.workers))}
     _write_json(paths[0], {"sweep": sweep_record, "summary": summary,
                            "paper": PAPER_ACCURACY if paper_setting else None, "runs": results,
                            "seconds": round(seconds, 1) if seconds is not None else None,

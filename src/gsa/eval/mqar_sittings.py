@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from ..train.checkpoint import (
+    list_checkpoints, load_checkpoint, prune_checkpoints, remove_interrupted_saves, save_checkpoint,
+)
 
 RESULT_FILE = "result.json"
 # settings that may change between sittings: how long a sitting is and where the state lives
@@ -38,10 +40,12 @@ def _plain(value):
 class RunSittings:
     """One run's folder of sittings: its latest state, or its finished result."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, run, task, settings, options):
+    def __init__(self, checkpoint_dir: str | os.PathLike, run, task, settings, options, device: torch.device):
         self.folder = Path(checkpoint_dir) / run_name(run)
         kept = {k: v for k, v in asdict(settings).items() if k not in SITTING_FIELDS}
-        self.identity = _plain({"run": asdict(run), "task": asdict(task), "settings": kept, "options": asdict(options)})
+        # the device's kind too: a CPU generator's state does not continue a CUDA one (any GPU continues a GPU run)
+        self.identity = _plain({"run": asdict(run), "task": asdict(task), "settings": kept, "options": asdict(options),
+                                "device": device.type})
 
     def _check(self, identity: dict, where: Path) -> None:
         if identity != self.identity:
@@ -62,6 +66,7 @@ class RunSittings:
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Generator) -> dict | None:
         """Put the latest sitting's state into model, optimizer and stream (in place); returns its trainer state
         (step, history, training seconds, sittings so far), or None when the run has not started."""
+        remove_interrupted_saves(self.folder)  # a save killed midway left a staging folder, never a checkpoint
         saved = list_checkpoints(self.folder)
         if not saved:
             return None
@@ -69,7 +74,9 @@ class RunSittings:
         self._check(checkpoint.trainer_state["identity"], saved[-1])
         model.load_state_dict(checkpoint.model_state)
         ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-        state = optimizer.state_dict()  # its param_groups keep the live objects (the graphs' learning-rate tensor)
+        # the current groups (load_state_dict copies them: a graph's learning-rate tensor is replaced, which is why
+        # graphs are captured only after this)
+        state = optimizer.state_dict()
         state["state"] = {ids[name]: fields for name, fields in checkpoint.optimizer_state["state"].items()}
         optimizer.load_state_dict(state)
         stream.set_state(checkpoint.rng_states[0][1]["stream"])

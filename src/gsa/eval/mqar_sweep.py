@@ -204,10 +204,6 @@ class Sweep:
         unknown = [m for m in self.models if m not in MODEL_BUILDERS]
         if unknown:
             raise ValueError(f"unknown MQAR models {unknown}; expected some of {', '.join(MODEL_BUILDERS)}")
-        if any(m.startswith("fla-") for m in self.models) and not fla_available():
-            raise ValueError(
-                "models fla-gsa / fla-gla need flash-linear-attention (pip install flash-linear-attention)"
-            )
         if not (self.models and self.widths and self.lrs and self.seeds):
             raise ValueError("a sweep needs at least one model, width, learning rate and seed")
         bad = [w for w in self.widths if w < 1]
@@ -585,7 +581,7 @@ def train_and_test(
     device = torch.device(device)
     sittings = None
     if settings.checkpoint_dir is not None:
-        sittings = RunSittings(settings.checkpoint_dir, run, task, settings, options)
+        sittings = RunSittings(settings.checkpoint_dir, run, task, settings, options, device)
         finished = sittings.finished_result()
         if finished is not None:
             return finished
@@ -716,6 +712,8 @@ def run_sweep(
     sweep: Sweep, device: str | torch.device, workers: int = 1, on_result: Callable[[dict], None] | None = None
 ) -> list[dict]:
     """Every run of the sweep; with workers > 1 they go to that many spawned processes sharing `device`."""
+    if any(m.startswith("fla-") for m in sweep.models) and not fla_available():  # (a merge of results needs none)
+        raise ValueError("models fla-gsa / fla-gla need flash-linear-attention (pip install flash-linear-attention)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     runs = sweep.runs()
@@ -741,7 +739,7 @@ def run_sweep(
 def load_runs(paths: Iterable[str | os.PathLike], task: MQARTask) -> list[dict]:
     """The runs recorded in mqar.json or mqar.runs.jsonl files (sweeps split over GPUs or calls), checked to be
     of `task`: by their task where recorded, else by their target size (the first of their training sizes)."""
-    runs = []
+    runs, seen = [], {}
     for path in map(Path, paths):
         if not path.is_file():
             raise ValueError(f"--merge: {path} is not a file (expected an mqar.json or mqar.runs.jsonl)")
@@ -759,6 +757,12 @@ def load_runs(paths: Iterable[str | os.PathLike], task: MQARTask) -> list[dict]:
                 found = recorded or f"seq_len {target[0]}, num_pairs {target[1]}"
                 raise ValueError(f"--merge: a run in {path} is of another task ({found}); expected {asdict(task)}"
                                  " (give the sweep's --seq-len, --num-pairs and --vocab-size)")
+            key = (record["model"], record["width"], record["lr"], record["seed"])
+            if key in seen:
+                raise ValueError(f"--merge: the run {record['model']} d={record['width']} lr={record['lr']:g} "
+                                 f"seed={record['seed']} is in both {seen[key]} and {path} (an mqar.json and its own "
+                                 "mqar.runs.jsonl hold the same runs: give one of them)")
+            seen[key] = path
             runs.append(record)
     return runs
 
