@@ -576,7 +576,9 @@ def train_and_test(
     learning-rate schedule (warm-up, cosine decay) spans the plan, so the run is the same as a step-count run of
     that length. If its pace drifts more than REPLAN_TOLERANCE from the plan (a device shared with other runs),
     the plan, and with it the rest of the schedule, follows the pace; `overrun` x the budget is a hard stop.
-    `clock` is for tests.
+    With `sitting_seconds` (and no budget) it trains at most that long, saves its state under `checkpoint_dir` and
+    returns `stopped: "sitting"`; the next call continues it from there (gsa.eval.mqar_sittings). `clock` is for
+    tests.
     """
     device = torch.device(device)
     sittings = None
