@@ -84,8 +84,10 @@ for what in "$@"; do
         host)  # issue 3: the host's time per operator call (what eager loops pay) and kernels per call, walk vs segment
             stage host 120 python3 benchmarks/host_overhead.py --shapes paper-2k paper-8k paper-16k --passes walk64 segment \
                 --out "$OUT/host_overhead_h200.json" ;;
-        mqar-step)  # issue 7: one MQAR training step per model and width, alone on the GPU, and its profile
-            stage mqar-profile 150 python3 benchmarks/profile_mqar_step.py --widths 64 512 ;;
+        mqar-step)  # issue 7: an MQAR training step per model and width, alone on the GPU, eager and graphed (what the
+            # sweep's runs pay for sharing a GPU: session 10's d=512 ran 15 steps/s with two runs on one GPU), and the
+            # kernels of the widest GSA model's graphed steps
+            stage mqar-profile 240 python3 benchmarks/profile_mqar_step.py --widths 64 128 256 512 ;;
         train-ours)  # issue 8: ours only, saved bytes and where a step's GPU time goes
             stage train-ours 150 python3 benchmarks/bench_train.py --contexts 2048 16384 --steps 4 --warmup 2 \
                 --models ours --count-saved --profile --out "$OUT/train_h200_ours.json" ;;

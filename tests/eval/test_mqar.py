@@ -475,3 +475,19 @@ def test_mqar_command_in_sittings_continues_where_it_stopped(tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert run_eval([*command[:-4], "--time-budget", "5", "--sitting-seconds", "1"]) != 0
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_the_step_profiling_script_runs_on_the_sweeps_internals(monkeypatch, capsys):
+    """benchmarks/profile_mqar_step.py reaches into the sweep's step functions: kept in step with them here (a CPU
+    run of the smoke task; on CUDA it also times graphed steps and profiles them)."""
+    import pathlib
+    import runpy
+    import sys
+
+    script = pathlib.Path(__file__).parents[2] / "benchmarks" / "profile_mqar_step.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--profile", "smoke", "--widths", "16",
+                                      "--turns", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(row[0], row[1], row[3]) for row in rows] == [("gsa", "16", "ms"), ("attention", "16", "ms")]
+    assert all(float(row[2]) > 0 for row in rows)
