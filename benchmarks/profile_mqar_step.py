@@ -20,8 +20,8 @@ from gsa.eval import mqar_sweep
 
 
 def step_ms(model, optimizer, mixture, device, graphs: bool, turns: int):
-    """(milliseconds a training step, the stepper): over `turns` whole turns of the mixture after one untimed turn (compilation,
-    each size's graph capture); the steps train the model, which is thrown away afterwards."""
+    """(milliseconds a training step, the stepper): over `turns` whole turns of the mixture after one untimed turn
+    (compilation, each size's graph capture); the steps train the model, which is thrown away afterwards."""
     stepper = mqar_sweep._GraphedSteps(model, optimizer, mixture, device) if graphs else (
         lambda step, stream, lr: mqar_sweep._train_step(model, optimizer, mixture, step, stream, device, lr))
     stream = torch.Generator(device=device).manual_seed(0)

@@ -225,8 +225,8 @@ def _run_mqar(args) -> int:
         f"{len(runs)} runs (models {', '.join(sweep.models)}; widths {list(sweep.widths)}; lrs {list(sweep.lrs)}; "
         f"seeds {list(sweep.seeds)}); <= {sweep.train.steps} steps of {sweep.train.batch_size}"
         + (f" or {cap:.0f} s" if cap else "")
-        + (f", in sittings of {args.sitting_seconds:g} s" if args.sitting_seconds else "") + f" per run, trained on seq/pairs {sizes} in turn; {device}, "
-        f"{args.workers} worker(s)",
+        + (f", in sittings of {args.sitting_seconds:g} s" if args.sitting_seconds else "")
+        + f" per run, trained on seq/pairs {sizes} in turn; {device}, {args.workers} worker(s)",
         flush=True,
     )
     started = time.perf_counter()
