@@ -254,16 +254,16 @@ def _run_mqar(args) -> int:
         )
 
     results = run_sweep(sweep, device, args.workers, report)
-    _write_mqar_report(sweep, results, time.perf_counter() - started, args, device)
-    unfinished = [r for r in results if r.get("stopped") == "sitting"]
+    unfinished = _write_mqar_report(sweep, results, time.perf_counter() - started, args, device)
     if unfinished:
         print(f"{len(unfinished)} of {len(results)} runs stopped at the end of their sitting; the same command again "
               f"continues them from {args.output_dir / 'checkpoints'}")
     return 0
 
 
-def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, device) -> None:
-    """Print the table; write mqar.json (settings, summary, every run), mqar.md (the table) and mqar.png."""
+def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, device) -> list[dict]:
+    """Print the table; write mqar.json (settings, summary, every run), mqar.md (the table) and mqar.png. Returns
+    the runs their sitting stopped before the end."""
     from dataclasses import asdict
 
     from .mqar_sweep import PAPER_ACCURACY, is_paper_setting, plot_accuracy_by_width, report_text, summarize
@@ -295,6 +295,7 @@ def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, 
         summary, paths[2], f"MQAR, seq {sweep.task.seq_len}, {sweep.task.num_pairs} pairs", include_paper=paper_setting
     )
     print(f"wrote {', '.join(map(str, paths))}")
+    return unfinished
 
 
 def _run_harness(args) -> int:

@@ -22,8 +22,10 @@ import torch
 from ..train.checkpoint import (
     list_checkpoints, load_checkpoint, prune_checkpoints, remove_interrupted_saves, save_checkpoint,
 )
+from ..train.distributed import Processes, gather_state, scatter_state
 
 RESULT_FILE = "result.json"
+_ONE_PROCESS = Processes(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # (whole state dicts)
 # settings that may change between sittings: how long a sitting is and where the state lives
 SITTING_FIELDS = ("sitting_seconds", "checkpoint_dir")
 
@@ -72,27 +74,19 @@ class RunSittings:
             return None
         checkpoint = load_checkpoint(saved[-1])
         self._check(checkpoint.trainer_state["identity"], saved[-1])
-        model.load_state_dict(checkpoint.model_state)
-        ids = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-        # the current groups (load_state_dict copies them: a graph's learning-rate tensor is replaced, which is why
-        # graphs are captured only after this)
-        state = optimizer.state_dict()
-        state["state"] = {ids[name]: fields for name, fields in checkpoint.optimizer_state["state"].items()}
-        optimizer.load_state_dict(state)
+        # name-keyed state dicts, as `gsa train` loads them (the optimizer's groups, and a graph's learning-rate
+        # tensor with them, are replaced: graphs are captured only after this)
+        scatter_state(model, optimizer, checkpoint.model_state, checkpoint.optimizer_state, _ONE_PROCESS)
         stream.set_state(checkpoint.rng_states[0][1]["stream"])
         return checkpoint.trainer_state
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Generator, step: int,
              trainer_state: dict) -> None:
-        names = [name for name, _ in model.named_parameters()]
-        state = optimizer.state_dict()
-        optimizer_state = {
-            "state": {names[i]: fields for i, fields in state["state"].items()},
-            "param_groups": [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in group.items()
-                              if k != "params"} | {"params": [names[i] for i in group["params"]]}
-                             for group in state["param_groups"]],
-        }
-        save_checkpoint(self.folder, step, model.config, model.state_dict(), optimizer_state,
+        model_state, optimizer_state = gather_state(model, optimizer, _ONE_PROCESS)
+        # a CUDA-graph run's learning rate is a device tensor; the groups go to JSON
+        optimizer_state["param_groups"] = [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in group.items()}
+                                           for group in optimizer_state["param_groups"]]
+        save_checkpoint(self.folder, step, model.config, model_state, optimizer_state,
                         {**trainer_state, "identity": self.identity}, [({}, {"stream": stream.get_state()})])
         prune_checkpoints(self.folder, keep_last=1)
 
