@@ -226,8 +226,7 @@ def main() -> None:
           flush=True)
 
     out_dir = Path(args.out_dir) if args.steps else Path(args.out_dir) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    summary_file = out_dir / "summary.json"
-    results = json.loads(summary_file.read_text()) if summary_file.is_file() else {}  # other models' earlier runs
+    results = {}  # this command's models; publish() adds the other models' rows from summary.json
     for model_name in args.models:
         run_dir = out_dir / f"{model_name}-{steps}-steps"
         parameters = count_parameters(model_name, tokenizer.vocab_size)
