@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_session.sh trainer-1gpu               # one H200, carry .cache/gpu-data, ~5 min
 #   bash benchmarks/gpu_session.sh compare-pair               # nvidia-h200-x2, carry .cache/gpu-data, 2 calls
 #   bash benchmarks/gpu_session.sh mqar-sittings              # nvidia-h200-x2, ~9.5 min a call, again until done
+#   GPUS="0 1" OUT=... bash benchmarks/gpu_session.sh compare-pair & GPUS="2 3" OUT=... bash ... mqar-sittings &
+#                                                             # both at once on nvidia-h200-x4, each OUT its own
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
@@ -129,22 +131,24 @@ for what in "$@"; do
             stage mqar-graph 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
                 --workers 4 --device cuda --output-dir "$OUT/mqar-graph" ;;
-        mqar-sittings)  # issue 7 on nvidia-h200-x2: GSA at d=512 alone on GPU 0, d=256 and d=128 sharing GPU 1, lr 3e-3,
-            # a fixed STEPS schedule (default 20,000: ~3 calls at session 10's rates) in sittings of SITTING whole
-            # seconds: run the stage again on the warm machine (the state stays in its /tmp, ~130 MB at d=512: too
-            # big to carry) until every run has finished; each call prints the merged table so far
-            for gpu in 0 1; do
-                widths=$([ "$gpu" = 0 ] && echo 512 || echo "256 128")
-                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-gpu$gpu" $(( ${SITTING:-420} + 90 )) python3 \
-                    benchmarks/mqar_sweep.py --profile gpu --models gsa --widths $widths --seq-len 512 --num-pairs 64 \
-                    --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "${STEPS:-20000}" --sitting-seconds "${SITTING:-420}" \
-                    --workers 2 --device cuda --output-dir "/tmp/mqar-sittings-gpu$gpu" &
+        mqar-sittings)  # issue 7 on two GPUs (GPUS, default "0 1"): GSA at d=512 alone on the first, d=256 and d=128
+            # sharing the second, lr 3e-3, each width its own fixed schedule (STEPS_512 / STEPS_256 / STEPS_128; session
+            # 10's 440-s runs made 6,951 / 11,460 / 19,154 steps) in sittings of SITTING whole seconds: run the stage
+            # again on the warm machine (the state stays in its /tmp, ~130 MB at d=512: too big to carry) until every
+            # run has finished; each call prints the merged table so far
+            read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
+            for run in "512 $gpu_a ${STEPS_512:-20000}" "256 $gpu_b ${STEPS_256:-20000}" "128 $gpu_b ${STEPS_128:-30000}"
+            do
+                read -r width gpu steps <<< "$run"
+                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-d$width" $(( ${SITTING:-420} + 90 )) python3 \
+                    benchmarks/mqar_sweep.py --profile gpu --models gsa --widths "$width" --seq-len 512 \
+                    --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "$steps" \
+                    --sitting-seconds "${SITTING:-420}" --workers 1 --device cuda --output-dir "/tmp/mqar-sittings-d$width" &
                 sleep 2
             done
             wait
             stage mqar-sittings-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
-                --vocab-size 8192 --merge /tmp/mqar-sittings-gpu0/mqar.json /tmp/mqar-sittings-gpu1/mqar.json \
-                --output-dir "$OUT/mqar-sittings" ;;
+                --vocab-size 8192 --merge /tmp/mqar-sittings-d{512,256,128}/mqar.json --output-dir "$OUT/mqar-sittings" ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
@@ -171,11 +175,12 @@ for what in "$@"; do
             stage compare-long-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
                 --steps "${STEPS:-4100}" --out-dir /tmp/compare-long --report-only
             keep_reports /tmp/compare-long ;;
-        compare-pair)  # issue 5 on nvidia-h200-x2: both models of compare-long at once, one per GPU (STEPS ~6,500 is
-            # 10 minutes of GSA at session 10's 381K tok/s: two calls on a warm machine, the second resuming; the
-            # checkpoints stay in /tmp there, so the machine must not be given back between the calls)
-            for gpu in 0 1; do
-                model=$([ "$gpu" = 0 ] && echo gsa-100m || echo transformer-100m)
+        compare-pair)  # issue 5 on two GPUs (GPUS, default "0 1"): both models of compare-long at once, one per GPU
+            # (STEPS ~6,500 is 10 minutes of GSA at session 10's 381K tok/s: two calls on a warm machine, the second
+            # resuming; the checkpoints stay in /tmp there, so the machine must not be given back between the calls)
+            read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
+            for gpu in "$gpu_a" "$gpu_b"; do
+                model=$([ "$gpu" = "$gpu_a" ] && echo gsa-100m || echo transformer-100m)
                 CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-520}" python3 benchmarks/train_compare.py \
                     --models "$model" --steps "${STEPS:-6500}" --save-every 1000 --resume --data "$DATA/shakespeare" \
                     "$DATA/bible-kjv" "$DATA/gcide" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-pair &
