@@ -138,18 +138,20 @@ for what in "$@"; do
             # again on the warm machine (the state stays in its /tmp, ~130 MB at d=512: too big to carry) until every
             # run has finished; each call prints the merged table so far
             read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
-            for run in "512 $gpu_a ${STEPS_512:-20000}" "256 $gpu_b ${STEPS_256:-20000}" "128 $gpu_b ${STEPS_128:-30000}"
-            do
+            for run in "512 $gpu_a ${STEPS_512:-20000}" "256 $gpu_b ${STEPS_256:-20000}" \
+                "128 $gpu_b ${STEPS_128:-30000}"; do
                 read -r width gpu steps <<< "$run"
                 CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-d$width" $(( ${SITTING:-420} + 90 )) python3 \
                     benchmarks/mqar_sweep.py --profile gpu --models gsa --widths "$width" --seq-len 512 \
                     --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "$steps" \
-                    --sitting-seconds "${SITTING:-420}" --workers 1 --device cuda --output-dir "/tmp/mqar-sittings-d$width" &
+                    --sitting-seconds "${SITTING:-420}" --workers 1 --device cuda \
+                    --output-dir "/tmp/mqar-sittings-d$width" &
                 sleep 2
             done
             wait
             stage mqar-sittings-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
-                --vocab-size 8192 --merge /tmp/mqar-sittings-d{512,256,128}/mqar.json --output-dir "$OUT/mqar-sittings" ;;
+                --vocab-size 8192 --merge /tmp/mqar-sittings-d{512,256,128}/mqar.json \
+                --output-dir "$OUT/mqar-sittings" ;;
         mqar-runs)  # issue 7: one MQAR run per GPU, each its own "width:seed:lr" from MQAR_RUNS (GPU i takes the i-th),
             # BUDGET seconds of training (the schedule planned to fit), early stop at STOP; then one merged table
             specs=() dirs=()
@@ -198,9 +200,10 @@ for what in "$@"; do
             read -r gpu_a gpu_b <<< "${GPUS:-0 1}"
             for gpu in "$gpu_a" "$gpu_b"; do
                 model=$([ "$gpu" = "$gpu_a" ] && echo gsa-100m || echo transformer-100m)
-                CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-520}" python3 benchmarks/train_compare.py \
-                    --models "$model" --steps "${STEPS:-6500}" --save-every 1000 --resume --data "$DATA/shakespeare" \
-                    "$DATA/bible-kjv" "$DATA/gcide" --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-pair &
+                CUDA_VISIBLE_DEVICES=$gpu stage "compare-$model" "${COMPARE_CAP:-520}" python3 \
+                    benchmarks/train_compare.py --models "$model" --steps "${STEPS:-6500}" --save-every 1000 --resume \
+                    --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" --tokenizer "$DATA/tokenizer.model" \
+                    --out-dir /tmp/compare-pair &
                 sleep 2
             done
             wait

@@ -44,11 +44,16 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started (WORLD_SIZE in the environment; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start_processes(device: str, group_of_one: bool = False) -> Processes:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...); a lone process
     joins nothing, or with `group_of_one` a group of its own (for FSDP2 on one device: its mixed precision keeps
     float32 master weights and computes with bf16 copies). NCCL between GPUs, gloo between CPU processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     target = resolve_device(device, local_rank)
     if target.type == "cuda":

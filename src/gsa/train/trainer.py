@@ -148,7 +148,7 @@ def choose_parallel(config: TrainConfig) -> str:
     where autocast would cast every weight at every micro-step and keep the residual stream in float32: the 1.3B
     recipe ran 57.3K tok/s and 39.6 GiB that way on an H200 against autocast's 52.1K and 42.6 GiB. Nothing for one
     CPU process, or float32 on one GPU; DDP of one process replicates nothing, so none either."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = dist_utils.launched_world_size() > 1
     if config.parallel == "ddp" and not several:
         return "none"
     if config.parallel != "auto":
