@@ -22,7 +22,8 @@
 #   bash benchmarks/gpu_session.sh mqar-sittings              # nvidia-h200-x2, ~9.5 min a call, again until done
 #   GPUS="0 1" OUT=... bash benchmarks/gpu_session.sh compare-pair & GPUS="2 3" OUT=... bash ... mqar-sittings &
 #                                                             # both at once on nvidia-h200-x4, each OUT its own
-#   bash benchmarks/gpu_session.sh mqar-runs                  # nvidia-h200-x4 (one run per GPU in MQAR_RUNS), ~9 min
+#   OUT=/tmp/o bash benchmarks/gpu_session.sh mqar-runs; tar -czf $OUT/o.tgz -C /tmp/o .   # nvidia-h200-x4, ~9 min
+#                                                             # (one run per GPU in MQAR_RUNS; 9 files: one archive)
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
 #   true                                                      # carry runs/t2r_smollm2/pack1 (56 MiB) first
 #   bash benchmarks/gpu_session.sh t2r                        # same warm machine, carry runs/t2r_smollm2/pack2, ~9 min
@@ -152,22 +153,31 @@ for what in "$@"; do
             stage mqar-sittings-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
                 --vocab-size 8192 --merge /tmp/mqar-sittings-d{512,256,128}/mqar.json \
                 --output-dir "$OUT/mqar-sittings" ;;
-        mqar-runs)  # issue 7: one MQAR run per GPU, each its own "width:seed:lr" from MQAR_RUNS (GPU i takes the i-th),
-            # BUDGET seconds of training (the schedule planned to fit), early stop at STOP; then one merged table
+        mqar-runs)  # issue 7: one MQAR run per GPU (GPU i takes the i-th of MQAR_RUNS), each "width:seed:lr" trained
+            # for BUDGET seconds (its schedule planned to fit), or "width:seed:lr:steps" a fixed schedule in sittings
+            # of BUDGET seconds (the same stage again on the warm machine continues it; d=512 needs ~20,000 steps,
+            # ~640 s alone: the other entries then train anew, so give the same stage the unfinished ones only);
+            # early stop at validation accuracy STOP; then one merged table, and every run's own output in one archive
             specs=() dirs=()
-            read -r -a specs <<< "${MQAR_RUNS:-128:0:2e-3 128:1:2e-3 256:2:3e-3 512:1:3e-3}"
+            read -r -a specs <<< "${MQAR_RUNS:-128:0:2e-3 128:1:2e-3 256:2:3e-3 512:1:3e-3:30000}"
             for i in "${!specs[@]}"; do
-                IFS=: read -r width seed lr <<< "${specs[$i]}"
+                IFS=: read -r width seed lr steps <<< "${specs[$i]}"
                 dirs+=("/tmp/mqar-runs/d$width-s$seed-lr$lr")
+                if [ -n "$steps" ]; then
+                    schedule=(--steps "$steps" --sitting-seconds "${BUDGET:-400}")
+                else
+                    schedule=(--time-budget "${BUDGET:-400}")
+                fi
                 CUDA_VISIBLE_DEVICES=$i stage "mqar-d$width-s$seed-lr$lr" $(( ${BUDGET:-400} + 120 )) python3 \
                     benchmarks/mqar_sweep.py --profile gpu --models gsa --widths "$width" --seq-len 512 \
-                    --num-pairs 64 --vocab-size 8192 --lrs "$lr" --seeds "$seed" --time-budget "${BUDGET:-400}" \
+                    --num-pairs 64 --vocab-size 8192 --lrs "$lr" --seeds "$seed" "${schedule[@]}" \
                     --stop-accuracy "${STOP:-0.995}" --workers 1 --device cuda --output-dir "${dirs[-1]}" &
                 sleep 1
             done
             wait
             stage mqar-runs-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
-                --vocab-size 8192 --merge "${dirs[@]/%//mqar.json}" --output-dir "$OUT/mqar-runs" ;;
+                --vocab-size 8192 --merge "${dirs[@]/%//mqar.json}" --output-dir "$OUT/mqar-runs"
+            (cd /tmp && tar -czf "$OUT/mqar-runs-parts.tar.gz" --exclude=checkpoints mqar-runs) ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
