@@ -159,7 +159,7 @@ for what in "$@"; do
             # ~640 s alone: the other entries then train anew, so give the same stage the unfinished ones only);
             # early stop at validation accuracy STOP; then one merged table, and every run's own output in one archive
             specs=() dirs=()
-            read -r -a specs <<< "${MQAR_RUNS:-128:0:2e-3 128:1:2e-3 256:2:3e-3 512:1:3e-3:30000}"
+            read -r -a specs <<< "${MQAR_RUNS:-128:0:2e-3 128:1:2e-3 256:2:3e-3 512:1:3e-3:24000}"
             for i in "${!specs[@]}"; do
                 IFS=: read -r width seed lr steps <<< "${specs[$i]}"
                 dirs+=("/tmp/mqar-runs/d$width-s$seed-lr$lr")
