@@ -133,6 +133,11 @@ def test_init_from_starts_from_saved_weights_and_their_tokenizer(tmp_path):
     finetuned = train(tiny_config(tmp_path / "finetune", **finetune_settings))
     fresh = train(tiny_config(tmp_path / "fresh", steps=2, lr=1e-4, min_lr=1e-5, warmup_steps=0))
     assert train_losses(finetuned.run_dir)[0][1] < train_losses(fresh.run_dir)[0][1] - 0.5
+    # FSDP2 on a group of one (what `--parallel auto` picks for T2R finetuning on a GPU in bf16) loads the same
+    # weights into its managed model: in float32 the steps are the plain run's
+    managed = train(tiny_config(tmp_path / "finetune-fsdp", **finetune_settings, parallel="fsdp"))
+    for (step, got), (_, want) in zip(train_losses(managed.run_dir), train_losses(finetuned.run_dir), strict=True):
+        assert got == pytest.approx(want, rel=1e-5), step
     settings = json.loads((finetuned.run_dir / "train_config.json").read_text())
     assert settings["tokenizer"] == str(pretrained.model_dir)  # "auto" took the folder's own tokenizer
     with pytest.raises(ValueError, match="model_overrides cannot change a model loaded with --init-from"):
