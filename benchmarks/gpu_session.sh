@@ -57,6 +57,23 @@ keep_reports() {  # a run folder's small reports (not its weights) as one archiv
     done
 }
 
+PAPER_MQAR=(--profile gpu --seq-len 512 --num-pairs 64 --vocab-size 8192)  # the paper's hardest MQAR setting
+
+mqar_run() {  # mqar_run GPU NAME CAP OUTPUT_DIR ARGS...: one GSA run of the paper's MQAR task alone in its process, in
+    # the background (the caller waits)
+    local gpu=$1 name=$2 cap=$3 dir=$4
+    shift 4
+    CUDA_VISIBLE_DEVICES=$gpu stage "$name" "$cap" python3 benchmarks/mqar_sweep.py "${PAPER_MQAR[@]}" --models gsa \
+        --workers 1 --device cuda --output-dir "$dir" "$@" &
+    sleep 1
+}
+
+mqar_table() {  # mqar_table NAME OUTPUT_DIR MQAR_JSON...: one table, mqar.json and plot of the runs in those files
+    local name=$1 dir=$2
+    shift 2
+    stage "$name" 60 python3 -m gsa eval mqar "${PAPER_MQAR[@]}" --merge "$@" --output-dir "$dir"
+}
+
 fla_setup() {  # flash-linear-attention from the carried wheels; Triton's autotune results kept across calls
     python3 -c "import fla" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/*.whl
     export TRITON_CACHE_DIR="$PWD/.cache/triton" FLA_CACHE_RESULTS=1
@@ -142,17 +159,11 @@ for what in "$@"; do
             for run in "512 $gpu_a ${STEPS_512:-20000}" "256 $gpu_b ${STEPS_256:-20000}" \
                 "128 $gpu_b ${STEPS_128:-30000}"; do
                 read -r width gpu steps <<< "$run"
-                CUDA_VISIBLE_DEVICES=$gpu stage "mqar-sittings-d$width" $(( ${SITTING:-420} + 90 )) python3 \
-                    benchmarks/mqar_sweep.py --profile gpu --models gsa --widths "$width" --seq-len 512 \
-                    --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --steps "$steps" \
-                    --sitting-seconds "${SITTING:-420}" --workers 1 --device cuda \
-                    --output-dir "/tmp/mqar-sittings-d$width" &
-                sleep 2
+                mqar_run "$gpu" "mqar-sittings-d$width" $(( ${SITTING:-420} + 90 )) "/tmp/mqar-sittings-d$width" \
+                    --widths "$width" --lrs 3e-3 --seeds 0 --steps "$steps" --sitting-seconds "${SITTING:-420}"
             done
             wait
-            stage mqar-sittings-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
-                --vocab-size 8192 --merge /tmp/mqar-sittings-d{512,256,128}/mqar.json \
-                --output-dir "$OUT/mqar-sittings" ;;
+            mqar_table mqar-sittings-table "$OUT/mqar-sittings" /tmp/mqar-sittings-d{512,256,128}/mqar.json ;;
         mqar-runs)  # issue 7: one MQAR run per GPU (GPU i takes the i-th of MQAR_RUNS), each "width:seed:lr" trained
             # for BUDGET seconds (its schedule planned to fit), or "width:seed:lr:steps" a fixed schedule in sittings
             # of BUDGET seconds (the same stage again on the warm machine continues it; d=512 needs ~20,000 steps,
@@ -168,15 +179,11 @@ for what in "$@"; do
                 else
                     schedule=(--time-budget "${BUDGET:-400}")
                 fi
-                CUDA_VISIBLE_DEVICES=$i stage "mqar-d$width-s$seed-lr$lr" $(( ${BUDGET:-400} + 120 )) python3 \
-                    benchmarks/mqar_sweep.py --profile gpu --models gsa --widths "$width" --seq-len 512 \
-                    --num-pairs 64 --vocab-size 8192 --lrs "$lr" --seeds "$seed" "${schedule[@]}" \
-                    --stop-accuracy "${STOP:-0.995}" --workers 1 --device cuda --output-dir "${dirs[-1]}" &
-                sleep 1
+                mqar_run "$i" "mqar-d$width-s$seed-lr$lr" $(( ${BUDGET:-400} + 120 )) "${dirs[-1]}" \
+                    --widths "$width" --lrs "$lr" --seeds "$seed" "${schedule[@]}" --stop-accuracy "${STOP:-0.995}"
             done
             wait
-            stage mqar-runs-table 60 python3 -m gsa eval mqar --profile gpu --seq-len 512 --num-pairs 64 \
-                --vocab-size 8192 --merge "${dirs[@]/%//mqar.json}" --output-dir "$OUT/mqar-runs"
+            mqar_table mqar-runs-table "$OUT/mqar-runs" "${dirs[@]/%//mqar.json}"
             (cd /tmp && tar -czf "$OUT/mqar-runs-parts.tar.gz" --exclude=checkpoints mqar-runs) ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
