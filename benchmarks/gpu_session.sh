@@ -168,19 +168,30 @@ for what in "$@"; do
             # for BUDGET seconds (its schedule planned to fit), or "width:seed:lr:steps" a fixed schedule in sittings
             # of BUDGET seconds (the same stage again on the warm machine continues it; d=512 needs ~20,000 steps,
             # ~640 s alone: the other entries then train anew, so give the same stage the unfinished ones only);
+            # a spec may end in "@" and more sweep options, commas for spaces ("128:0:2e-3:36000@--models,fla-gsa":
+            # FLA's GSA, which autotunes first, so it gets FLA_WARMUP more seconds of cap; carry .whl for it);
             # early stop at validation accuracy STOP; then one merged table, and every run's own output in one archive
             specs=() dirs=()
             read -r -a specs <<< "${MQAR_RUNS:-128:0:2e-3 128:1:2e-3 256:2:3e-3 512:1:3e-3:24000}"
             for i in "${!specs[@]}"; do
-                IFS=: read -r width seed lr steps <<< "${specs[$i]}"
-                dirs+=("/tmp/mqar-runs/d$width-s$seed-lr$lr")
+                spec=${specs[$i]%%@*} options=()
+                [[ ${specs[$i]} == *@* ]] && IFS=, read -r -a options <<< "${specs[$i]#*@}"
+                IFS=: read -r width seed lr steps <<< "$spec"
                 if [ -n "$steps" ]; then
                     schedule=(--steps "$steps" --sitting-seconds "${BUDGET:-400}")
                 else
                     schedule=(--time-budget "${BUDGET:-400}")
                 fi
-                mqar_run "$i" "mqar-d$width-s$seed-lr$lr" $(( ${BUDGET:-400} + 120 )) "${dirs[-1]}" \
-                    --widths "$width" --lrs "$lr" --seeds "$seed" "${schedule[@]}" --stop-accuracy "${STOP:-0.995}"
+                cap=$(( ${BUDGET:-400} + 120 ))
+                if [[ " ${options[*]} " == *fla-* ]]; then
+                    fla_setup
+                    cap=$(( cap + ${FLA_WARMUP:-150} ))
+                fi
+                label=$(IFS=_; echo "${options[*]}" | tr -c 'A-Za-z0-9.\n' '_' | sed 's/^_*//')
+                name="mqar-d$width-s$seed-lr$lr${label:+-$label}"
+                dirs+=("/tmp/mqar-runs/${name#mqar-}")
+                mqar_run "$i" "$name" "$cap" "${dirs[-1]}" --widths "$width" --lrs "$lr" --seeds "$seed" \
+                    "${schedule[@]}" --stop-accuracy "${STOP:-0.995}" "${options[@]}"
             done
             wait
             mqar_table mqar-runs-table "$OUT/mqar-runs" "${dirs[@]/%//mqar.json}"

@@ -121,7 +121,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on():
     results = run_sweep(sweep, "cpu")
     failed = [r for r in results if r["width"] == 20]
     assert len(failed) == 1 and "divisible" in failed[0]["error"] and failed[0]["accuracy"] is None
-    assert summarize(results)["gsa"].keys() == {18}
+    assert summarize(results)["gsa (gsa_head_dim=6)"].keys() == {18}  # a head width other than the profile's
 
 
 def test_summary_takes_the_best_learning_rate_per_width():
@@ -416,6 +416,28 @@ def test_merge_makes_one_table_of_split_sweeps_and_refuses_another_task(tmp_path
     assert run_eval(["mqar", "--profile", "smoke", "--merge", str(first / "mqar.json"), str(first / "mqar.runs.jsonl"),
                      "--output-dir", str(merged)]) != 0
     assert "give one of them" in capsys.readouterr().err  # the same runs twice would count twice in the means
+
+
+def test_runs_with_other_model_options_are_a_model_of_their_own_in_merges(tmp_path, capsys):
+    """A run made with non-default options (here the slot gates' τ) records them, and a merge shows it as its own
+    row, never averaged with (nor refused as a duplicate of) the default model's run of the same width, lr and
+    seed; the comparison with the paper takes the default model only."""
+    default, damped, merged = tmp_path / "default", tmp_path / "damped", tmp_path / "merged"
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--output-dir", str(default)]) == 0
+    assert run_eval(["mqar", "--profile", "smoke", "--models", "gsa", "--gsa-gate-damping", "32",
+                     "--no-short-conv", "--output-dir", str(damped)]) == 0
+    plain_run = json.loads((default / "mqar.json").read_text())["runs"][0]
+    damped_run = json.loads((damped / "mqar.json").read_text())["runs"][0]
+    assert plain_run["variant"] == "" and damped_run["variant"] == "short_conv=False, gate_damping=32"
+    capsys.readouterr()
+    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(default / "mqar.json"), str(damped / "mqar.json"),
+                     "--output-dir", str(merged)]) == 0
+    summary = json.loads((merged / "mqar.json").read_text())["summary"]
+    width = str(plain_run["width"])
+    assert summary["gsa"][width]["seed_accuracies"] == [plain_run["accuracy"]]
+    assert summary["gsa (short_conv=False, gate_damping=32)"][width]["seed_accuracies"] == [damped_run["accuracy"]]
+    assert "gsa (short_conv=False, gate_damping=32)" in capsys.readouterr().out
+    assert paper_comparison({"gsa (gate_damping=32)": {64: {"accuracy": 0.9}}})[0] == "d=64: not run (paper 28%)"
 
 
 def test_a_run_in_sittings_trains_as_the_uninterrupted_run(tmp_path):

@@ -269,7 +269,8 @@ def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, 
     from .mqar_sweep import PAPER_ACCURACY, is_paper_setting, plot_accuracy_by_width, report_text, summarize
 
     summary = summarize(results)
-    summary = {model: summary[model] for model in sweep.models if model in summary}  # the order asked for
+    order = {model: i for i, model in enumerate(sweep.models)}  # the order asked for, each kind's variants after it
+    summary = dict(sorted(summary.items(), key=lambda item: order.get(item[0].split(" (")[0], len(order))))
     paper_setting = is_paper_setting(sweep.task)
     report = report_text(sweep, summary, seconds)
     unfinished = [r for r in results if r.get("stopped") == "sitting"]

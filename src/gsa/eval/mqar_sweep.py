@@ -179,6 +179,25 @@ class ModelOptions:
     attention_head_dim: int = 64
     gsa_backend: str = "auto"
 
+    # the options given on top of the sweep's profile (by `with_overrides`): what makes a run a variant
+    overridden: tuple[str, ...] = ()
+
+    def variant(self, model: str) -> str:
+        """The options `model` was built with that were given on top of its profile's ("" for none), e.g.
+        "gate_damping=32": such runs are a model of their own in tables, apart from (and never merged with) the
+        profile's runs."""
+        relevant = ("attention_head_dim",) if model == "attention" else (
+            "gsa_head_dim", "num_slots", "short_conv", "gate_damping")
+        values = {name: getattr(self, name) for name in relevant if name in self.overridden}
+        return ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                         for name, value in values.items())
+
+
+def run_label(record: dict) -> str:
+    """A run's model as tables show it: its kind, and its non-default options when it has any."""
+    variant = record.get("variant")
+    return f"{record['model']} ({variant})" if variant else record["model"]
+
 
 @dataclass(frozen=True)
 class MQARRun:
@@ -701,7 +720,7 @@ def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options
         result = train_and_test(run, task, settings, options, device)
     except Exception as error:  # noqa: BLE001  (any failure of one run is reported with that run)
         result = {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
-    return {**result, "task": asdict(task)}  # so runs of several sweeps can be merged into one table (--merge)
+    return {**result, "variant": options.variant(run.model), "task": asdict(task)}  # so runs of several sweeps can be merged into one table (--merge)
 
 
 def _worker_run(job: tuple) -> dict:
@@ -759,9 +778,9 @@ def load_runs(paths: Iterable[str | os.PathLike], task: MQARTask) -> list[dict]:
                 found = recorded or f"seq_len {target[0]}, num_pairs {target[1]}"
                 raise ValueError(f"--merge: a run in {path} is of another task ({found}); expected {asdict(task)}"
                                  " (give the sweep's --seq-len, --num-pairs and --vocab-size)")
-            key = (record["model"], record["width"], record["lr"], record["seed"])
+            key = (run_label(record), record["width"], record["lr"], record["seed"])
             if key in seen:
-                raise ValueError(f"--merge: the run {record['model']} d={record['width']} lr={record['lr']:g} "
+                raise ValueError(f"--merge: the run {run_label(record)} d={record['width']} lr={record['lr']:g} "
                                  f"seed={record['seed']} is in both {seen[key]} and {path} (an mqar.json and its own "
                                  "mqar.runs.jsonl hold the same runs: give one of them)")
             seen[key] = path
@@ -776,7 +795,7 @@ def summarize(results: Iterable[dict]) -> dict:
     for r in results:
         if r.get("error"):
             continue
-        grouped.setdefault(r["model"], {}).setdefault(r["width"], {}).setdefault(r["lr"], []).append(r["accuracy"])
+        grouped.setdefault(run_label(r), {}).setdefault(r["width"], {}).setdefault(r["lr"], []).append(r["accuracy"])
     summary = {}
     for model, widths in grouped.items():
         summary[model] = {}
@@ -880,6 +899,8 @@ def with_overrides(sweep: Sweep, **overrides) -> Sweep:
     task_fields = {k: overrides.pop(k) for k in list(overrides) if k in MQARTask.__dataclass_fields__}
     train_fields = {k: overrides.pop(k) for k in list(overrides) if k in TrainSettings.__dataclass_fields__}
     option_fields = {k: overrides.pop(k) for k in list(overrides) if k in ModelOptions.__dataclass_fields__}
+    changed = [k for k, v in option_fields.items() if v != getattr(sweep.options, k) and k != "overridden"]
+    option_fields.setdefault("overridden", tuple(dict.fromkeys((*sweep.options.overridden, *changed))))
     return replace(
         sweep,
         task=replace(sweep.task, **task_fields),
