@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh mqar-step state-pass      # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tune-launch train-ours     # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh tests train-graph          # one H200, ~4 min
+#   bash benchmarks/gpu_session.sh train-profile              # one H200, ~3 min
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
@@ -80,31 +81,35 @@ fla_setup() {  # flash-linear-attention from the carried wheels; Triton's autotu
 }
 
 keep_autotune() {  # bring FLA's (and our) autotune results back as one archive (unpack it into .cache/triton)
-    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-autotune.tar.gz" --null -T -)
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 |
+        tar -czf "$OUT/triton-autotune.tar.gz" --null -T -)
 }
 
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+    torch.cuda.get_device_name())"
 for what in "$@"; do
     case "$what" in
         tests)  # layer, model and decoder tests natively on the GPU (Triton kernels compiled, GPU-only tests run)
             stage tests 150 python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_graph_decoder.py \
                 tests/models/test_model.py ;;
-        tests-ops)  # the operator's Triton tests natively but the real-shape ones: each kernel variant compiled (~5 min)
+        tests-ops)  # the operator's Triton tests natively but the real-shape ones: each kernel variant compiled
+            # (~5 min)
             stage tests-ops 330 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py -k "not gpu_" ;;
-        tests-gpu)  # the operator's GPU-only tests: real shapes in bf16 / fp16 / fp32, long varlen, decode in CUDA graphs
+        tests-gpu)  # the operator's GPU-only tests: real shapes in bf16 / fp16 / fp32, long varlen, decode in CUDA
+            # graphs
             stage tests-gpu "${TESTS_CAP:-240}" python3 -m pytest -v -p no:cacheprovider tests/ops/test_triton.py \
                 -k "${TESTS_K:-gpu_}" ;;
         state-pass)  # issue 3: state passes (walk / split) at every shape, then num_warps/num_stages per kernel
             stage tests-walk 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "chunk_kernels or steep or varlen or gpu_real or gpu_long"
             stage tune 200 python3 benchmarks/tune_ops.py --skip-tune --out "$OUT/tune_ops_h200.json" ;;
-        tune-launch)  # num_warps / num_stages per kernel at paper-2k in GPU time (sets LAUNCH in gsa/ops/triton/chunk.py;
-            # benchmarks/kernel_registers.py shows which configs spill, without a GPU)
+        tune-launch)  # num_warps / num_stages per kernel at paper-2k in GPU time (sets LAUNCH in
+            # gsa/ops/triton/chunk.py; benchmarks/kernel_registers.py shows which configs spill, without a GPU)
             stage tune-launch 370 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \
                 --out "$OUT/tune_launch_h200.json" ;;
         host)  # issue 3: the host's time per operator call (what eager loops pay) and kernels per call, walk vs segment
-            stage host 120 python3 benchmarks/host_overhead.py --shapes paper-2k paper-8k paper-16k --passes walk64 segment \
-                --out "$OUT/host_overhead_h200.json" ;;
+            stage host 120 python3 benchmarks/host_overhead.py --shapes paper-2k paper-8k paper-16k \
+                --passes walk64 segment --out "$OUT/host_overhead_h200.json" ;;
         mqar-step)  # issue 7: an MQAR training step per model and width, alone on the GPU, eager and graphed (what the
             # sweep's runs pay for sharing a GPU: session 10's d=512 ran 15 steps/s with two runs on one GPU), and the
             # kernels of the widest GSA model's graphed steps
@@ -114,13 +119,20 @@ for what in "$@"; do
                 --models ours --count-saved --profile --out "$OUT/train_h200_ours.json" ;;
         train-graph)  # issue 8: ours eager and as one CUDA graph per step at every context (how much of a step is the
             # host's), and where the eager step's GPU time goes, by kernel group and by the elementwise ops' shapes
-            stage train-graph 330 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
+            stage train-graph 330 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 \
+                --warmup 2 \
                 --models ours ours-graph --profile --out "$OUT/train_h200_graph.json" ;;
+        train-profile)  # issue 8: where the 8K step's GPU time goes (the 1.25x target is ~20 ms a step short there,
+            # ~1 ms at 2K): ours at 8K profiled by kernel group, next to 2K in the same call
+            # 2K): ours at 8K profiled by kernel group, next to 2K in the same call
+            stage train-profile 200 python3 benchmarks/bench_train.py --contexts 8192 2048 --steps 4 --warmup 2 \
+                --models ours --profile --out "$OUT/train_h200_profile_8k.json" ;;
         train-modes)  # issue 8 / 5: what `gsa train` on one GPU (44.6K tok/s) does that the benchmark (63.4K) does not:
             # float32 weights under bf16 autocast, documents packed with cu_seqlens
             stage train-modes 300 python3 benchmarks/bench_train.py --contexts 2048 --steps 4 --warmup 2 \
                 --models ours ours-autocast ours-packed --out "$OUT/train_h200_modes.json" ;;
-        tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU time
+        tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU
+            # time
             stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
@@ -134,14 +146,16 @@ for what in "$@"; do
         activation)
             stage activation 60 python3 benchmarks/activation_memory.py ;;
         mqar)  # issue 7: 16 runs in 2 waves of 150 s (warm-up and compilation outside each run's budget)
-            stage mqar 560 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention --widths 64 128 256 512 \
+            stage mqar 560 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa attention \
+                --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 1e-2 --seeds 0 --time-budget 300 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar" ;;
         mqar-gsa)  # issue 7: GSA alone, one wave of 8 runs (4 widths x 2 learning rates), 240 s of training each
             stage mqar-gsa 370 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 256 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 1e-3 3e-3 --seeds 0 --time-budget 240 \
                 --workers 8 --device cuda --output-dir "$OUT/mqar-gsa" ;;
-        mqar-long)  # issue 7: GSA at the widths still on the plateau after 240 s (mixture), 3 runs side by side, 480 s each
+        mqar-long)  # issue 7: GSA at the widths still on the plateau after 240 s (mixture), 3 runs side by side,
+            # 480 s each
             stage mqar-long 570 python3 benchmarks/mqar_sweep.py --profile gpu --models gsa --widths 64 128 512 \
                 --seq-len 512 --num-pairs 64 --vocab-size 8192 --lrs 3e-3 --seeds 0 --time-budget 480 \
                 --workers 3 --device cuda --output-dir "$OUT/mqar-long" ;;
@@ -196,7 +210,8 @@ for what in "$@"; do
             wait
             mqar_table mqar-runs-table "$OUT/mqar-runs" "${dirs[@]/%//mqar.json}"
             (cd /tmp && tar -czf "$OUT/mqar-runs-parts.tar.gz" --exclude=checkpoints mqar-runs) ;;
-        harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval, .cache/gpu-data)
+        harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval,
+            # .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
             # the King James Bible only, so the Shakespeare tasks (data prebuilt in $DATA/eval) are text it never saw.
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-eval \
@@ -216,7 +231,8 @@ for what in "$@"; do
         compare-long)  # issue 5: one model (MODEL) of the 10-minute comparison at STEPS steps (10 minutes of GSA at the
             # trainer's measured 6.9 steps/s: ~4100), with GCIDE (carry .cache/gpu-data, 50 MB); the cap's SIGINT makes
             # the trainer checkpoint the step it is on, and the same stage again on the warm machine resumes it
-            stage compare-long "${COMPARE_CAP:-560}" python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" --steps "${STEPS:-4100}" \
+            stage compare-long "${COMPARE_CAP:-560}" python3 benchmarks/train_compare.py --models "${MODEL:-gsa-100m}" \
+                --steps "${STEPS:-4100}" \
                 --save-every 1000 --resume --data "$DATA/shakespeare" "$DATA/bible-kjv" "$DATA/gcide" \
                 --tokenizer "$DATA/tokenizer.model" --out-dir /tmp/compare-long
             stage compare-long-table 60 python3 benchmarks/train_compare.py --models gsa-100m transformer-100m \
@@ -247,12 +263,14 @@ for what in "$@"; do
                     --log-every 2 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress \
                     --parallel "$mode" --run-dir "/tmp/trainer-1gpu-$mode"
             done
-            stage trainer-1gpu-table 30 python3 benchmarks/train_throughput.py /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp
+            stage trainer-1gpu-table 30 python3 benchmarks/train_throughput.py /tmp/trainer-1gpu-none \
+                /tmp/trainer-1gpu-fsdp
             keep_reports /tmp/trainer-1gpu-none /tmp/trainer-1gpu-fsdp ;;
         fsdp)  # issue 5: the 1.3B preset with FSDP2 on two GPUs against one GPU (FSDP2 on a group of one there since
             # session 10's default; session 9's one-GPU figure was autocast over float32 weights)
             stage fsdp-2gpu 170 torchrun --standalone --nproc-per-node 2 -m gsa train --recipe paper-1.3b \
-                --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
+                --data "$DATA/shakespeare" "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 \
+                --global-batch-size 32 --log-every 2 \
                 --eval-every 1000 --save-every 1000 --sample-tokens 0 --no-progress --run-dir /tmp/fsdp-1.3b-2gpu
             stage fsdp-1gpu 150 python3 -m gsa train --recipe paper-1.3b --data "$DATA/shakespeare" \
                 "$DATA/bible-kjv" --tokenizer "$DATA/tokenizer.model" --steps 24 --global-batch-size 32 --log-every 2 \
@@ -261,11 +279,14 @@ for what in "$@"; do
             keep_reports /tmp/fsdp-1.3b-2gpu /tmp/fsdp-1.3b-1gpu ;;
         t2r)  # issue 6: (a) original, (b) plain conversion, (t) calibrated + attention transfer, (c) (t) finetuned
             stage t2r-abt 330 python3 benchmarks/t2r_smollm2.py --parts abt --json "$OUT/abt.json"
-            stage t2r-c1 210 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 1e-4 --json "$OUT/c1.json" ;;
+            stage t2r-c1 210 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 1e-4 \
+                --json "$OUT/c1.json" ;;
         t2r-more)  # (d) from scratch on the same tokens, and (c) at a second learning rate
             stage t2r-d 190 python3 benchmarks/t2r_smollm2.py --parts d --budget-minutes 2 --json "$OUT/d.json"
-            stage t2r-c3 190 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 --json "$OUT/c3.json" ;;
-        fla)  # FLA side by side, same run (carry .whl, and .cache/triton when an earlier session left autotune results).
+            stage t2r-c3 190 python3 benchmarks/t2r_smollm2.py --parts c --budget-minutes 2 --lr 3e-4 \
+                --json "$OUT/c3.json" ;;
+        fla)  # FLA side by side, same run (carry .whl, and .cache/triton when an earlier session left autotune
+            # results).
             # FLA autotunes every kernel on first use (~9 minutes on a fresh machine); Triton caches the winners as
             # *.autotune.json under TRITON_CACHE_DIR, which come back under $OUT/triton-autotune: copy them to
             # .cache/triton here and carry that folder next time, and FLA starts in seconds.
@@ -299,6 +320,7 @@ for what in "$@"; do
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
                 "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
-                "mqar-gsa mqar-long mqar-graph mqar-sittings harness compare compare-long compare-pair trainer-1gpu fsdp t2r t2r-more)"; exit 2 ;;
+                "mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs harness compare compare-long compare-pair" \
+                "trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
     esac
 done
