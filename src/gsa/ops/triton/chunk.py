@@ -126,16 +126,45 @@ def _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT: tl.conste
 
 
 @triton.jit
+def _store_halves(end_ptr, end_v_ptr, i_nh, K, V, M, r, ms, x, mask):
+    """Rows r (of the joint [K + V, M]) of one (sequence, head)'s last value x, in float32, into the halves the
+    caller gets: end [N, H, K, M] and end_v [N, H, M, V] (Hv transposed), each contiguous (no copy afterwards)."""
+    n = i_nh.to(tl.int64)
+    key = r < K
+    tl.store(end_ptr + n * K * M + r[:, None] * M + ms[None, :], x, mask=mask & key[:, None])
+    tl.store(end_v_ptr + n * M * V + ms[None, :] * V + (r - K)[:, None], x, mask=mask & ~key[:, None])
+
+
+@triton.jit
+def _store_walk_end(end_ptr, end_v_ptr, i_nh, K, V, M, KV, is_key, d0, dd, ms, offs, x, mask,
+                    SPLIT: tl.constexpr):
+    """A walking program's rows (a block of one half: is_key, from row d0 of it; offs within one (slot, head)
+    of the joint state) of its last value x, float32: into the joint end [N, H, K + V, M], or SPLIT into the
+    halves end [N, H, K, M] / end_v [N, H, M, V]. One branch per program, the key rows' offsets the joint's
+    (keys come first), so it costs the walk no more registers than the joint store."""
+    n = i_nh.to(tl.int64)
+    if SPLIT:
+        if is_key:
+            tl.store(end_ptr + n * K * M + offs, x, mask=mask)
+        else:
+            tl.store(end_v_ptr + n * M * V + ms[None, :] * V + (d0 + dd)[:, None], x, mask=mask)
+    else:
+        tl.store(end_ptr + n * KV * M + offs, x, mask=mask)
+
+
+@triton.jit
 def _scan_slots(
-    slots_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
-    H, M, SIZE,
+    slots_ptr, decay_ptr, start_ptr, end_ptr, end_v_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
+    H, K, V, M, SIZE,
     BT: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr,
+    STORE_END: tl.constexpr,
 ):
     """x_n = x_{n-1} * decay_n + local_n over one sequence's chunks, elementwise on BLOCK entries of [K + V, M].
 
     Forward: x_0 = start (initial state), local_n sits in slot n + 1 and is replaced by the state there.
     Reverse: x = start (final-state gradient) enters slot NT; local_n sits in slot n and is replaced by the
-    gradient of the state before chunk n. The last x (final state / initial-state gradient) goes to end, fp32."""
+    gradient of the state before chunk n. STORE_END: the last x (final state / initial-state gradient) goes to
+    the halves end [N, H, K, M] and end_v [N, H, M, V], float32."""
     i_nh = tl.program_id(0)
     i_b = tl.program_id(1)
     i_h, _, _, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
@@ -160,7 +189,11 @@ def _scan_slots(
             d = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + m, mask=ok, other=0.0)
             x = x * d + tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
-    tl.store(end_ptr + i_nh.to(tl.int64) * SIZE + e, x, mask=ok)
+    if STORE_END:
+        r = e // M
+        key = r < K
+        tl.store(end_ptr + i_nh.to(tl.int64) * K * M + e, x, mask=ok & key)
+        tl.store(end_v_ptr + i_nh.to(tl.int64) * M * V + m * V + (r - K), x, mask=ok & ~key)
 
 
 @triton.jit
@@ -214,16 +247,18 @@ def _store_slot(slots_ptr, slot, i_h, H, KV, M, offs, state, mask):
 
 @triton.jit
 def _walk_states(
-    k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
+    k_ptr, v_ptr, factors_ptr, decay_ptr, states_ptr, start_ptr, end_ptr, end_v_ptr, cu_ptr, slot_base_ptr,
+    chunk_base_ptr,
     H, K, V, M, KV,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
-    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
+    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr, SPLIT_END: tl.constexpr,
     DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """States of one span (sequence or segment) and head, rows of one block, at every chunk boundary:
     S_n+1 = S_n exp(G_C) + xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors
     come from `_gate_factors`. STORE_SLOTS: the states before each chunk; STORE_EDGE: the state after the last
-    chunk, in its slot; STORE_END: that state in float32 in end (a segment's contribution, a sequence's final)."""
+    chunk, in its slot; STORE_END: that state in float32 in end (a segment's contribution, joint), or SPLIT_END
+    in the halves end / end_v (a sequence's final state, as the caller gets it)."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
@@ -247,21 +282,22 @@ def _walk_states(
     if STORE_EDGE:
         _store_slot(states_ptr, slot0 + num_chunks, i_h, H, KV, M, offs, state, mask)
     if STORE_END:
-        tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+        _store_walk_end(end_ptr, end_v_ptr, i_nh, K, V, M, KV, is_key, d0, dd, ms, offs, state, mask, SPLIT_END)
 
 
 @triton.jit
 def _walk_dstates(
-    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, cu_ptr, slot_base_ptr, chunk_base_ptr,
+    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, end_v_ptr, cu_ptr, slot_base_ptr,
+    chunk_base_ptr,
     scale, H, HQ, K, V, M, KV, GROUP,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
-    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr,
+    STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr, SPLIT_END: tl.constexpr,
     DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The state gradient, walking one span's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
     over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows.
     STORE_SLOTS: dS_n in slot n; STORE_EDGE: the gradient it starts from (final state's) in the last slot;
-    STORE_END: dS_0 in float32 in end."""
+    STORE_END: dS_0 in float32 in end (joint), or SPLIT_END in the halves end / end_v."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
@@ -293,7 +329,7 @@ def _walk_dstates(
         if STORE_SLOTS:
             _store_slot(dstates_ptr, slot0 + n, i_h, H, KV, M, offs, state, mask)
     if STORE_END:
-        tl.store(end_ptr + i_nh.to(tl.int64) * KV * M + offs, state, mask=mask)
+        _store_walk_end(end_ptr, end_v_ptr, i_nh, K, V, M, KV, is_key, d0, dd, ms, offs, state, mask, SPLIT_END)
 
 
 @triton.jit
@@ -303,19 +339,19 @@ def _multiply(a, b):
 
 @triton.jit
 def _join_segments(
-    ends_ptr, decay_ptr, start_ptr, starts_ptr, final_ptr, slots_ptr,
+    ends_ptr, decay_ptr, start_ptr, starts_ptr, final_ptr, final_v_ptr, slots_ptr,
     cu_ptr, slot_base_ptr, seg_first_ptr, seg_cu_ptr, seg_chunk_ptr,
-    H, M, KV,
+    H, K, V, M, KV,
     BT: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_START: tl.constexpr,
+    HAS_START: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     """The segments' recurrence for one sequence and head, on BR rows of the joint state [K + V, M]:
     x_after(j) = x_before(j) * decay(j) + ends(j), decay(j) the product of segment j's chunk decays (BC chunks a
     load, so that a segment costs a few dependent loads, not one per chunk), ends(j) what the segment's walk from
     zero gave. Forward: x enters as the initial state; each segment's start state goes to starts, the final state
-    to final and to the sequence's last slot. Reverse: x enters as the final-state gradient (also stored in the
-    last slot) and runs from the last segment back; each segment's end gradient goes to starts, the initial-state
-    gradient to final."""
+    to the sequence's last slot (and, STORE_FINAL, to the halves final [N, H, K, M] / final_v [N, H, M, V]).
+    Reverse: x enters as the final-state gradient (also stored in the last slot) and runs from the last segment
+    back; each segment's end gradient goes to starts, the initial-state gradient (STORE_FINAL) to the halves."""
     i_nh = tl.program_id(0)
     i_r = tl.program_id(1)
     i_n = i_nh // H
@@ -352,7 +388,8 @@ def _join_segments(
         x = x * decay[None, :] + tl.load(ends_ptr + (j * H + i_h) * KV * M + base + offs, mask=mask, other=0.0)
     if not REVERSE:
         tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
-    tl.store(final_ptr + i_nh.to(tl.int64) * KV * M + base + offs, x, mask=mask)
+    if STORE_FINAL:
+        _store_halves(final_ptr, final_v_ptr, i_nh, K, V, M, i_r * BR + rr, ms, x, mask)
 
 
 @triton.jit
@@ -763,22 +800,24 @@ def _joint(hk: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
     return torch.cat([hk, hv.transpose(-1, -2)], -2, out=joint)
 
 
-def _split(joint: torch.Tensor, K: int, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint state's halves (Hk [N, H, K, M], Hv [N, H, M, V]): contiguous copies, or views (gradients)."""
-    hk, hv = joint[:, :, :K], joint[:, :, K:].transpose(-1, -2)
-    return (hk.contiguous(), hv.contiguous()) if copy else (hk, hv)
+def _halves(N: int, H: int, K: int, V: int, M: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty float32 (Hk [N, H, K, M], Hv [N, H, M, V]): what the kernels write a final state (or an initial-state
+    gradient) into, in the layout the caller gets, so that no copy follows."""
+    return (torch.empty(N, H, K, M, device=device, dtype=torch.float32),
+            torch.empty(N, H, M, V, device=device, dtype=torch.float32))
 
 
-def _scan(slots, decay, start, layout, reverse):
-    """Run `_scan_slots` over all sequences and heads; returns the last value of each scan (float32, joint)."""
+def _scan(slots, decay, start, layout, reverse, end, K):
+    """Run `_scan_slots` over all sequences and heads; the last value of each scan goes to the halves `end`
+    (float32), when given."""
     _, H, KV, M = slots.shape
-    end = torch.empty(layout.num_sequences, H, KV, M, device=slots.device, dtype=torch.float32)
     grid = (layout.num_sequences * H, cdiv(KV * M, SCAN_BLOCK))
+    end_k, end_v = end if end is not None else (slots, slots)  # unused pointers when nothing is stored
     _launch(
-        _scan_slots, grid, slots, decay, start if start is not None else end, end, layout.cu_seqlens, layout.slot_base,
-        layout.chunk_base, H, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse, HAS_START=start is not None
+        _scan_slots, grid, slots, decay, start if start is not None else slots, end_k, end_v, layout.cu_seqlens,
+        layout.slot_base, layout.chunk_base, H, K, KV - K, M, KV * M, BT=CHUNK, BLOCK=SCAN_BLOCK, REVERSE=reverse,
+        HAS_START=start is not None, STORE_END=end is not None,
     )
-    return end
 
 
 # "auto", "walk", "segment" or "split" (see the module docstring); GSA_TRITON_STATE_PASS forces one, for benchmarks.
@@ -811,37 +850,41 @@ def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | 
     return block, (length if length < layout.max_chunks else None)
 
 
-def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, start, final, reverse: bool):
-    """Run a walking kernel (`launch(spans, count, start, end, **flags)`) over whole sequences, or over segments of
-    `length` chunks in three steps: walk every segment from zero keeping only its end, join the segments' ends
-    in sequence order (`_join_segments`: each segment's true start, and the final value), walk again from those
-    starts storing every slot. `final` receives the final state (forward) or the initial-state gradient."""
+def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, start, final, K: int, reverse: bool):
+    """Run a walking kernel (`launch(spans, count, start, end, end_v, **flags)`) over whole sequences, or over
+    segments of `length` chunks in three steps: walk every segment from zero keeping only its end, join the
+    segments' ends in sequence order (`_join_segments`: each segment's true start, and the final value), walk again
+    from those starts storing every slot. `final`, when given, receives the final state (forward) or the
+    initial-state gradient as its halves (Hk [N, H, K, M], Hv [N, H, M, V])."""
+    final_k, final_v = final if final is not None else (slots, slots)  # unused pointers when nothing is stored
     if length is None:
-        launch(layout, layout.num_sequences, start if start is not None else final, final, HAS_START=start is not None,
-               STORE_SLOTS=True, STORE_EDGE=True, STORE_END=True)
+        launch(layout, layout.num_sequences, start if start is not None else slots, final_k, final_v,
+               HAS_START=start is not None, STORE_SLOTS=True, STORE_EDGE=True, STORE_END=final is not None,
+               SPLIT_END=True)
         return
     spans = layout.segments(length)
     _, H, KV, M = slots.shape
     ends = torch.empty(spans.num_segments, H, KV, M, device=slots.device, dtype=torch.float32)
     starts = torch.empty_like(ends)
-    launch(spans, spans.num_segments, ends, ends, HAS_START=False, STORE_SLOTS=False, STORE_EDGE=False,
-           STORE_END=True)
+    launch(spans, spans.num_segments, ends, ends, ends, HAS_START=False, STORE_SLOTS=False, STORE_EDGE=False,
+           STORE_END=True, SPLIT_END=False)
     BM = next_power_of_2(M)
     rows = max(1, SCAN_BLOCK // BM)
     _launch(
         _join_segments, (layout.num_sequences * H, cdiv(KV, rows)),
-        ends, decay, start if start is not None else final, starts, final, slots,
+        ends, decay, start if start is not None else slots, starts, final_k, final_v, slots,
         layout.cu_seqlens, layout.slot_base, spans.first, spans.cu_seqlens, spans.chunk_base,
-        H, M, KV, BT=CHUNK, BR=rows, BM=BM, BC=16, REVERSE=reverse, HAS_START=start is not None,
+        H, K, KV - K, M, KV, BT=CHUNK, BR=rows, BM=BM, BC=16, REVERSE=reverse, HAS_START=start is not None,
+        STORE_FINAL=final is not None,
     )
     # the edge slots (between segments, and the sequences' last) are the join's and the neighbours' to store
-    launch(spans, spans.num_segments, starts, ends, HAS_START=True, STORE_SLOTS=True, STORE_EDGE=False,
-           STORE_END=False)
+    launch(spans, spans.num_segments, starts, ends, ends, HAS_START=True, STORE_SLOTS=True, STORE_EDGE=False,
+           STORE_END=False, SPLIT_END=False)
 
 
-def _scan_states(k, v, s, g, start, layout):
-    """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays, and the final states (float32,
-    joint), from the joint initial states `start` (float32) or zeros."""
+def _scan_states(k, v, s, g, start, layout, final=None):
+    """Joint states at every chunk boundary (in `_state_dtype`) and the chunk decays, from the joint initial states
+    `start` (float32) or zeros; the final states go to the halves `final` (float32 (Hk, Hv)) when given."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -857,20 +900,19 @@ def _scan_states(k, v, s, g, start, layout):
         BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR
     )
     dot = _dot_args(k.dtype)
-    final = torch.empty(layout.num_sequences, H, K + V, M, device=k.device, dtype=torch.float32)
     plan = state_plan(layout, H, K, V)
     if plan is not None:
         BD, length = plan
 
-        def launch(spans, count, start_, end, **flags):
+        def launch(spans, count, start_, end, end_v, **flags):
             _launch(
                 _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD)),
-                k, v, factors, decay, states, start_, end, spans.cu_seqlens, spans.slot_base, spans.chunk_base,
-                H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot
+                k, v, factors, decay, states, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
+                spans.chunk_base, H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot
             )
 
-        _walk_spans(launch, layout, length, states, decay, start, final, reverse=False)
-        return states, decay, final
+        _walk_spans(launch, layout, length, states, decay, start, final, K, reverse=False)
+        return states, decay
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
         _launch(
@@ -878,8 +920,8 @@ def _scan_states(k, v, s, g, start, layout):
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot
         )
-    final = _scan(states, decay, start, layout, reverse=False)
-    return states, decay, final
+    _scan(states, decay, start, layout, False, final, K)
+    return states, decay
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -893,8 +935,9 @@ class ChunkGSAFunction(torch.autograd.Function):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
-        states, _, final = _scan_states(k, v, s, g, start, layout)
-        final_k, final_v = _split(final, K) if output_final_state else (None, None)
+        final = _halves(layout.num_sequences, H, K, V, M, q.device) if output_final_state else None
+        states, _ = _scan_states(k, v, s, g, start, layout, final)
+        final_k, final_v = final if final is not None else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
         BM = next_power_of_2(M)
@@ -924,7 +967,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
         # the gate factors and states are recomputed, not kept: the factors would add the size of s to what
         # autograd keeps, for ~12 us of a 1.2 ms forward+backward at the paper shape
-        states, decay, _ = _scan_states(k, v, s, g, start, layout)
+        states, decay = _scan_states(k, v, s, g, start, layout)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -953,20 +996,21 @@ class ChunkGSAFunction(torch.autograd.Function):
                 dfinal_k if dfinal_k is not None else torch.zeros(layout.num_sequences, H, K, M, device=q.device),
                 dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
             )
+        # the initial states' gradient, when they were given, straight into their halves' layout
+        dh0 = _halves(layout.num_sequences, H, K, V, M, q.device) if start is not None else None
         plan = state_plan(layout, H, K, V)
         if plan is not None:
             walk, length = plan
-            dh0 = torch.empty(layout.num_sequences, H, K + V, M, device=q.device, dtype=torch.float32)
 
-            def launch(spans, count, start, end, **flags):
+            def launch(spans, count, start_, end, end_v, **flags):
                 _launch(
                     _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk)),
-                    q, do, dl_dec, p_dec, dstates, decay, start, end, spans.cu_seqlens, spans.slot_base,
+                    q, do, dl_dec, p_dec, dstates, decay, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
                     BT=CHUNK, BD=walk, BM=BM, **flags, **dot
                 )
 
-            _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, reverse=True)
+            _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, K, reverse=True)
         else:
             for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
                 BD = min(64, next_power_of_2(width))
@@ -975,9 +1019,9 @@ class ChunkGSAFunction(torch.autograd.Function):
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
                     x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot
                 )
-            dh0 = _scan(dstates, decay, dfinal, layout, reverse=True)
-        # views: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
-        dh0_k, dh0_v = _split(dh0, K, copy=False) if start is not None else (None, None)
+            _scan(dstates, decay, dfinal, layout, True, dh0, K)
+        # float32: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
+        dh0_k, dh0_v = dh0 if dh0 is not None else (None, None)
         # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
         ds = torch.empty(TT, H, M, device=q.device, dtype=s.dtype)
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
