@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --models ours ours-plain --contexts 2048   # fused layers against plain PyTorch
     python benchmarks/bench_train.py --models ours ours-graph   # eager against the whole step in one CUDA graph
     python benchmarks/bench_train.py --models ours ours-autocast ours-packed   # what `gsa train` does differently
+    python benchmarks/bench_train.py --models ours ours-kept   # GSA features kept for backward, not recomputed
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gsa.layers import GatedSlotAttention
 from gsa.layers.fused import use_fused
 from gsa.models import GSAForCausalLM, preset_config
 
@@ -29,7 +31,12 @@ TOKENS_PER_STEP = 16384
 
 def build(kind: str):
     if kind.startswith("ours"):
-        return GSAForCausalLM(preset_config("gsa-1.3b"))
+        model = GSAForCausalLM(preset_config("gsa-1.3b"))
+        if kind == "ours-kept":  # φ(q), φ(k), swish(v) kept for backward: three fewer passes, more memory
+            for module in model.modules():
+                if isinstance(module, GatedSlotAttention):
+                    module.recompute_features = False
+        return model
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -274,7 +281,7 @@ def main():
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
     if args.profile:
-        for kind in [m for m in models if m in ("ours", "ours-plain", "llama")]:  # profile_step runs these as measured
+        for kind in [m for m in models if m in ("ours", "ours-kept", "ours-plain", "llama")]:  # profile_step runs these as measured
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
             print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), "

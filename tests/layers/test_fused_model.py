@@ -181,6 +181,39 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator):
     assert bytes1 == want, (bytes1, want, bytes0)
 
 
+def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(triton_operator):
+    """recompute_features=False: the operator's inputs φ(q), φ(k), swish(v) are kept instead of recomputed in
+    backward; the output and every gradient are bitwise those of the recomputing layer, and the saved bytes grow
+    by exactly those three [tokens, width] tensors."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(device)
+    norm = RMSNorm(32).to(device)
+    x = torch.randn(1, 70, 32, device=device)
+    cotangent = torch.randn(1, 70, 32, device=device)
+    params = {p.untyped_storage().data_ptr() for p in [*layer.parameters(), *norm.parameters()]}
+    results = {}
+    for recompute in (True, False):
+        layer.recompute_features = recompute
+        xl = x.clone().requires_grad_()
+        saved = {}
+
+        def pack(t):
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        with use_triton_kernels(False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = layer(xl, norm=norm)
+        layer.zero_grad(set_to_none=True)
+        norm.zero_grad(set_to_none=True)
+        (y * cotangent).sum().backward()
+        grads = [xl.grad, *(p.grad for p in [*layer.parameters(), *norm.parameters()])]
+        results[recompute] = y.detach(), grads, sum(v for k, v in saved.items() if k not in params)
+    (y_re, grads_re, bytes_re), (y_kept, grads_kept, bytes_kept) = results[True], results[False]
+    assert torch.equal(y_re, y_kept) and all(torch.equal(a, b) for a, b in zip(grads_re, grads_kept))
+    assert bytes_kept - bytes_re == 4 * 70 * 3 * 32
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_fused_model_under_activation_checkpointing(reentrant):
     """The trainer's non-reentrant checkpointing (and the reentrant form) around fused blocks: same gradients."""

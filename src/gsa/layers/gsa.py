@@ -65,6 +65,7 @@ class GatedSlotAttention(nn.Module):
         scale: float = 1.0,
         layer_idx: int | None = None,
         backend: str = "auto",
+        recompute_features: bool = True,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -97,6 +98,10 @@ class GatedSlotAttention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         self.backend = backend
+        # Training memory against speed: the operator's inputs φ(q), φ(k), swish(v) are recomputed in backward from
+        # the projections (which swish keeps anyway) when True; kept when False, which saves backward three
+        # elementwise passes over [tokens, width] and keeps 3 x tokens x width more values per layer.
+        self.recompute_features = recompute_features
 
         kv_key_dim = num_kv_heads * self.head_k_dim
         kv_value_dim = num_kv_heads * self.head_v_dim
@@ -202,9 +207,12 @@ class GatedSlotAttention(nn.Module):
         v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
         q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
         # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
-        recipes = [(v, F.silu, v_in)]
-        if self.feature_map is F.silu:
-            recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+        # (unless recompute_features is off)
+        recipes = []
+        if self.recompute_features:
+            recipes.append((v, F.silu, v_in))
+            if self.feature_map is F.silu:
+                recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
         f = f.view(B, T, self.num_kv_heads, self.num_slots)
         # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
         gate_mask = None if mask is None else mask[:, :, None, None]
