@@ -430,9 +430,10 @@ def test_runs_with_other_model_options_are_a_model_of_their_own_in_merges(tmp_pa
     damped_run = json.loads((damped / "mqar.json").read_text())["runs"][0]
     assert plain_run["variant"] == "" and damped_run["variant"] == "short_conv=False, gate_damping=32"
     capsys.readouterr()
-    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(default / "mqar.json"), str(damped / "mqar.json"),
+    assert run_eval(["mqar", "--profile", "smoke", "--merge", str(damped / "mqar.json"), str(default / "mqar.json"),
                      "--output-dir", str(merged)]) == 0
     summary = json.loads((merged / "mqar.json").read_text())["summary"]
+    assert list(summary) == ["gsa", "gsa (short_conv=False, gate_damping=32)"]  # a kind first, then its variants
     width = str(plain_run["width"])
     assert summary["gsa"][width]["seed_accuracies"] == [plain_run["accuracy"]]
     assert summary["gsa (short_conv=False, gate_damping=32)"][width]["seed_accuracies"] == [damped_run["accuracy"]]
@@ -468,8 +469,10 @@ def test_a_sitting_refuses_a_saved_run_of_other_settings(tmp_path):
     assert first["stopped"] == "sitting" and first["steps"] == 2
     with pytest.raises(ValueError, match=r"holds a run of other settings \(settings differ\)"):
         train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, steps=20), SMOKE.options, "cpu", clock=FakeClock(1.0))
-    # a longer sitting is the same run
-    longer = train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, sitting_seconds=100.0), SMOKE.options, "cpu",
+    # a longer sitting is the same run, and so are the same options named as given on the command line (which only
+    # labels the run: sittings saved before runs were labelled continue too)
+    labelled = replace(SMOKE.options, overridden=("gsa_head_dim",))
+    longer = train_and_test(SMOKE_RUN, SMOKE.task, replace(settings, sitting_seconds=100.0), labelled, "cpu",
                             clock=FakeClock(1.0))
     assert longer["steps"] == 14 and longer["sittings"] == 2
 

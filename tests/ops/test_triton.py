@@ -75,14 +75,14 @@ def test_chunk_kernels_without_initial_state(state_pass):
 def test_without_final_states_the_output_and_all_gradients_match(state_pass):
     """output_final_state=False (a training step's call): the kernels store no final state at all, and the output
     and every gradient (the initial states' too) are still the reference's; with final states asked for, both
-    halves come back contiguous in the documented shapes, written so by the kernels (no copy made afterwards)."""
+    halves come back contiguous in the documented shapes."""
     B, T, HQ, H, K, V, M = 2, 150, 4, 2, 70, 24, 20
     tensors = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=21, device=DEVICE)
     tensors += list(random_state(B, H, K, V, M, dtype=torch.float32, seed=22, device=DEVICE))
 
-    def output_and_grads(with_final: bool):
+    def output_and_grads(from_reference: bool):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        if with_final:
+        if from_reference:
             o, _ = reference(*leaves)
         else:
             o, final = triton_ops.chunk_gsa_triton(*leaves[:5], K**-0.5, tuple(leaves[5:]), False, None)
@@ -92,6 +92,12 @@ def test_without_final_states_the_output_and_all_gradients_match(state_pass):
 
     names = ["o", *NAMES[3:]]
     assert_close_all([t.cpu() for t in output_and_grads(False)], output_and_grads(True), 2e-5, names=names)
+    # initial states that need no gradient (a state carried over, detached): the others' gradients unchanged
+    leaves = [t.detach().clone().requires_grad_(i < 5) for i, t in enumerate(tensors)]
+    o, _ = triton_ops.chunk_gsa_triton(*leaves[:5], K**-0.5, tuple(leaves[5:]), False, None)
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    detached = [o.detach(), *torch.autograd.grad((o.double() * weights.to(o.device)).sum(), leaves[:5])]
+    assert_close_all([t.cpu() for t in detached], output_and_grads(True)[:6], 2e-5, names=names[:6])
     _, (hk, hv) = triton_call(*tensors)
     assert hk.shape == (B, H, K, M) and hv.shape == (B, H, M, V) and hk.is_contiguous() and hv.is_contiguous()
     assert hk.dtype == hv.dtype == torch.float32

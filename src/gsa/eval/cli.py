@@ -270,7 +270,12 @@ def _write_mqar_report(sweep, results: list[dict], seconds: float | None, args, 
 
     summary = summarize(results)
     order = {model: i for i, model in enumerate(sweep.models)}  # the order asked for, each kind's variants after it
-    summary = dict(sorted(summary.items(), key=lambda item: order.get(item[0].split(" (")[0], len(order))))
+
+    def position(label: str) -> tuple[int, bool, str]:
+        kind = label.split(" (")[0]
+        return order.get(kind, len(order)), label != kind, label
+
+    summary = dict(sorted(summary.items(), key=lambda item: position(item[0])))
     paper_setting = is_paper_setting(sweep.task)
     report = report_text(sweep, summary, seconds)
     unfinished = [r for r in results if r.get("stopped") == "sitting"]

@@ -46,7 +46,9 @@ class RunSittings:
         self.folder = Path(checkpoint_dir) / run_name(run)
         kept = {k: v for k, v in asdict(settings).items() if k not in SITTING_FIELDS}
         # the device's kind too: a CPU generator's state does not continue a CUDA one (any GPU continues a GPU run)
-        self.identity = _plain({"run": asdict(run), "task": asdict(task), "settings": kept, "options": asdict(options),
+        # the options' values (not which of them were given on the command line: `overridden` only names the run)
+        built = {k: v for k, v in asdict(options).items() if k != "overridden"}
+        self.identity = _plain({"run": asdict(run), "task": asdict(task), "settings": kept, "options": built,
                                 "device": device.type})
 
     def _check(self, identity: dict, where: Path) -> None:

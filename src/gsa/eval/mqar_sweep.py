@@ -186,8 +186,8 @@ class ModelOptions:
         """The options `model` was built with that were given on top of its profile's ("" for none), e.g.
         "gate_damping=32": such runs are a model of their own in tables, apart from (and never merged with) the
         profile's runs."""
-        relevant = ("attention_head_dim",) if model == "attention" else (
-            "gsa_head_dim", "num_slots", "short_conv", "gate_damping")
+        relevant = {"attention": ("attention_head_dim",), "fla-gla": ("gsa_head_dim", "short_conv")}.get(
+            model, ("gsa_head_dim", "num_slots", "short_conv", "gate_damping"))  # what each kind is built from
         values = {name: getattr(self, name) for name in relevant if name in self.overridden}
         return ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
                          for name, value in values.items())

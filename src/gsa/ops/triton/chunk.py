@@ -920,7 +920,7 @@ def _scan_states(k, v, s, g, start, layout, final=None):
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot
         )
-    _scan(states, decay, start, layout, False, final, K)
+    _scan(states, decay, start, layout, reverse=False, end=final, K=K)
     return states, decay
 
 
@@ -996,8 +996,9 @@ class ChunkGSAFunction(torch.autograd.Function):
                 dfinal_k if dfinal_k is not None else torch.zeros(layout.num_sequences, H, K, M, device=q.device),
                 dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
             )
-        # the initial states' gradient, when they were given, straight into their halves' layout
-        dh0 = _halves(layout.num_sequences, H, K, V, M, q.device) if start is not None else None
+        # the initial states' gradient, when they were given and need one, straight into their halves' layout
+        wanted = start is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+        dh0 = _halves(layout.num_sequences, H, K, V, M, q.device) if wanted else None
         plan = state_plan(layout, H, K, V)
         if plan is not None:
             walk, length = plan
@@ -1019,7 +1020,7 @@ class ChunkGSAFunction(torch.autograd.Function):
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
                     x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot
                 )
-            _scan(dstates, decay, dfinal, layout, True, dh0, K)
+            _scan(dstates, decay, dfinal, layout, reverse=True, end=dh0, K=K)
         # float32: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
         dh0_k, dh0_v = dh0 if dh0 is not None else (None, None)
         # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
