@@ -175,3 +175,48 @@ def test_fla_saved_model_loads(tmp_path):
         fla_model = fla_model.cuda().float()
         fla_logits = fla_model(input_ids.cuda()).logits.double().cpu()
         assert rel_err(fla_logits, want) < 1e-3
+
+
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_fla_model_computes_ours_on_the_cpu(tmp_path, monkeypatch, short_conv):
+    """When flash-linear-attention is installed: its GSAForCausalLM (with GQA, and the short convolutions of the
+    MQAR models) gives our logits from the same weights, on the CPU. Its chunked GSA kernels and its fused
+    norm-linear kernel do not run in Triton's interpreter, so its layer calls its own step-by-step reference
+    recurrence and the plain RMSNorm-then-linear there instead; everything else is FLA's own code."""
+    fla_models = pytest.importorskip("fla.models")
+    fla_layer = pytest.importorskip("fla.layers.gsa")
+    from fla.ops.gsa.naive import naive_recurrent_gsa
+
+    def recurrence(q, k, v, s, g, initial_state=None, output_final_state=False, scale=None, cu_seqlens=None):
+        assert cu_seqlens is None
+        return naive_recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
+
+    def norm_then_linear(x, weight, bias, linear_weight, linear_bias, eps=1e-6, **_):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight
+        return F.linear(y.to(x.dtype), linear_weight, linear_bias)
+
+    # FLA's other kernels (swish, short convolution) run in Triton's interpreter, which cannot benchmark: each
+    # autotuned one takes its first config
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(Autotuner, "run", lambda self, *args, **kwargs: self.fn.run(
+        *args, **{**kwargs, **self.configs[0].all_kwargs()}))
+    monkeypatch.setattr(fla_layer, "chunk_gsa", recurrence)
+    monkeypatch.setattr(fla_layer, "fused_recurrent_gsa", recurrence)
+    monkeypatch.setattr(fla_layer, "rms_norm_linear", norm_then_linear)
+    fields = {k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")}
+    config = fla_models.GSAConfig(**{**fields, "use_short_conv": short_conv, "fuse_norm": False,
+                                     "fuse_swiglu": False, "fuse_cross_entropy": False})
+    torch.manual_seed(0)
+    fla_model = fla_models.GSAForCausalLM(config).float()
+    for name, parameter in fla_model.named_parameters():  # gates that differ across slots and steps
+        if "f_proj" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    fla_model.save_pretrained(tmp_path, safe_serialization=True)
+    ours = GSAForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    input_ids = torch.randint(0, VOCAB, (2, 90), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = fla_model(input_ids).logits
+        got = ours(input_ids, use_cache=False).logits
+    assert rel_err(got, want) < 1e-5
