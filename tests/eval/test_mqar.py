@@ -441,6 +441,25 @@ def test_runs_with_other_model_options_are_a_model_of_their_own_in_merges(tmp_pa
     assert paper_comparison({"gsa (gate_damping=32)": {64: {"accuracy": 0.9}}})[0] == "d=64: not run (paper 28%)"
 
 
+def test_short_convolutions_can_start_as_flas():
+    """--gsa-conv-init-std 0.02 draws the short convolutions' weights from N(0, 0.02), FLA's initialisation (the
+    only one that differs from ours), and names the run by it; without it they keep PyTorch's Conv1d draw."""
+    from gsa.layers import ShortConvolution
+
+    options = with_overrides(PROFILES["gpu"], conv_init_std=0.02).options
+    assert options.variant("gsa") == "conv_init_std=0.02" and options.variant("attention") == ""
+
+    def conv_weights(opts):
+        torch.manual_seed(0)
+        model = build_model("gsa", 128, 8192, opts)
+        return torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, ShortConvolution)])
+
+    flas, ours = conv_weights(options), conv_weights(PROFILES["gpu"].options)
+    assert flas.numel() == ours.numel() == 2 * 3 * 128 * 4
+    assert abs(flas.std().item() - 0.02) < 0.002 and abs(flas.mean().item()) < 0.002
+    assert ours.std().item() > 0.2  # kaiming-uniform over a width-4 kernel
+
+
 def test_a_run_in_sittings_trains_as_the_uninterrupted_run(tmp_path):
     """Stopped after each sitting's seconds, saved and continued by the same call again, a run's losses, validation
     history, final weights' test accuracy and step count are the uninterrupted run's, bit for bit on the CPU."""

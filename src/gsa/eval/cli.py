@@ -88,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--no-short-conv", action="store_true", help="GSA without the short causal conv on q/k/v")
     mqar.add_argument("--gsa-gate-damping", type=float, help="τ of GSA's slot gates, alpha = sigmoid(f)^(1/τ) "
                       "(default 8, the paper's; larger forgets more slowly at initialisation)")
+    mqar.add_argument("--gsa-conv-init-std", type=float, help="draw our GSA's short-convolution weights from "
+                      "N(0, this), as FLA does with 0.02 (default: PyTorch's Conv1d initialisation)")
     mqar.add_argument("--gsa-backend", choices=("auto", "torch", "triton"), help="operator backend of our GSA layers")
     mqar.add_argument("--no-cuda-graphs", action="store_true",
                       help="train with eager steps on CUDA (default: each step replayed from a CUDA graph)")
@@ -197,6 +199,7 @@ def _run_mqar(args) -> int:
         "stop_accuracy": args.stop_accuracy,
         "gsa_head_dim": args.gsa_head_dim, "gsa_backend": args.gsa_backend,
         "short_conv": False if args.no_short_conv else None, "gate_damping": args.gsa_gate_damping,
+        "conv_init_std": args.gsa_conv_init_std,
         "time_budget_seconds": args.time_budget, "cuda_graphs": False if args.no_cuda_graphs else None,
     }
     if args.models is None and args.profile != "smoke":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..layers import GatedSlotAttention
+from ..layers import GatedSlotAttention, ShortConvolution
 from ..models import GSAConfig, GSAForCausalLM
 from .mqar import IGNORE_INDEX, MQARTask, mqar_examples, training_mixture
 from .mqar_sittings import RunSittings
@@ -75,6 +75,8 @@ def _our_model(kind: str):
         for module in model.modules():
             if isinstance(module, GatedSlotAttention):
                 module.backend = options["gsa_backend"]
+            if isinstance(module, ShortConvolution) and options.get("conv_init_std") is not None:
+                torch.nn.init.normal_(module.weight, std=options["conv_init_std"])  # FLA's draw: N(0, 0.02)
         return model
 
     return build
@@ -176,6 +178,9 @@ class ModelOptions:
     short_conv: bool = True
     # τ of the slot gates, alpha = sigmoid(f)^(1/τ) (the paper's 8): larger forgets more slowly at initialisation
     gate_damping: float = 8.0
+    # the short convolutions' weights drawn from N(0, this) instead of PyTorch's Conv1d default (std ~0.29 at
+    # width 4); FLA's models use 0.02 (its only initialisation that differs from ours)
+    conv_init_std: float | None = None
     attention_head_dim: int = 64
     gsa_backend: str = "auto"
 
@@ -187,7 +192,7 @@ class ModelOptions:
         "gate_damping=32": such runs are a model of their own in tables, apart from (and never merged with) the
         profile's runs."""
         relevant = {"attention": ("attention_head_dim",), "fla-gla": ("gsa_head_dim", "short_conv")}.get(
-            model, ("gsa_head_dim", "num_slots", "short_conv", "gate_damping"))  # what each kind is built from
+            model, ("gsa_head_dim", "num_slots", "short_conv", "gate_damping", "conv_init_std"))  # what each uses
         values = {name: getattr(self, name) for name in relevant if name in self.overridden}
         return ", ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
                          for name, value in values.items())
