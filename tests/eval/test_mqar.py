@@ -535,3 +535,21 @@ def test_the_step_profiling_script_runs_on_the_sweeps_internals(monkeypatch, cap
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(row[0], row[1], row[3]) for row in rows] == [("gsa", "16", "ms"), ("attention", "16", "ms")]
     assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_the_cpu_variants_script_runs_each_variant(monkeypatch, capsys):
+    """benchmarks/mqar_cpu_variants.py builds each variant through the sweep's options: a few steps of each, one JSON
+    line a run, and the variants reach the model (their runs do not all come out alike)."""
+    import pathlib
+    import runpy
+    import sys
+
+    script = pathlib.Path(__file__).parents[2] / "benchmarks" / "mqar_cpu_variants.py"
+    runs = {}
+    for variant in ("default", "fla-conv", "tau32"):
+        monkeypatch.setattr(sys, "argv", [str(script), "--variant", variant, "--steps", "4", "--seeds", "0"])
+        runpy.run_path(str(script), run_name="__main__")
+        (line,) = capsys.readouterr().out.splitlines()
+        runs[variant] = json.loads(line)
+    assert all(0.0 <= run["accuracy"] <= 100.0 and run["variant"] == name for name, run in runs.items())
+    assert len({json.dumps(run["validation"]) + str(run["accuracy"]) for run in runs.values()}) >= 2
