@@ -281,7 +281,8 @@ def main():
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
     if args.profile:
-        for kind in [m for m in models if m in ("ours", "ours-kept", "ours-plain", "llama")]:  # profile_step runs these as measured
+        # profile_step runs these as measured
+        for kind in [m for m in models if m in ("ours", "ours-kept", "ours-plain", "llama")]:
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
             print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), "

@@ -725,7 +725,8 @@ def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options
         result = train_and_test(run, task, settings, options, device)
     except Exception as error:  # noqa: BLE001  (any failure of one run is reported with that run)
         result = {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
-    return {**result, "variant": options.variant(run.model), "task": asdict(task)}  # so runs of several sweeps can be merged into one table (--merge)
+    # the task and variant: so runs of several sweeps can be merged into one table (--merge)
+    return {**result, "variant": options.variant(run.model), "task": asdict(task)}
 
 
 def _worker_run(job: tuple) -> dict:

@@ -126,13 +126,14 @@ def _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT: tl.conste
 
 
 @triton.jit
-def _store_halves(end_ptr, end_v_ptr, i_nh, K, V, M, r, ms, x, mask):
-    """Rows r (of the joint [K + V, M]) of one (sequence, head)'s last value x, in float32, into the halves the
-    caller gets: end [N, H, K, M] and end_v [N, H, M, V] (Hv transposed), each contiguous (no copy afterwards)."""
+def _store_halves(end_ptr, end_v_ptr, i_nh, K, V, M, r, m, x, mask):
+    """Entries (row r of the joint [K + V, M], slot m; r, m, x and mask of one shape) of one (sequence, head)'s last
+    value x, in float32, into the halves the caller gets: end [N, H, K, M] and end_v [N, H, M, V] (Hv transposed),
+    each contiguous (no copy afterwards)."""
     n = i_nh.to(tl.int64)
     key = r < K
-    tl.store(end_ptr + n * K * M + r[:, None] * M + ms[None, :], x, mask=mask & key[:, None])
-    tl.store(end_v_ptr + n * M * V + ms[None, :] * V + (r - K)[:, None], x, mask=mask & ~key[:, None])
+    tl.store(end_ptr + n * K * M + r * M + m, x, mask=mask & key)
+    tl.store(end_v_ptr + n * M * V + m * V + (r - K), x, mask=mask & ~key)
 
 
 @triton.jit
@@ -190,10 +191,7 @@ def _scan_slots(
             x = x * d + tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, x.to(slots_ptr.dtype.element_ty), mask=ok)
     if STORE_END:
-        r = e // M
-        key = r < K
-        tl.store(end_ptr + i_nh.to(tl.int64) * K * M + e, x, mask=ok & key)
-        tl.store(end_v_ptr + i_nh.to(tl.int64) * M * V + m * V + (r - K), x, mask=ok & ~key)
+        _store_halves(end_ptr, end_v_ptr, i_nh, K, V, M, e // M, m, x, ok)
 
 
 @triton.jit
@@ -389,7 +387,7 @@ def _join_segments(
     if not REVERSE:
         tl.store(last_ptr, x.to(slots_ptr.dtype.element_ty), mask=mask)
     if STORE_FINAL:
-        _store_halves(final_ptr, final_v_ptr, i_nh, K, V, M, i_r * BR + rr, ms, x, mask)
+        _store_halves(final_ptr, final_v_ptr, i_nh, K, V, M, (i_r * BR + rr)[:, None], ms[None, :], x, mask)
 
 
 @triton.jit
