@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from gsa.layers import GatedSlotAttention
 from gsa.layers.fused import use_fused
 from gsa.models import GSAForCausalLM, preset_config
 
@@ -31,12 +30,8 @@ TOKENS_PER_STEP = 16384
 
 def build(kind: str):
     if kind.startswith("ours"):
-        model = GSAForCausalLM(preset_config("gsa-1.3b"))
-        if kind == "ours-kept":  # φ(q), φ(k), swish(v) kept for backward: three fewer passes, more memory
-            for module in model.modules():
-                if isinstance(module, GatedSlotAttention):
-                    module.recompute_features = False
-        return model
+        # ours-kept: φ(q), φ(k), swish(v) kept for backward, three elementwise passes fewer for more memory
+        return GSAForCausalLM(preset_config("gsa-1.3b", recompute_features=kind != "ours-kept"))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -178,7 +178,8 @@ for what in "$@"; do
             done
             wait
             mqar_table mqar-sittings-table "$OUT/mqar-sittings" /tmp/mqar-sittings-d{512,256,128}/mqar.json ;;
-        mqar-runs)  # issue 7: one MQAR run per GPU (GPU i takes the i-th of MQAR_RUNS), each "width:seed:lr" trained
+        mqar-runs)  # issue 7: one MQAR run per GPU (GPU FIRST_GPU + i takes the i-th of MQAR_RUNS; FIRST_GPU=1 leaves
+            # GPU 0 to another stage run beside it with its own OUT), each "width:seed:lr" trained
             # for BUDGET seconds (its schedule planned to fit), or "width:seed:lr:steps" a fixed schedule in sittings
             # of BUDGET seconds (the same stage again on the warm machine continues it; d=512 needs ~20,000 steps,
             # ~640 s alone: the other entries then train anew, so give the same stage the unfinished ones only);
@@ -204,7 +205,8 @@ for what in "$@"; do
                 label=$(IFS=_; echo "${options[*]}" | tr -c 'A-Za-z0-9.\n' '_' | sed 's/^_*//')
                 name="mqar-d$width-s$seed-lr$lr${label:+-$label}"
                 dirs+=("/tmp/mqar-runs/${name#mqar-}")
-                mqar_run "$i" "$name" "$cap" "${dirs[-1]}" --widths "$width" --lrs "$lr" --seeds "$seed" \
+                mqar_run "$(( i + ${FIRST_GPU:-0} ))" "$name" "$cap" "${dirs[-1]}" --widths "$width" --lrs "$lr" \
+                    --seeds "$seed" \
                     "${schedule[@]}" --stop-accuracy "${STOP:-0.995}" "${options[@]}"
             done
             wait

@@ -426,6 +426,23 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert rel_err(grads[1], grads[0]) < 1e-12
 
 
+def test_kept_features_config_reaches_every_gsa_layer_and_trains_the_same(tmp_path):
+    """GSAConfig.recompute_features=False (features kept for backward) is each GSA layer's setting, survives
+    save/load, and gives the recomputing model's loss and gradients."""
+    x = ids(2, 40)
+    grads = {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        model = build("hybrid", recompute_features=recompute).train()
+        gsa_layers = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_features")]
+        assert gsa_layers and all(layer.recompute_features is recompute for layer in gsa_layers)
+        model(x, labels=x).loss.backward()
+        grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel_err(grads[False], grads[True]) < 1e-12
+    model.save_pretrained(tmp_path)
+    assert GSAForCausalLM.from_pretrained(tmp_path).config.recompute_features is False
+
+
 def test_cache_object_is_returned_under_transformers_name():
     model = build("gsa")
     out = model(ids(1, 5))

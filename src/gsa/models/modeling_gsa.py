@@ -59,6 +59,7 @@ class GSABlock(GradientCheckpointingLayer):
                 elementwise_affine=config.elementwise_affine,
                 norm_eps=config.norm_eps,
                 layer_idx=layer_idx,
+                recompute_features=config.recompute_features,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size)
