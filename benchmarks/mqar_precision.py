@@ -1,7 +1,8 @@
 """CPU: does bf16 autocast (the GPU's precision) change how GSA learns MQAR? The 'cpu' task, GSA d=64, lr 3e-3,
 2,500 steps, the same seed, in float32 or under bf16 autocast (torch backend); prints loss and validation accuracy.
 
-    PYTHONPATH=src python benchmarks/mqar_precision.py bf16 > bf16.log & PYTHONPATH=src python benchmarks/mqar_precision.py fp32 > fp32.log
+    PYTHONPATH=src python benchmarks/mqar_precision.py bf16 > bf16.log &
+    PYTHONPATH=src python benchmarks/mqar_precision.py fp32 > fp32.log
 """
 import sys
 import time
@@ -33,4 +34,5 @@ for step in range(steps + 1):
     if step % 250 == 0:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
             lg, w = ms._query_logits(model, vx, vy, task.num_pairs)
-        print(mode, step, f"loss {loss.item():.3f} val acc {(lg.argmax(-1) == w).float().mean().item():.3f} {time.time()-t0:.0f}s", flush=True)
+        accuracy = (lg.argmax(-1) == w).float().mean().item()
+        print(mode, step, f"loss {loss.item():.3f} val acc {accuracy:.3f} {time.time()-t0:.0f}s", flush=True)

@@ -38,7 +38,8 @@ def outputs_and_grads(fn, tensors, seed=2):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     o, (hk, hv) = fn(*leaves)
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)).sum() for x in (o, hk, hv))
+    loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)).sum()
+               for x in (o, hk, hv))
     grads = torch.autograd.grad(loss, leaves)
     return [o.detach(), hk.detach(), hv.detach(), *grads]
 

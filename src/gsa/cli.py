@@ -21,7 +21,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gsa", description="Gated Slot Attention: train, convert, evaluate, generate.")
+    parser = argparse.ArgumentParser(prog="gsa",
+                                     description="Gated Slot Attention: train, convert, evaluate, generate.")
     parser.add_argument("--version", action="version", version=f"gsa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module_name, help_text) in COMMANDS.items():

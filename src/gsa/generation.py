@@ -237,7 +237,8 @@ def run(args) -> int:
             use_graph = False  # hybrids with attention layers: generate() below
     if use_graph:
         decoder.generate(input_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                         eos_token_id=getattr(tokenizer, "eos_id", None), pad_token_id=getattr(tokenizer, "pad_id", None),
+                         eos_token_id=getattr(tokenizer, "eos_id", None),
+                         pad_token_id=getattr(tokenizer, "pad_id", None),
                          callback=printer)
         printer.end()
     else:

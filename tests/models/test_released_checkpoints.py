@@ -160,7 +160,8 @@ def test_missing_tensor_in_author_checkpoint_is_named(tmp_path):
 def test_fla_saved_model_loads(tmp_path):
     """When flash-linear-attention is installed: its GSAForCausalLM, saved, loads into ours with equal weights."""
     fla_models = pytest.importorskip("fla.models")
-    config = fla_models.GSAConfig(**{k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")})
+    fields = {k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")}
+    config = fla_models.GSAConfig(**fields)
     torch.manual_seed(0)
     fla_model = fla_models.GSAForCausalLM(config)
     fla_model.save_pretrained(tmp_path, safe_serialization=True)

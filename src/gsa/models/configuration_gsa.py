@@ -126,10 +126,12 @@ class GSAConfig(PretrainedConfig):
                 f"hidden_size * {name} = {width} must be an integer divisible by num_heads = {self.num_heads}",
             )
         kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-        need(kv >= 1 and self.num_heads % kv == 0, f"num_heads = {self.num_heads} must be a multiple of num_kv_heads = {kv}")
+        need(kv >= 1 and self.num_heads % kv == 0,
+             f"num_heads = {self.num_heads} must be a multiple of num_kv_heads = {kv}")
         need(self.num_slots is None or self.num_slots >= 1, f"num_slots must be >= 1, got {self.num_slots}")
         need(self.gate_logit_normalizer > 0, f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer}")
-        need(self.feature_map in FEATURE_MAPS, f"unknown feature_map {self.feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
+        need(self.feature_map in FEATURE_MAPS,
+             f"unknown feature_map {self.feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
         need(self.hidden_act in ("swish", "silu"), f"hidden_act must be 'swish' (SwiGLU), got {self.hidden_act!r}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         if self.attn is not None:

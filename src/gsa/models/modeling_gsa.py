@@ -15,7 +15,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layers import Attention, GatedSlotAttention, KVState, RMSNorm, SlotState, SwiGLU
+from ..layers import Attention, GatedSlotAttention, RMSNorm, SwiGLU
 from ..layers.gsa import positions_from_cu_seqlens
 from .cache import GSACache
 from .configuration_gsa import GSAConfig
@@ -168,7 +168,8 @@ class GSAModel(GSAPreTrainedModel):
             cache = GSACache(len(self.layers))
         if attention_mask is not None:
             seen = cache.seen_tokens if cache is not None else 0
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, seen + T):
+            if (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                    or attention_mask.shape[1] not in (T, seen + T)):
                 raise ValueError(
                     f"expected attention_mask of shape [B, T] = [{B}, {T}] or [B, past + T] = [{B}, {seen + T}] "
                     f"(1 = token, 0 = padding), got {list(attention_mask.shape)}"
@@ -260,7 +261,8 @@ class GSAForCausalLM(GSAPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
-                raise ValueError(f"expected labels of shape [B, T] = {list(hidden.shape[:2])}, got {list(labels.shape)}")
+                raise ValueError(
+                    f"expected labels of shape [B, T] = {list(hidden.shape[:2])}, got {list(labels.shape)}")
             if shift_labels:
                 labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, labels.reshape(-1))

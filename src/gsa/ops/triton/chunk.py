@@ -1036,8 +1036,8 @@ class ChunkGSAFunction(torch.autograd.Function):
 
 def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention)."""
-    B, T, HQ, K = q.shape
-    H, V, M = k.shape[2], v.shape[3], s.shape[3]
+    B, T, HQ = q.shape[:3]
+    V = v.shape[3]
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
     if cu_seqlens is None:
         layout = _uniform_layout(B, T, q.device)

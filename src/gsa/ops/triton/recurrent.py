@@ -118,7 +118,8 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     B, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[2], g.shape[2]
     group = HQ // H
-    BG, BK, BV, BM = next_power_of_2(group), min(64, next_power_of_2(K)), min(64, next_power_of_2(V)), next_power_of_2(M)
+    BG, BM = next_power_of_2(group), next_power_of_2(M)
+    BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
     nkb = cdiv(K, BK)
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     s = g if s is None else s.contiguous()
