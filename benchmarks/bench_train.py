@@ -246,6 +246,11 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
             "elementwise_by_shape_ms": dict(sorted(shaped.items(), key=lambda x: -x[1])[:20])}
 
 
+def save(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["ours", "llama"])
@@ -275,6 +280,7 @@ def main():
             if args.count_saved and kind != "fla" and context == args.contexts[0]:
                 results["runs"][key].update(count_saved(kind, context))
             print(key, results["runs"][key], flush=True)
+            save(results, args.out)  # after every run: a capped call still brings back what it measured
     if args.profile:
         # profile_step runs these as measured
         for kind in [m for m in models if m in ("ours", "ours-kept", "ours-plain", "llama")]:
@@ -289,8 +295,7 @@ def main():
             print("  GPU ms by the torch operator that launched it:")
             for name, ms in list(result["top_ops_ms"].items())[:10]:
                 print(f"  {ms:8.1f}    {name}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    save(results, args.out)
     print(f"\n1.3B training, {TOKENS_PER_STEP} tokens/step, bf16, fused AdamW on {results['device']}")
     print(f"{'context':>8} " + " ".join(f"{m + ' tok/s':>14} {m + ' GiB':>10}" for m in models))
     for context in args.contexts:
