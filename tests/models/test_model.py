@@ -395,6 +395,7 @@ def test_paper_preset_sizes():
         (dict(attn={"layers": [5]}), "outside 0..1"),
         (dict(attn={"layers": [0], "window_size": 64}), "sliding-window"),
         (dict(gate_logit_normalizer=0), "gate_logit_normalizer must be > 0"),
+        (dict(recompute_features="no"), "recompute_features must be true or false, got 'no'"),
     ],
 )
 def test_invalid_configs(overrides, message):

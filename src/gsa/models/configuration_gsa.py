@@ -134,6 +134,8 @@ class GSAConfig(PretrainedConfig):
              f"unknown feature_map {self.feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
         need(self.hidden_act in ("swish", "silu"), f"hidden_act must be 'swish' (SwiGLU), got {self.hidden_act!r}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        need(isinstance(self.recompute_features, bool),
+             f"recompute_features must be true or false, got {self.recompute_features!r}")
         if self.attn is not None:
             need(isinstance(self.attn, dict) and "layers" in self.attn, "attn must be a dict with a 'layers' list")
             unknown = set(self.attn) - ATTENTION_KEYS
