@@ -10,7 +10,7 @@ import gsa.eval.mqar_sweep as mqar_sweep
 from gsa.eval.mqar import IGNORE_INDEX, MQARTask, mqar_examples, training_mixture
 from gsa.eval.mqar_sweep import (
     PROFILES, MQARRun, ModelOptions, TrainSettings, build_model, format_table, learning_rates, paper_comparison,
-    planned_steps, report_text, run_sweep, summarize, train_and_test, with_overrides,
+    planned_steps, report_text, run_sweep, summarize, train_and_test, with_overrides, worker_devices,
 )
 from tests.eval.conftest import run_eval
 
@@ -122,6 +122,27 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on():
     failed = [r for r in results if r["width"] == 20]
     assert len(failed) == 1 and "divisible" in failed[0]["error"] and failed[0]["accuracy"] is None
     assert summarize(results)["gsa (gsa_head_dim=6)"].keys() == {18}  # a head width other than the profile's
+
+
+def test_worker_devices_spread_a_bare_cuda_over_the_gpus_and_keep_any_other_device():
+    assert worker_devices("cuda", 4, gpu_count=2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_devices(torch.device("cuda"), 3, gpu_count=4) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert worker_devices("cuda", 2, gpu_count=1) == ["cuda", "cuda"]
+    assert worker_devices("cuda:1", 2, gpu_count=4) == ["cuda:1", "cuda:1"]
+    assert worker_devices("cpu", 2, gpu_count=0) == ["cpu", "cpu"]
+
+
+def test_worker_processes_give_the_single_process_results():
+    """Two spawned workers (each taking its device from the queue the pool starts them with) give exactly the runs
+    of one process: step-count runs are reproducible wherever they run."""
+    sweep = with_overrides(PROFILES["smoke"], models=("gsa",), seeds=(0, 1))
+    key = lambda r: (r["seed"], r["width"])  # noqa: E731
+    alone = sorted(run_sweep(sweep, "cpu"), key=key)
+    pooled = sorted(run_sweep(sweep, "cpu", workers=2), key=key)
+    assert [r["device"] for r in pooled] == ["cpu", "cpu"]
+    assert [(r["seed"], r["accuracy"], r["steps"]) for r in pooled] == [
+        (r["seed"], r["accuracy"], r["steps"]) for r in alone]
+    assert [h["loss"] for h in pooled[1]["history"]] == [h["loss"] for h in alone[1]["history"]]
 
 
 def test_summary_takes_the_best_learning_rate_per_width():

@@ -93,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mqar.add_argument("--gsa-backend", choices=("auto", "torch", "triton"), help="operator backend of our GSA layers")
     mqar.add_argument("--no-cuda-graphs", action="store_true",
                       help="train with eager steps on CUDA (default: each step replayed from a CUDA graph)")
-    mqar.add_argument("--workers", type=int, default=1, help="processes training runs side by side (GPU: 8)")
+    mqar.add_argument("--workers", type=int, default=1,
+                      help="processes training runs side by side (one GPU: 8); with several GPUs visible and "
+                      "--device auto or cuda, spread over them (one run per GPU: --workers = their number)")
     mqar.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     mqar.add_argument("--output-dir", type=Path, default=Path("results/mqar"),
                       help="where mqar.json, mqar.md (the table) and mqar.png go")

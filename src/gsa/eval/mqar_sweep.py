@@ -10,9 +10,10 @@ process and shape). Under a time budget it then times a few throwaway steps and 
 and its learning-rate schedule spans the planned steps (see `train_and_test`); a training step reads nothing back
 from the device, so worker processes sharing a GPU never wait on each other's queues for it.
 
-Runs are independent, so a sweep spreads them over worker processes that share the device. Separate processes
-on one GPU time-slice it (no MPS), so they overlap each other's host work and idle gaps rather than run kernels
-together: each run's steps/s in the results shows what it got.
+Runs are independent, so a sweep spreads them over worker processes that share the device (or, with several
+GPUs visible and the device a bare "cuda", over the GPUs: one run per GPU when --workers is their number).
+Separate processes on one GPU time-slice it (no MPS), so they overlap each other's host work and idle gaps rather
+than run kernels together: each run's steps/s in the results shows what it got.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -726,19 +728,43 @@ def _recorded_run(run: MQARRun, task: MQARTask, settings: TrainSettings, options
     except Exception as error:  # noqa: BLE001  (any failure of one run is reported with that run)
         result = {**asdict(run), "accuracy": None, "error": f"{type(error).__name__}: {error}"}
     # the task and variant: so runs of several sweeps can be merged into one table (--merge)
-    return {**result, "variant": options.variant(run.model), "task": asdict(task)}
+    return {**result, "variant": options.variant(run.model), "task": asdict(task), "device": str(device)}
+
+
+def worker_devices(device: str | torch.device, workers: int, gpu_count: int) -> list[str]:
+    """The device of each worker process: a bare `cuda` with several GPUs visible spreads the workers over them,
+    worker i on GPU i mod gpu_count (one run per GPU when workers = gpu_count); any other device (cpu, cuda:1,
+    a single GPU) is every worker's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and gpu_count > 1:
+        return [f"cuda:{i % gpu_count}" for i in range(workers)]
+    return [str(device)] * workers
+
+
+_WORKER_DEVICE: str | None = None  # a pool process's device, taken once from the queue of `worker_devices`
+
+
+def _init_worker(devices, fallback: str) -> None:
+    global _WORKER_DEVICE
+    try:
+        _WORKER_DEVICE = devices.get_nowait()
+    except queue.Empty:  # a process the pool started in place of one that died: the sweep's device
+        _WORKER_DEVICE = fallback
 
 
 def _worker_run(job: tuple) -> dict:
-    run, task, settings, options, device, threads = job
+    run, task, settings, options, threads = job
     torch.set_num_threads(threads)
-    return _recorded_run(run, task, settings, options, device)
+    if _WORKER_DEVICE.startswith("cuda:"):
+        torch.cuda.set_device(_WORKER_DEVICE)  # what lands on "cuda" without an index (CUDA graphs' pools) too
+    return _recorded_run(run, task, settings, options, _WORKER_DEVICE)
 
 
 def run_sweep(
     sweep: Sweep, device: str | torch.device, workers: int = 1, on_result: Callable[[dict], None] | None = None
 ) -> list[dict]:
-    """Every run of the sweep; with workers > 1 they go to that many spawned processes sharing `device`."""
+    """Every run of the sweep; with workers > 1 they go to that many spawned processes sharing `device` (a bare
+    "cuda" with several GPUs visible: spread over them, see `worker_devices`)."""
     if any(m.startswith("fla-") for m in sweep.models) and not fla_available():  # (a merge of results needs none)
         raise ValueError("models fla-gsa / fla-gla need flash-linear-attention (pip install flash-linear-attention)")
     if workers < 1:
@@ -753,9 +779,14 @@ def run_sweep(
                 on_result(results[-1])
         return results
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(run, sweep.task, settings, sweep.options, str(device), threads) for run in runs]
+    jobs = [(run, sweep.task, settings, sweep.options, threads) for run in runs]
     context = torch.multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs))) as pool:
+    processes = min(workers, len(jobs))
+    gpu_count = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+    devices = context.Queue()
+    for worker_device in worker_devices(device, processes, gpu_count):
+        devices.put(worker_device)
+    with context.Pool(processes, initializer=_init_worker, initargs=(devices, str(device))) as pool:
         for result in pool.imap_unordered(_worker_run, jobs):
             results.append(result)
             if on_result:
