@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_session.sh mqar-sittings              # nvidia-h200-x2, ~9.5 min a call, again until done
 #   GPUS="0 1" OUT=... bash benchmarks/gpu_session.sh compare-pair & GPUS="2 3" OUT=... bash ... mqar-sittings &
 #                                                             # both at once on nvidia-h200-x4, each OUT its own
+#   bash benchmarks/gpu_session.sh mqar-spread                # nvidia-h200-x2, ~9 min: one MQAR run per GPU
 #   OUT=/tmp/o bash benchmarks/gpu_session.sh mqar-runs; tar -czf $OUT/o.tgz -C /tmp/o .   # nvidia-h200-x4, ~9 min
 #                                                             # (one run per GPU in MQAR_RUNS; 9 files: one archive)
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
@@ -212,6 +213,13 @@ for what in "$@"; do
             wait
             mqar_table mqar-runs-table "$OUT/mqar-runs" "${dirs[@]/%//mqar.json}"
             (cd /tmp && tar -czf "$OUT/mqar-runs-parts.tar.gz" --exclude=checkpoints mqar-runs) ;;
+        mqar-spread)  # issue 7 on every visible GPU through the sweep's own spreading (one worker process a GPU):
+            # d=256 at lr 1e-2, seeds 0 and 1 on nvidia-h200-x2 by default (MQAR_SPREAD overrides the sweep options)
+            gpu_count=$(python3 -c "import torch; print(torch.cuda.device_count())")
+            stage mqar-spread $(( ${BUDGET:-400} + 150 )) python3 benchmarks/mqar_sweep.py "${PAPER_MQAR[@]}" \
+                --models gsa ${MQAR_SPREAD:---widths 256 --lrs 1e-2 --seeds 0 1} --time-budget "${BUDGET:-400}" \
+                --stop-accuracy "${STOP:-0.995}" --workers "$gpu_count" --device cuda --output-dir "$OUT/mqar-spread"
+            ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval,
             # .cache/gpu-data)
             # The image has no lm-eval: its wheels and the missing dependencies travel in .whl-eval. The model trains on
