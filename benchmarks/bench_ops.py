@@ -108,6 +108,26 @@ def bench_graph(fn, inputs, do) -> dict[str, float]:
         return {}
 
 
+def decode_timings(who: str, step, loop_steps: int = 200) -> dict[str, float]:
+    """One decoding step three ways, in us: `do_bench` (L2 flushed before each call, which hides up to ~80 us of
+    host time behind the flush), back to back in a plain loop (what an eager decode loop pays a token, host and
+    GPU pipelined), and replayed from a CUDA graph (the GPU's time; absent when capture fails)."""
+    timings = {f"{who}_us": 1e3 * triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")}
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(loop_steps):
+        step()
+    torch.cuda.synchronize()
+    timings[f"{who}_loop_us"] = 1e6 * (time.perf_counter() - started) / loop_steps
+    try:
+        timings[f"{who}_graph_us"] = 1e3 * triton.testing.do_bench_cudagraph(step, rep=50, return_mode="median")
+    except RuntimeError as error:
+        print(f"  {who}: decode step not capturable ({str(error)[:120]})")
+    return timings
+
+
 def kernel_breakdown(fn, inputs, do, repeats: int = 5) -> dict[str, float]:
     """GPU microseconds per forward+backward spent in each kernel (torch.profiler, averaged over repeats)."""
     from torch.profiler import ProfilerActivity, profile
@@ -233,15 +253,15 @@ def main():
         H, D, M = 4, 512, 64
         q, k, v, s, g = (t.detach()[:, 0].contiguous() for t in make_inputs(batch, 1, H, D, M))
         state = (torch.randn(batch, H, D, M, device="cuda"), torch.randn(batch, H, M, D, device="cuda"))
-        entry = {"ours_us": 1e3 * triton.testing.do_bench(
-            lambda: gated_slot_attention_step(q, k, v, s, g, state, D**-0.5, inplace=True, backend="triton"),
-            warmup=25, rep=100, return_mode="median")}
+        initial = (state[0].clone(), state[1].clone())
+        steps = {"ours": lambda: gated_slot_attention_step(q, k, v, s, g, state, D**-0.5, inplace=True,
+                                                           backend="triton")}
         if fla_recurrent is not None:
-            initial = (state[0].clone(), state[1].clone())
-            entry["fla_us"] = 1e3 * triton.testing.do_bench(
-                lambda: fla_recurrent(*(t[:, None] for t in (q, k, v, s, g)), scale=D**-0.5, initial_state=initial,
-                                      output_final_state=True),
-                warmup=25, rep=100, return_mode="median")
+            steps["fla"] = lambda: fla_recurrent(*(t[:, None] for t in (q, k, v, s, g)), scale=D**-0.5,
+                                                 initial_state=initial, output_final_state=True)
+        entry = {}
+        for who, step in steps.items():
+            entry.update(decode_timings(who, step))
         results["decode"][f"batch{batch}"] = entry
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -270,9 +290,12 @@ def main():
                   f"{ratio('forward_graph'):>6} {cell(o, 'forward_backward_graph'):>9} "
                   f"{cell(f, 'forward_backward_graph'):>8} "
                   f"{ratio('forward_backward_graph'):>6} {cell(a, 'forward_backward_graph'):>9}")
+    print("\nDecoding step, us: do_bench (L2 flushed) / plain back-to-back loop / CUDA graph replay")
     for name, d in results["decode"].items():
-        theirs = f", FLA {d['fla_us']:.1f} us" if "fla_us" in d else ""
-        print(f"decode step {name}: ours {d['ours_us']:.1f} us{theirs}")
+        cells = [f"{who} " + " / ".join(f"{d[key]:.1f}" if key in d else "-"
+                                         for key in (f"{who}_us", f"{who}_loop_us", f"{who}_graph_us"))
+                 for who in ("ours", "fla") if f"{who}_us" in d]
+        print(f"{name:<8} " + "   ".join(cells))
 
 
 if __name__ == "__main__":
