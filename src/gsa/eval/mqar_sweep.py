@@ -746,8 +746,8 @@ _WORKER_DEVICE: str | None = None  # a pool process's device, taken once from th
 
 def _init_worker(devices, fallback: str) -> None:
     global _WORKER_DEVICE
-    try:
-        _WORKER_DEVICE = devices.get_nowait()
+    try:  # (waits: the parent's queue feeds the pipe from a thread, so an item may not be there at once)
+        _WORKER_DEVICE = devices.get(timeout=30)
     except queue.Empty:  # a process the pool started in place of one that died: the sweep's device
         _WORKER_DEVICE = fallback
 
