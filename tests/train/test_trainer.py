@@ -60,6 +60,16 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
         assert b == pytest.approx(a, rel=1e-6)
 
 
+def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path):
+    """--keep-features: every GSA layer keeps its features for backward (the saved model says so), and training
+    is the same as with recomputation."""
+    plain = train(tiny_config(tmp_path / "a", steps=3, save_every=100))
+    kept = train(tiny_config(tmp_path / "b", steps=3, save_every=100, keep_features=True))
+    assert train_losses(kept.run_dir) == train_losses(plain.run_dir)
+    assert json.loads((kept.model_dir / "config.json").read_text())["recompute_features"] is False
+    assert json.loads((plain.model_dir / "config.json").read_text())["recompute_features"] is True
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = train(tiny_config(tmp_path, steps=8, save_every=4))
     checkpoint = straight.run_dir / "checkpoints" / "step-00000004"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..data import Corpus, PackedWindows, SampleOrder, load_tokenizer, make_batch, split_spans, tokenize_corpus
+from ..layers import GatedSlotAttention
 from ..models import GSAConfig, GSAForCausalLM, preset_config
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -315,6 +316,11 @@ class Trainer:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{model.config.vocab_size}; pick the model's tokenizer with --tokenizer")
         model.train()
+        if config.keep_features:  # a training-time choice: whatever the preset, checkpoint or --init-from said
+            model.config.recompute_features = False
+            for module in model.modules():
+                if isinstance(module, GatedSlotAttention):
+                    module.recompute_features = False
         if config.activation_checkpointing:
             options = {"use_reentrant": False}  # the non-reentrant form works under FSDP and with frozen inputs
             if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
