@@ -102,6 +102,17 @@ def test_step_shapes_checked():
         gated_slot_attention_step(q[0], k, v, s, g, state)
     with pytest.raises(ValueError, match=r"expected state Hv"):
         gated_slot_attention_step(q, k, v, s, g, (state[0], state[1][:, :, :4]))
+    # what the quick pass over valid inputs turns away, named by the detailed check
+    with pytest.raises(ValueError, match=r"expected s of shape \[1, 2, 5\]"):
+        gated_slot_attention_step(q, k, v, s[:, :, :4], g, state)
+    with pytest.raises(TypeError, match="s must be a torch.Tensor, got list"):
+        gated_slot_attention_step(q, k, v, s.tolist(), g, state)
+    with pytest.raises(TypeError, match="state Hk must be a float tensor, got torch.int64"):
+        gated_slot_attention_step(q, k, v, s, g, (state[0].long(), state[1]))
+    with pytest.raises(TypeError, match="state must be a pair"):
+        gated_slot_attention_step(q, k, v, s, g, state[0])
+    o, (hk, hv) = gated_slot_attention_step(q, k, v, s, g, state)  # and valid inputs pass it
+    assert o.shape == (1, q.shape[1], 6) and hk.shape == state[0].shape and hv.shape == state[1].shape
 
 
 def test_decode_from_projections_names_bad_gate_logits_and_feature_map():

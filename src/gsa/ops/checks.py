@@ -173,7 +173,30 @@ def check_step_inputs(
     g_name: str = "g",
 ) -> GSAShapes:
     """Validate a one-token decoding call: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M] (s None and
-    g named `g_name` when the gates come as logits)."""
+    g named `g_name` when the gates come as logits).
+
+    A decoding loop calls this every token, so valid inputs take one short pass of comparisons; anything it does
+    not accept goes through `_check_step_inputs_in_detail`, which names what is wrong."""
+    if (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and isinstance(g, torch.Tensor) and (s is None or isinstance(s, torch.Tensor))
+            and isinstance(state, (tuple, list)) and len(state) == 2
+            and isinstance(state[0], torch.Tensor) and isinstance(state[1], torch.Tensor)
+            and q.dim() == k.dim() == v.dim() == g.dim() == 3):
+        B, HQ, K = q.shape
+        H, V, M = k.shape[1], v.shape[2], g.shape[2]
+        hk, hv = state
+        device = q.device
+        if (k.shape == (B, H, K) and v.shape == (B, H, V) and g.shape == (B, H, M) and H > 0 and HQ % H == 0
+                and (s is None or (s.shape == (B, H, M) and s.device == device))
+                and hk.shape == (B, H, K, M) and hv.shape == (B, H, M, V)
+                and hk.dtype in FLOAT_DTYPES and hv.dtype in FLOAT_DTYPES
+                and k.device == device and v.device == device and g.device == device
+                and hk.device == device and hv.device == device):
+            return GSAShapes(B, 1, HQ, H, K, V, M, B)
+    return _check_step_inputs_in_detail(q, k, v, s, g, state, g_name)
+
+
+def _check_step_inputs_in_detail(q, k, v, s, g, state, g_name: str) -> GSAShapes:
     named = {"q": q, "k": k, "v": v, **({"s": s} if s is not None else {}), g_name: g}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):

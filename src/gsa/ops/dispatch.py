@@ -117,15 +117,16 @@ def gated_slot_attention_step(
     if scale is None:
         scale = shapes.K**-0.5
     chosen = resolve_backend(backend, q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        return _run_step(chosen, q, k, v, s, g, state, scale, inplace)
-
-
-def _run_step(chosen, q, k, v, s, g, state, scale, inplace):
-    if chosen == "triton":
+    if chosen == "triton":  # the kernels compute in float32 whatever autocast says: no context to enter a token
         from .triton import triton_gsa_step
 
         return triton_gsa_step(q, k, v, s, g, state, scale, inplace=inplace)
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_step(q, k, v, s, g, state, scale, inplace)
+
+
+def _run_step(q, k, v, s, g, state, scale, inplace):
+    """The PyTorch backends' step (torch, reference), in the state's precision."""
     hk, hv = state
     dtype = compute_dtype(hk.dtype)
     o, new_hk, new_hv = recurrent_step(
@@ -170,14 +171,14 @@ def gated_slot_attention_decode(
     if scale is None:
         scale = shapes.K**-0.5
     chosen = resolve_backend(backend, q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        if chosen == "triton":
-            from .triton import triton_gsa_decode
+    if chosen == "triton":  # float32 inside the kernels whatever autocast says
+        from .triton import triton_gsa_decode
 
-            return triton_gsa_decode(q, k, v, f, state, scale, (gate_logit_normalizer, feature_map, clamp_min))
+        return triton_gsa_decode(q, k, v, f, state, scale, (gate_logit_normalizer, feature_map, clamp_min))
+    with torch.autocast(q.device.type, enabled=False):
         # activations in the state's precision (float32), as the kernels form them
         dtype = compute_dtype(state[0].dtype)
         phi = FEATURE_MAPS[feature_map]
         s, g = slot_gates(f.to(dtype), gate_logit_normalizer, clamp_min)
-        o, _ = _run_step(chosen, phi(q.to(dtype)), phi(k.to(dtype)), F.silu(v.to(dtype)), s, g, state, scale, True)
+        o, _ = _run_step(phi(q.to(dtype)), phi(k.to(dtype)), F.silu(v.to(dtype)), s, g, state, scale, True)
         return o.to(q.dtype)

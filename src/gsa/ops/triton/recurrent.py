@@ -8,6 +8,8 @@ a group are the rows of one tile, so they share each state read. States stay flo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,14 @@ def _step_values(
              mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
+@functools.lru_cache(maxsize=256)
+def _step_blocks(HQ: int, H: int, K: int, V: int, M: int) -> tuple[int, ...]:
+    """(group, BG, BK, BV, BM, key blocks, value blocks) of a step's shape: worked out once, not every token."""
+    group = HQ // H
+    BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
+    return group, next_power_of_2(group), BK, BV, next_power_of_2(M), cdiv(K, BK), cdiv(V, BV)
+
+
 def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str, float | None] | None = None):
     """One token per sequence: q [B, HQ, K], k [B, H, K], v [B, H, V], s/g [B, H, M]; updates float32 contiguous
     hk [B, H, K, M] and hv [B, H, M, V] in place. Returns o [B, HQ, V].
@@ -117,10 +127,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     (s unused); the kernels apply the feature map to q and k, swish to v, and form g and s from f themselves."""
     B, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[2], g.shape[2]
-    group = HQ // H
-    BG, BM = next_power_of_2(group), next_power_of_2(M)
-    BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
-    nkb = cdiv(K, BK)
+    group, BG, BK, BV, BM, nkb, nvb = _step_blocks(HQ, H, K, V, M)
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     s = g if s is None else s.contiguous()
     raw = projections is not None
@@ -133,7 +140,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args,
     )
-    _step_values[(B, H, cdiv(V, BV))](
+    _step_values[(B, H, nvb)](
         v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM, **gate_args
     )
     return o
