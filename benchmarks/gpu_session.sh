@@ -13,7 +13,8 @@
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
-#   bash benchmarks/gpu_session.sh fla-model                  # same warm machine (autotune results there), ~9 min
+#   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
+#   bash benchmarks/gpu_session.sh fla-decode                 # carry .whl .cache/triton, ~4 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
@@ -328,13 +329,16 @@ for what in "$@"; do
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;
-        fla-model)  # FLA's 1.3B model against ours and Transformer++ in the same run at every context (issue 8's
-            # table so far takes FLA's figures from the spec's anchors, 2K and 8K only), then generate() latency
-            # (carry .whl and .cache/triton; FLA_TRAIN_CAP narrows the first part)
+        fla-model)  # FLA's 1.3B model against ours and Transformer++ in the same run (issue 8's table so far takes
+            # FLA's figures from the spec's anchors, 2K and 8K only); the JSON is written after every run, so a cap
+            # keeps what was measured (carry .whl and .cache/triton; CONTEXTS and FLA_TRAIN_CAP narrow it)
             fla_setup
-            stage fla-train "${FLA_TRAIN_CAP:-420}" python3 benchmarks/bench_train.py --models ours ours-kept llama \
+            stage fla-train "${FLA_TRAIN_CAP:-500}" python3 benchmarks/bench_train.py --models ours ours-kept llama \
                 --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} --steps 4 --warmup 2 \
                 --out "$OUT/train_h200_fla.json"
+            keep_autotune ;;
+        fla-decode)  # generate() latency of FLA's 1.3B model next to ours (carry .whl and .cache/triton)
+            fla_setup
             stage fla-decode 240 python3 benchmarks/bench_decode.py --models ours fla --prompts 2048 16384 \
                 --new-tokens 64 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;

@@ -132,14 +132,16 @@ def test_worker_devices_spread_a_bare_cuda_over_the_gpus_and_keep_any_other_devi
     assert worker_devices("cpu", 2, gpu_count=0) == ["cpu", "cpu"]
 
 
-def test_worker_processes_give_the_single_process_results():
-    """Two spawned workers (each taking its device from the queue the pool starts them with) give exactly the runs
-    of one process: step-count runs are reproducible wherever they run."""
+def test_worker_processes_give_the_single_process_results(monkeypatch):
+    """Two spawned workers, each taking its device from the queue the pool starts them with, give exactly the runs
+    of one process: step-count runs are reproducible wherever they run. The queue holds "cpu:0" (as it would
+    hold "cuda:0", "cuda:1"), which no worker could get but from the queue (the sweep's own device is "cpu")."""
     sweep = with_overrides(PROFILES["smoke"], models=("gsa",), seeds=(0, 1))
     key = lambda r: (r["seed"], r["width"])  # noqa: E731
     alone = sorted(run_sweep(sweep, "cpu"), key=key)
+    monkeypatch.setattr(mqar_sweep, "worker_devices", lambda device, workers, gpu_count: ["cpu:0"] * workers)
     pooled = sorted(run_sweep(sweep, "cpu", workers=2), key=key)
-    assert [r["device"] for r in pooled] == ["cpu", "cpu"]
+    assert [r["device"] for r in pooled] == ["cpu:0", "cpu:0"]
     assert [(r["seed"], r["accuracy"], r["steps"]) for r in pooled] == [
         (r["seed"], r["accuracy"], r["steps"]) for r in alone]
     assert [h["loss"] for h in pooled[1]["history"]] == [h["loss"] for h in alone[1]["history"]]

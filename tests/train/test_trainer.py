@@ -60,14 +60,25 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
         assert b == pytest.approx(a, rel=1e-6)
 
 
-def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path):
-    """--keep-features: every GSA layer keeps its features for backward (the saved model says so), and training
-    is the same as with recomputation."""
+def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
+    """--keep-features: every GSA layer of the trained model keeps its features for backward, training is the same
+    as with recomputation, and the saved model's config keeps its own setting (a training-time choice)."""
+    from gsa.layers import GatedSlotAttention
+    from gsa.train import trainer as trainer_module
+
+    flags = []
+    build = trainer_module.Trainer._build_model
+
+    def build_and_record(self):
+        build(self)
+        flags.append({m.recompute_features for m in self.model.modules() if isinstance(m, GatedSlotAttention)})
+
+    monkeypatch.setattr(trainer_module.Trainer, "_build_model", build_and_record)
     plain = train(tiny_config(tmp_path / "a", steps=3, save_every=100))
     kept = train(tiny_config(tmp_path / "b", steps=3, save_every=100, keep_features=True))
+    assert flags == [{True}, {False}]
     assert train_losses(kept.run_dir) == train_losses(plain.run_dir)
-    assert json.loads((kept.model_dir / "config.json").read_text())["recompute_features"] is False
-    assert json.loads((plain.model_dir / "config.json").read_text())["recompute_features"] is True
+    assert json.loads((kept.model_dir / "config.json").read_text())["recompute_features"] is True
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -748,7 +748,8 @@ def _init_worker(devices, fallback: str) -> None:
     global _WORKER_DEVICE
     try:  # (waits: the parent's queue feeds the pipe from a thread, so an item may not be there at once)
         _WORKER_DEVICE = devices.get(timeout=30)
-    except queue.Empty:  # a process the pool started in place of one that died: the sweep's device
+    except queue.Empty:  # only a process the pool starts in place of one that died finds the queue empty (its
+        # lost run is then lost to the sweep as well): it gets the sweep's device, which may double up a GPU
         _WORKER_DEVICE = fallback
 
 

@@ -211,7 +211,7 @@ def _check_step_inputs_in_detail(q, k, v, s, g, state, g_name: str) -> GSAShapes
     for name, shape in ((n, shape) for n, shape in expected.items() if n in named):
         if tuple(named[name].shape) != shape:
             raise ValueError(f"expected {name} of shape [{', '.join(map(str, shape))}], got {_shape(named[name])}")
-    if HQ % H != 0:
-        raise ValueError(f"query heads HQ={HQ} must be a multiple of key/value heads H={H}")
+    if H < 1 or HQ % H != 0:
+        raise ValueError(f"query heads HQ={HQ} must be a multiple of key/value heads H={H} (H >= 1)")
     check_state(state, B, H, K, V, M, q.device, "state")
     return GSAShapes(B, 1, HQ, H, K, V, M, B)

@@ -316,8 +316,7 @@ class Trainer:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{model.config.vocab_size}; pick the model's tokenizer with --tokenizer")
         model.train()
-        if config.keep_features:  # a training-time choice: whatever the preset, checkpoint or --init-from said
-            model.config.recompute_features = False
+        if config.keep_features:  # a training-time choice, not the saved model's (its config.json keeps its own)
             for module in model.modules():
                 if isinstance(module, GatedSlotAttention):
                     module.recompute_features = False

@@ -7,7 +7,8 @@ slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chu
 
 States: `_gate_factors` forms each chunk's gate factors once (chunk-parallel: s * exp(G_C - G) and the decay
 exp(G_C)), then the states come one of three ways (`state_plan`):
-- "walk": `_walk_states`, one program per (sequence, head, block of state rows), walks the sequence's chunks,
+- "walk": `_walk_states`, one program per (sequence, head, block of state rows; and block of slots when
+  WALK_SLOT_BLOCK splits them), walks the sequence's chunks,
   adding each chunk's contribution to a state held in registers and storing it at every boundary. Chosen when
   sequences x heads x row blocks fill the GPU (many short sequences).
 - "segment": the same walk over segments of the sequences (`SegmentLayout`), for few long ones (chosen otherwise):
@@ -834,9 +835,10 @@ SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overh
 SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))
 # > 0: the walking kernels take the slots in blocks of this many (a power of two >= 16), one program a block. Each
 # slot's recurrence is its own (the decay is per slot), so blocks need nothing of each other: more walking programs
-# for few long sequences (2 x 8192 at 32 slots a block: 256 programs, one walk instead of the segments' two and a
-# join), at the price of reading the chunk's keys / values (queries / output gradients) once per block. 0, the
-# default: all slots in one block. Untimed (benchmarks/tune_ops.py passes "walk64@32", "segment@32").
+# for few long sequences (2 x 8192 at 32 slots a block with STATE_PASS "walk": 256 programs, one walk instead of the
+# segments' two and a join), at the price of reading the chunk's keys / values (queries / output gradients) once per
+# block. `state_plan` does not count the slot blocks: with "auto" or "segment" they multiply the segments' programs.
+# 0, the default: all slots in one block. Untimed (benchmarks/tune_ops.py passes "walk64@32", "segment@32").
 WALK_SLOT_BLOCK = int(os.environ.get("GSA_TRITON_WALK_SLOT_BLOCK", "0"))
 
 
