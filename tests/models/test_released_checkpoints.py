@@ -157,11 +157,15 @@ def test_missing_tensor_in_author_checkpoint_is_named(tmp_path):
         GSAForCausalLM.from_pretrained(tmp_path)
 
 
+def fla_config_fields() -> dict:
+    """The authors' config as keyword arguments of FLA's GSAConfig (its class-level keys left out)."""
+    return {k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")}
+
+
 def test_fla_saved_model_loads(tmp_path):
     """When flash-linear-attention is installed: its GSAForCausalLM, saved, loads into ours with equal weights."""
     fla_models = pytest.importorskip("fla.models")
-    fields = {k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")}
-    config = fla_models.GSAConfig(**fields)
+    config = fla_models.GSAConfig(**fla_config_fields())
     torch.manual_seed(0)
     fla_model = fla_models.GSAForCausalLM(config)
     fla_model.save_pretrained(tmp_path, safe_serialization=True)
@@ -206,8 +210,7 @@ def test_fla_model_computes_ours_on_the_cpu(tmp_path, monkeypatch, short_conv):
     monkeypatch.setattr(fla_layer, "chunk_gsa", recurrence)
     monkeypatch.setattr(fla_layer, "fused_recurrent_gsa", recurrence)
     monkeypatch.setattr(fla_layer, "rms_norm_linear", norm_then_linear)
-    fields = {k: v for k, v in AUTHOR_CONFIG.items() if k not in ("architectures", "model_type")}
-    config = fla_models.GSAConfig(**{**fields, "use_short_conv": short_conv, "fuse_norm": False,
+    config = fla_models.GSAConfig(**{**fla_config_fields(), "use_short_conv": short_conv, "fuse_norm": False,
                                      "fuse_swiglu": False, "fuse_cross_entropy": False})
     torch.manual_seed(0)
     fla_model = fla_models.GSAForCausalLM(config).float()
