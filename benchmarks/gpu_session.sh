@@ -105,14 +105,6 @@ for what in "$@"; do
             stage tests-walk 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "chunk_kernels or steep or varlen or gpu_real or gpu_long"
             stage tune 200 python3 benchmarks/tune_ops.py --skip-tune --out "$OUT/tune_ops_h200.json" ;;
-        slot-walk)  # issue 3 / 8: the walking kernels over slot blocks (WALK_SLOT_BLOCK; one walk with 2-4x the
-            # programs) against the segments at 8K and 16K, and at 2K against the plain walk, GPU time; the CPU-tested
-            # kernels natively first
-            stage tests-slot-walk 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
-                -k "slot_blocks or gpu_long"
-            stage slot-walk 400 python3 benchmarks/tune_ops.py --skip-tune --graph \
-                --shapes paper-8k paper-16k paper-2k --passes auto walk64@32 segment@32 walk64@16 \
-                --out "$OUT/tune_slot_walk_h200.json" ;;
         tune-launch)  # num_warps / num_stages per kernel at paper-2k in GPU time (sets LAUNCH in
             # gsa/ops/triton/chunk.py; benchmarks/kernel_registers.py shows which configs spill, without a GPU)
             stage tune-launch 370 python3 benchmarks/tune_ops.py --passes walk64 --shapes paper-2k --graph \

@@ -1,8 +1,7 @@
 """Time the GSA operator's kernel variants on one GPU and print what to choose.
 
 1. The state passes (gsa/ops/triton/chunk.py): "split", "walk" (whole sequences) at 64 and 32 state rows a
-   program, "segment" (segments of the sequences walked, then joined) and "auto", each optionally "@N" with the
-   walking kernels' slots in blocks of N ("walk64@32"; WALK_SLOT_BLOCK), at every shape of bench_ops.py:
+   program, "segment" (segments of the sequences walked, then joined) and "auto", at every shape of bench_ops.py:
    forward, forward+backward, and the largest relative error against the float32 PyTorch path (outputs, final
    states, all gradients).
 2. num_warps / num_stages of each kernel at one shape, one kernel at a time (the others at their best so far):
@@ -31,11 +30,8 @@ GRAD_NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
 
 
 def state_pass(name: str):
-    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto', each optionally with
-    '@N', the walking kernels' slot block (WALK_SLOT_BLOCK: 'walk64@32', 'segment@16')."""
+    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'."""
     kernels.state_plan = ORIGINAL_STATE_PLAN
-    name, _, slot_block = name.partition("@")
-    kernels.WALK_SLOT_BLOCK = int(slot_block or 0)
     if name.startswith("walk"):
         rows = int(name[4:])
         kernels.STATE_PASS = "walk"

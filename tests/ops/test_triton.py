@@ -221,27 +221,6 @@ def test_varlen_matches_reference(state_pass):
     check_varlen([0, 5, 70, 71, 200], query_heads=4, seed=7)
 
 
-@pytest.mark.parametrize("state_pass_name", ["walk", "segment"])
-def test_walks_over_slot_blocks_match_reference(state_pass_name, monkeypatch):
-    """WALK_SLOT_BLOCK: the walking kernels take the slots in blocks (40 slots in blocks of 16: the last block
-    half masked), with query groups, initial and final states, and packed sequences of ragged lengths (one cut
-    into segments of two chunks); outputs, final states and every gradient are the reference's."""
-    monkeypatch.setattr(chunk_kernels, "STATE_PASS", state_pass_name)
-    monkeypatch.setattr(chunk_kernels, "SEGMENT_CHUNKS", 2)
-    monkeypatch.setattr(chunk_kernels, "WALK_SLOT_BLOCK", 16)
-    assert chunk_kernels.walk_slot_block(40) == 16 and chunk_kernels.walk_slot_block(256) == 16
-    offsets, H, K, V, M = [0, 70, 71, 260], 2, 8, 6, 40
-    tensors = gsa_inputs(1, offsets[-1], 4, H, K, V, M, dtype=torch.float32, seed=31, device=DEVICE)
-    tensors += list(random_state(len(offsets) - 1, H, K, V, M, dtype=torch.float32, seed=32, device=DEVICE))
-    cu = torch.tensor(offsets, device=DEVICE)
-    got = outputs_and_grads(lambda *a: triton_call(*a, cu_seqlens=cu), tensors)
-    want = outputs_and_grads(lambda *a: reference(*a, cu_seqlens=cu), tensors)
-    assert_close_all([t.cpu() for t in got], want, 2e-5, names=NAMES)
-    monkeypatch.setattr(chunk_kernels, "WALK_SLOT_BLOCK", 24)
-    with pytest.raises(ValueError, match="power of two >= 16, got 24"):
-        chunk_kernels.walk_slot_block(40)
-
-
 def uniform(B, T):
     return chunk_kernels._uniform_layout(B, T, torch.device("cpu"))
 

@@ -7,8 +7,7 @@ slot_base[i] .. slot_base[i] + chunks_i, slot n holding the state before its chu
 
 States: `_gate_factors` forms each chunk's gate factors once (chunk-parallel: s * exp(G_C - G) and the decay
 exp(G_C)), then the states come one of three ways (`state_plan`):
-- "walk": `_walk_states`, one program per (sequence, head, block of state rows; and block of slots when
-  WALK_SLOT_BLOCK splits them), walks the sequence's chunks,
+- "walk": `_walk_states`, one program per (sequence, head, block of state rows), walks the sequence's chunks,
   adding each chunk's contribution to a state held in registers and storing it at every boundary. Chosen when
   sequences x heads x row blocks fill the GPU (many short sequences).
 - "segment": the same walk over segments of the sequences (`SegmentLayout`), for few long ones (chosen otherwise):
@@ -257,8 +256,7 @@ def _walk_states(
     S_n+1 = S_n exp(G_C) + xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors
     come from `_gate_factors`. STORE_SLOTS: the states before each chunk; STORE_EDGE: the state after the last
     chunk, in its slot; STORE_END: that state in float32 in end (a segment's contribution, joint), or SPLIT_END
-    in the halves end / end_v (a sequence's final state, as the caller gets it). Program axis 2: the block of
-    slots (BM of them; one block of all slots unless WALK_SLOT_BLOCK splits them)."""
+    in the halves end / end_v (a sequence's final state, as the caller gets it)."""
     i_nh = tl.program_id(0)
     i_d = tl.program_id(1)
     i_h, bos, eos, slot0, num_chunks, chunk0 = _sequence_span(cu_ptr, slot_base_ptr, chunk_base_ptr, i_nh, H, BT)
@@ -269,7 +267,7 @@ def _walk_states(
         x_ptr = v_ptr
     rows = tl.arange(0, BT)
     dd = tl.arange(0, BD)
-    ms = tl.program_id(2) * BM + tl.arange(0, BM)  # a block of the slots (all of them unless split)
+    ms = tl.arange(0, BM)
     offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     for n in range(num_chunks):
         t0 = bos + n * BT
@@ -311,7 +309,7 @@ def _walk_dstates(
     x_scale = tl.where(is_key, scale, 1.0)
     rows = tl.arange(0, BT)
     dd = tl.arange(0, BD)
-    ms = tl.program_id(2) * BM + tl.arange(0, BM)  # a block of the slots (all of them unless split)
+    ms = tl.arange(0, BM)
     offs, mask, state = _walk_start(start_ptr, i_nh, KV, M, row0 + d0, row0 + W, dd, ms, BD, BM, HAS_START)
     if STORE_EDGE:
         _store_slot(dstates_ptr, slot0 + num_chunks, i_h, H, KV, M, offs, state, mask)
@@ -833,23 +831,9 @@ SEGMENT_PROGRAMS = 512  # segments are cut to give about this many walking progr
 SEGMENT_MIN_CHUNKS = 8  # below this a segment's walk is mostly its join's overhead
 # > 0 forces the segment length (tests; auto too)
 SEGMENT_CHUNKS = int(os.environ.get("GSA_TRITON_SEGMENT_CHUNKS", "0"))
-# > 0: the walking kernels take the slots in blocks of this many (a power of two >= 16), one program a block. Each
-# slot's recurrence is its own (the decay is per slot), so blocks need nothing of each other: more walking programs
-# for few long sequences (2 x 8192 at 32 slots a block with STATE_PASS "walk": 256 programs, one walk instead of the
-# segments' two and a join), at the price of reading the chunk's keys / values (queries / output gradients) once per
-# block. `state_plan` does not count the slot blocks: with "auto" or "segment" they multiply the segments' programs.
-# 0, the default: all slots in one block. Untimed (benchmarks/tune_ops.py passes "walk64@32", "segment@32").
-WALK_SLOT_BLOCK = int(os.environ.get("GSA_TRITON_WALK_SLOT_BLOCK", "0"))
-
-
-def walk_slot_block(M: int) -> int:
-    """The walking kernels' slot block for M slots: WALK_SLOT_BLOCK when set and smaller than M's, else all."""
-    block = next_power_of_2(M)
-    if WALK_SLOT_BLOCK:
-        if WALK_SLOT_BLOCK < 16 or WALK_SLOT_BLOCK & (WALK_SLOT_BLOCK - 1):
-            raise ValueError(f"GSA_TRITON_WALK_SLOT_BLOCK must be a power of two >= 16, got {WALK_SLOT_BLOCK}")
-        block = min(block, WALK_SLOT_BLOCK)
-    return block
+# Walking over blocks of slots (a third program axis: each slot's recurrence is its own) lost to the segments in GPU
+# time, forward+backward: 1.250 / 1.239 ms (blocks of 32 / 16) vs 1.223 at 2 x 8192, 1.592 / 1.559 vs 1.234 at
+# 1 x 16384 (results/tune_slot_walk_h200.json, NOTES.md session 14); removed.
 
 
 def state_plan(layout: ChunkLayout, H: int, K: int, V: int) -> tuple[int, int | None] | None:
@@ -920,13 +904,12 @@ def _scan_states(k, v, s, g, start, layout, final=None):
     plan = state_plan(layout, H, K, V)
     if plan is not None:
         BD, length = plan
-        walk_slots = walk_slot_block(M)
 
         def launch(spans, count, start_, end, end_v, **flags):
             _launch(
-                _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD), cdiv(M, walk_slots)),
+                _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD)),
                 k, v, factors, decay, states, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
-                spans.chunk_base, H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=walk_slots, **flags, **dot
+                spans.chunk_base, H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot
             )
 
         _walk_spans(launch, layout, length, states, decay, start, final, K, reverse=False)
@@ -1020,14 +1003,13 @@ class ChunkGSAFunction(torch.autograd.Function):
         plan = state_plan(layout, H, K, V)
         if plan is not None:
             walk, length = plan
-            walk_slots = walk_slot_block(M)
 
             def launch(spans, count, start_, end, end_v, **flags):
                 _launch(
-                    _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk), cdiv(M, walk_slots)),
+                    _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk)),
                     q, do, dl_dec, p_dec, dstates, decay, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
-                    BT=CHUNK, BD=walk, BM=walk_slots, **flags, **dot
+                    BT=CHUNK, BD=walk, BM=BM, **flags, **dot
                 )
 
             _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, K, reverse=True)
