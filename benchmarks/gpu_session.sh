@@ -215,10 +215,13 @@ for what in "$@"; do
             mqar_table mqar-runs-table "$OUT/mqar-runs" "${dirs[@]/%//mqar.json}"
             (cd /tmp && tar -czf "$OUT/mqar-runs-parts.tar.gz" --exclude=checkpoints mqar-runs) ;;
         mqar-spread)  # issue 7 on every visible GPU through the sweep's own spreading (one worker process a GPU):
-            # d=256 at lr 1e-2, seeds 0 and 1 on nvidia-h200-x2 by default (MQAR_SPREAD overrides the sweep options)
+            # MQAR_MODELS (default gsa) with MQAR_SPREAD's sweep (default d=256 at lr 1e-2, seeds 0 and 1); the
+            # attention baseline at every width: MQAR_MODELS=attention MQAR_SPREAD="--widths 64 128 256 512 --lrs 1e-3
+            # 3e-3 --seeds 0" (8 runs on nvidia-h200-x2: BUDGET x 2 / 8 seconds each)
             gpu_count=$(python3 -c "import torch; print(torch.cuda.device_count())")
             stage mqar-spread $(( ${BUDGET:-400} + 150 )) python3 benchmarks/mqar_sweep.py "${PAPER_MQAR[@]}" \
-                --models gsa ${MQAR_SPREAD:---widths 256 --lrs 1e-2 --seeds 0 1} --time-budget "${BUDGET:-400}" \
+                --models ${MQAR_MODELS:-gsa} ${MQAR_SPREAD:---widths 256 --lrs 1e-2 --seeds 0 1} \
+                --time-budget "${BUDGET:-400}" \
                 --stop-accuracy "${STOP:-0.995}" --workers "$gpu_count" --device cuda --output-dir "$OUT/mqar-spread"
             ;;
         harness)  # issue 7: lm-eval offline tasks end to end on a GSA model trained here (carry .whl-eval,

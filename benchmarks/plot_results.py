@@ -2,7 +2,7 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator plot has FLA from the same process; the training and decoding plots' FLA bars use the spec's anchors
+The operator and training plots have FLA from the same process; the decoding plot's FLA point is the spec's anchor
 measured on the same GPU model and software.
 """
 
@@ -45,25 +45,23 @@ def plot_ops(data):
     fig.savefig(IMAGES / "ops_h200.png", dpi=120)
 
 
-def plot_train(data, latest=None):
-    """data: the run with every peer (train_h200.json); latest: a newer run of ours alone (train_h200_final.json),
-    drawn beside it."""
-    runs = dict(data["runs"])
+def plot_train(data):
+    """Every model of one bench_train.py run (train_h200_fla.json: ours, ours with features kept, Llama and FLA's
+    GSA in one process); FLA's anchors from the spec where the run has no FLA."""
+    runs = data["runs"]
     contexts = sorted({int(k.split("@")[1]) for k in runs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    kinds = [("ours", "gsa" if latest is None else "gsa, session 4"), ("ours-plain", "gsa, plain layers"),
-             ("llama", "Transformer++ (HF Llama, SDPA)")]
-    if latest is not None:
-        runs.update({k.replace("ours@", "latest@"): v for k, v in latest["runs"].items() if k.startswith("ours@")})
-        kinds.insert(0, ("latest", "gsa"))
+    kinds = [("ours", "gsa"), ("ours-kept", "gsa, features kept"), ("ours-plain", "gsa, plain layers"),
+             ("llama", "Transformer++ (HF Llama, SDPA)"), ("fla", "FLA GSA")]
     for kind, label in kinds:
         if not all(f"{kind}@{c}" in runs for c in contexts):
             continue
         axes[0].plot(contexts, [runs[f"{kind}@{c}"]["tokens_per_s"] / 1e3 for c in contexts], "o-", label=label)
         axes[1].plot(contexts, [runs[f"{kind}@{c}"]["peak_gib"] for c in contexts], "o-", label=label)
-    axes[0].plot(list(FLA_ANCHORS["train"]), [v / 1e3 for v in FLA_ANCHORS["train"].values()], "s--",
-                 label="FLA GSA (anchor)")
-    axes[1].axhline(37.0, ls="--", color="gray", label="FLA GSA at 2K (anchor)")
+    if not any(k.startswith("fla@") for k in runs):
+        axes[0].plot(list(FLA_ANCHORS["train"]), [v / 1e3 for v in FLA_ANCHORS["train"].values()], "s--",
+                     label="FLA GSA (anchor)")
+        axes[1].axhline(37.0, ls="--", color="gray", label="FLA GSA at 2K (anchor)")
     for ax, ylabel in zip(axes, ("K tokens / s", "peak GiB")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (16K tokens a step)")
@@ -106,10 +104,10 @@ def main():
             ops["shapes"].update(heads["shapes"])
         plot_ops(ops)
         print("plotted the operator")
-    if (train := read("train_h200.json")) is not None:
-        plot_train(train, read("train_h200_final.json"))
+    if (train := read("train_h200_fla.json")) is not None:
+        plot_train(train)
         print("plotted training")
-    if (decode := read("decode_h200.json")) is not None:
+    if (decode := read("decode_h200_v2.json")) is not None:
         plot_decode(decode)
         print("plotted decoding")
 
