@@ -139,8 +139,8 @@ for what in "$@"; do
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
-            stage decode 140 python3 benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 128 \
-                --batch64 --out "$OUT/decode_h200.json" ;;
+            stage decode 450 python3 benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 128 \
+                --batch64 --long-tokens 1024 --out "$OUT/decode_h200.json" ;;
         train)
             stage train 260 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
                 --models ours llama ours-plain --count-saved --profile \
@@ -334,8 +334,8 @@ for what in "$@"; do
             keep_autotune ;;
         fla-decode)  # generate() latency of FLA's 1.3B model next to ours (carry .whl and .cache/triton)
             fla_setup
-            stage fla-decode 240 python3 benchmarks/bench_decode.py --models ours fla --prompts 2048 16384 \
-                --new-tokens 64 --out "$OUT/decode_h200_fla.json"
+            stage fla-decode 420 python3 benchmarks/bench_decode.py --models ours fla --prompts 2048 16384 \
+                --new-tokens 64 --batch64 --long-tokens 1024 --out "$OUT/decode_h200_fla.json"
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \

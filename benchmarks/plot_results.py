@@ -74,19 +74,37 @@ def plot_train(data):
 
 
 def plot_decode(data):
+    """Batch 1 ms/token by prompt length; beside it, when the run has it, batch 64 tokens/s by prompt length."""
     rows = data["ms_per_token"]
     prompts = sorted({int(k.split("@")[1]) for k in rows})
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    batch64 = data.get("batch64")
+    fig, axes = plt.subplots(1, 2 if batch64 else 1, figsize=(11 if batch64 else 6, 3.8), squeeze=False)
+    ax = axes[0][0]
     ax.plot(prompts, [rows[f"ours@{p}"]["cuda_graph"] for p in prompts], "o-", label="gsa, CUDA graph")
     ax.plot(prompts, [rows[f"ours@{p}"]["hf_generate"] for p in prompts], "o-", label="gsa, HF generate()")
-    ax.plot(prompts, [rows[f"llama@{p}"]["hf_generate"] for p in prompts], "o-", label="Llama SDPA, generate()")
-    ax.plot([2048], [FLA_ANCHORS["decode_2k_ms"]], "s", label="FLA GSA generate() (anchor)")
-    ax.set_xscale("log", base=2)
+    for kind, label in (("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()")):
+        if all(f"{kind}@{p}" in rows for p in prompts):
+            ax.plot(prompts, [rows[f"{kind}@{p}"]["hf_generate"] for p in prompts], "o-", label=label)
+    if not any(k.startswith("fla@") for k in rows):
+        ax.plot([2048], [FLA_ANCHORS["decode_2k_ms"]], "s", label="FLA GSA generate() (anchor)")
     ax.set_yscale("log")
-    ax.set_xlabel("prompt length")
     ax.set_ylabel("ms per generated token")
     ax.set_title("1.3B decoding, batch 1, H200")
-    ax.legend(fontsize=8)
+    if batch64:
+        ax = axes[0][1]
+        for kind, label in (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"),
+                            ("fla", "FLA GSA, generate()")):
+            cells = [(p, batch64.get(f"{kind}@{p}", {}).get("tokens_per_s")) for p in prompts]
+            cells = [(p, v) for p, v in cells if v is not None]  # out of memory or not run
+            if cells:
+                ax.plot(*zip(*cells), "o-", label=label)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens / s")
+        ax.set_title("1.3B decoding, batch 64, H200")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(IMAGES / "decode_h200.png", dpi=120)
 
