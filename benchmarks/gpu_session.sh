@@ -2,7 +2,8 @@
 # Every pending GPU measurement, by stage, each under its own time cap, logs and JSON under $OUT.
 # The device tool gives 30 minutes a session and 10 minutes a command, so a session runs a few stages a call:
 #
-#   bash benchmarks/gpu_session.sh train decode               # one H200, ~7 min
+#   bash benchmarks/gpu_session.sh train                      # one H200, ~4.5 min
+#   bash benchmarks/gpu_session.sh decode                     # one H200, <= 7.5 min (batch 1 and 64, long generation)
 #   bash benchmarks/gpu_session.sh tests tests-gpu            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tests-ops                  # one H200, ~5.5 min
 #   bash benchmarks/gpu_session.sh ops host                   # one H200, ~4 min
@@ -14,7 +15,7 @@
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
-#   bash benchmarks/gpu_session.sh fla-decode                 # carry .whl .cache/triton, ~4 min
+#   bash benchmarks/gpu_session.sh fla-decode                 # carry .whl .cache/triton, <= 7 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
 #   bash benchmarks/gpu_session.sh harness mqar-gsa           # one H200, carry .whl-eval .cache/gpu-data, ~9 min
@@ -25,6 +26,7 @@
 #   GPUS="0 1" OUT=... bash benchmarks/gpu_session.sh compare-pair & GPUS="2 3" OUT=... bash ... mqar-sittings &
 #                                                             # both at once on nvidia-h200-x4, each OUT its own
 #   bash benchmarks/gpu_session.sh mqar-spread                # nvidia-h200-x2, ~9 min: one MQAR run per GPU
+#   bash benchmarks/gpu_pair.sh "fla-decode" "decode"         # nvidia-h200-x2: stages side by side, one list a GPU
 #   OUT=/tmp/o bash benchmarks/gpu_session.sh mqar-runs; tar -czf $OUT/o.tgz -C /tmp/o .   # nvidia-h200-x4, ~9 min
 #                                                             # (one run per GPU in MQAR_RUNS; 9 files: one archive)
 #   bash benchmarks/gpu_session.sh fsdp                       # nvidia-h200-x2, ~6 min
@@ -92,7 +94,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for what in "$@"; do
     case "$what" in
         tests)  # layer, model and decoder tests natively on the GPU (Triton kernels compiled, GPU-only tests run)
-            stage tests 150 python3 -m pytest -q -p no:cacheprovider tests/layers tests/test_graph_decoder.py \
+            stage tests "${TESTS_CAP:-150}" python3 -m pytest -q -p no:cacheprovider tests/layers \
+                tests/test_graph_decoder.py \
                 tests/models/test_model.py ;;
         tests-ops)  # the operator's Triton tests natively but the real-shape ones: each kernel variant compiled
             # (~5 min)
@@ -339,8 +342,8 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-modes tune-rows ops fla fla-heads segment fla-model decode train activation mqar" \
-                "mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs harness compare compare-long compare-pair" \
-                "trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
+                "train-graph train-modes tune-rows ops fla fla-heads segment fla-model fla-decode decode train" \
+                "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
+                "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
     esac
 done
