@@ -327,9 +327,9 @@ for what in "$@"; do
                 --shapes paper-8k paper-16k --out "$OUT/tune_segment_h200.json"
             stage tests-segment 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_triton.py \
                 -k "segment_lengths or gpu_long" ;;
-        fla-model)  # FLA's 1.3B model against ours and Transformer++ in the same run (issue 8's table so far takes
-            # FLA's figures from the spec's anchors, 2K and 8K only); the JSON is written after every run, so a cap
-            # keeps what was measured (carry .whl and .cache/triton; CONTEXTS and FLA_TRAIN_CAP narrow it)
+        fla-model)  # FLA's 1.3B model against ours and Transformer++ in the same run (issue 8's training table,
+            # results/train_h200_fla.json); the JSON is written after every run, so a cap keeps what was measured
+            # (carry .whl and .cache/triton; CONTEXTS and FLA_TRAIN_CAP narrow it)
             fla_setup
             stage fla-train "${FLA_TRAIN_CAP:-500}" python3 benchmarks/bench_train.py --models ours ours-kept llama \
                 --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} --steps 4 --warmup 2 \
