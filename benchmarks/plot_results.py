@@ -2,8 +2,9 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator and training plots have FLA from the same process; the decoding plot's FLA point is the spec's anchor
-measured on the same GPU model and software.
+The operator and training plots have FLA from the same process; the decoding plot's FLA points come from the run of
+FLA's model beside ours on the other GPU of the same machine (decode_h200_fla.json), or from the spec's anchor when
+that file is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,38 +75,68 @@ def plot_train(data):
     fig.savefig(IMAGES / "train_h200.png", dpi=120)
 
 
+def with_fla(data, fla):
+    """The decoding run with the fla@ cells of FLA's run (bench_decode.py --models ours fla) added to each table."""
+    for table in ("ms_per_token", "batch64", "long"):
+        cells = {k: v for k, v in fla.get(table, {}).items() if k.startswith("fla@")}
+        if cells and table in data:
+            data[table].update(cells)
+    return data
+
+
 def plot_decode(data):
-    """Batch 1 ms/token by prompt length; beside it, when the run has it, batch 64 tokens/s by prompt length."""
+    """Batch 1 ms/token by prompt length; beside it, when the run has them, batch 64 tokens/s by prompt length and a
+    long generation's tokens/s at batch 1 and 64. A model is drawn at the prompt lengths it ran."""
     rows = data["ms_per_token"]
     prompts = sorted({int(k.split("@")[1]) for k in rows})
-    batch64 = data.get("batch64")
-    fig, axes = plt.subplots(1, 2 if batch64 else 1, figsize=(11 if batch64 else 6, 3.8), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(prompts, [rows[f"ours@{p}"]["cuda_graph"] for p in prompts], "o-", label="gsa, CUDA graph")
-    ax.plot(prompts, [rows[f"ours@{p}"]["hf_generate"] for p in prompts], "o-", label="gsa, HF generate()")
-    for kind, label in (("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()")):
-        if all(f"{kind}@{p}" in rows for p in prompts):
-            ax.plot(prompts, [rows[f"{kind}@{p}"]["hf_generate"] for p in prompts], "o-", label=label)
+    batch64, long = data.get("batch64"), data.get("long")
+    panels = 1 + bool(batch64) + bool(long)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
+    axes = list(axes[0])
+    kinds = (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()"))
+
+    def cells(table, kind, key):  # (prompt, value) where the run has the cell (not out of memory, not skipped)
+        found = [(p, table.get(f"{kind}@{p}", {}).get(key)) for p in prompts]
+        return [(p, v) for p, v in found if v is not None]
+
+    ax = axes[0]
+    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", label="gsa, CUDA graph")
+    ax.plot(*zip(*cells(rows, "ours", "hf_generate")), "o-", label="gsa, HF generate()")
+    for kind, label in kinds[1:]:
+        if found := cells(rows, kind, "hf_generate"):
+            ax.plot(*zip(*found), "o-", label=label)
     if not any(k.startswith("fla@") for k in rows):
         ax.plot([2048], [FLA_ANCHORS["decode_2k_ms"]], "s", label="FLA GSA generate() (anchor)")
-    ax.set_yscale("log")
     ax.set_ylabel("ms per generated token")
     ax.set_title("1.3B decoding, batch 1, H200")
     if batch64:
-        ax = axes[0][1]
-        for kind, label in (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"),
-                            ("fla", "FLA GSA, generate()")):
-            cells = [(p, batch64.get(f"{kind}@{p}", {}).get("tokens_per_s")) for p in prompts]
-            cells = [(p, v) for p, v in cells if v is not None]  # out of memory or not run
-            if cells:
-                ax.plot(*zip(*cells), "o-", label=label)
-        ax.set_yscale("log")
+        ax = axes[1]
+        for kind, label in kinds:
+            if found := cells(batch64, kind, "tokens_per_s"):
+                ax.plot(*zip(*found), "o-", label=label)
         ax.set_ylabel("tokens / s")
         ax.set_title("1.3B decoding, batch 64, H200")
-    for ax in axes[0]:
+    for ax in axes[:1 + bool(batch64)]:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(prompts, [f"{p // 1024}K" for p in prompts])
         ax.set_xlabel("prompt length")
-        ax.legend(fontsize=8)
+    if long:
+        ax = axes[-1]
+        present = [(kind, label) for kind, label in kinds if f"{kind}@1" in long or f"{kind}@64" in long]
+        width = 0.8 / len(present)
+        for i, (kind, label) in enumerate(present):
+            speeds = [long.get(f"{kind}@{b}", {}).get("tokens_per_s", 0) for b in (1, 64)]
+            ax.bar([j + (i - (len(present) - 1) / 2) * width for j in range(2)], speeds, width, label=label)
+        ax.set_xticks([0, 1], ["batch 1", "batch 64"])
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{long['new_tokens']} new tokens after {long['prompt']}, H200", fontsize=10)
+    for ax in axes:
+        ax.set_yscale("log")  # plain numbers, the minor ticks at 2 and 5 labelled too
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" * (f"{v:.0e}"[0] in "25")))
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 10)  # room for the legend above the lines
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(IMAGES / "decode_h200.png", dpi=120)
 
@@ -116,16 +148,21 @@ def read(name: str):
 
 def main():
     IMAGES.mkdir(parents=True, exist_ok=True)
-    ops, heads = read("ops_h200_fla_graph_v2.json"), read("ops_h200_fla_h32.json")
+    # the paper's three contexts from session 15's run; H=16 / K=128 from session 7's and H=32 / K=64 from a call of
+    # its own (FLA's autotune there takes ~8 minutes)
+    ops = read("ops_h200_fla_v3.json")
     if ops is not None:
-        if heads is not None:  # H=32 / K=64 came from a call of its own (FLA's autotune there takes ~8 minutes)
-            ops["shapes"].update(heads["shapes"])
+        for extra in (read("ops_h200_fla_graph_v2.json"), read("ops_h200_fla_h32.json")):
+            for name, shape in (extra or {}).get("shapes", {}).items():
+                ops["shapes"].setdefault(name, shape)
         plot_ops(ops)
         print("plotted the operator")
     if (train := read("train_h200_fla.json")) is not None:
         plot_train(train)
         print("plotted training")
-    if (decode := read("decode_h200_v2.json")) is not None:
+    if (decode := read("decode_h200_v3.json")) is not None:
+        if (fla := read("decode_h200_fla.json")) is not None:  # FLA's model ran beside it, on the other GPU
+            decode = with_fla(decode, fla)
         plot_decode(decode)
         print("plotted decoding")
 
