@@ -33,11 +33,17 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def per_token_ms(generate, prompt, new_tokens):
+def per_token_ms(generate, prompt, new_tokens, repeats: int = 1):
+    """ms a generated token: a generation of new_tokens + 1 less one of 1 (the prefill cancels), the median of
+    `repeats` such pairs. GraphDecoder captures its graph in every generate() call, and the capture's host time
+    varies by tens of ms (more beside another job on the host), which a single pair spreads over the tokens."""
     generate(prompt, 2)  # warm-up (compiles, captures)
-    one = timed(lambda: generate(prompt, 1))
-    many = timed(lambda: generate(prompt, new_tokens + 1))
-    return 1e3 * (many - one) / new_tokens
+    spans = []
+    for _ in range(repeats):
+        one = timed(lambda: generate(prompt, 1))
+        many = timed(lambda: generate(prompt, new_tokens + 1))
+        spans.append(many - one)
+    return 1e3 * sorted(spans)[len(spans) // 2] / new_tokens
 
 
 def fitting(measure):
@@ -62,17 +68,18 @@ def measure_model(kind: str, args, results: dict):
 
     decoder = GraphDecoder(model) if kind == "ours" else None
     fastest = (lambda p, n: decoder.generate(p, n)) if decoder is not None else hf_generate
+    graph_repeats = args.repeats if decoder is not None else 1  # generate() at 64 x 16K is minutes: once
     for length in args.prompts:
         prompt = torch.randint(0, 32000, (1, length), device="cuda")
         row = {"hf_generate": per_token_ms(hf_generate, prompt, args.new_tokens)}
         if decoder is not None:
-            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens)
+            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens, args.repeats)
         results["ms_per_token"][f"{kind}@{length}"] = row
         print(kind, length, row, flush=True)
     if args.batch64:
         for length in args.prompts:
             prompt = torch.randint(0, 32000, (64, length), device="cuda")
-            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens))
+            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens, graph_repeats))
             cell = {"out_of_memory": True} if ms is None else {"ms_per_token": ms, "tokens_per_s": 64e3 / ms}
             results.setdefault("batch64", {})[f"{kind}@{length}"] = cell
             print(kind, "batch 64", length, cell, flush=True)
@@ -90,6 +97,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", nargs="*", type=int, default=[2048, 4096, 8192, 16384])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="CUDA-graph decoding: the median of this many timed pairs (see per_token_ms)")
     parser.add_argument("--batch64", action="store_true", help="also batch 64 after every prompt length")
     parser.add_argument("--long-tokens", type=int, default=0,
                         help="also a generation of this many tokens at batch 1 and 64 (its tokens/s)")

@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh tests train-graph          # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh train-profile              # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
+#   bash benchmarks/gpu_session.sh tune-decode                # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
@@ -136,6 +137,9 @@ for what in "$@"; do
             # float32 weights under bf16 autocast, documents packed with cu_seqlens
             stage train-modes 300 python3 benchmarks/bench_train.py --contexts 2048 --steps 4 --warmup 2 \
                 --models ours ours-autocast ours-packed --out "$OUT/train_h200_modes.json" ;;
+        tune-decode)  # issues 3 / 8: the decoding step's launch settings (STEP_LAUNCH in gsa/ops/triton/recurrent.py),
+            # GPU time at batch 1 and 64, then the 1.3B model's decoding with the settings in the code and the best
+            stage tune-decode 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_h200.json" ;;
         tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU
             # time
             stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;

@@ -17,6 +17,7 @@ if not triton_ops.KERNELS_AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 from gsa.ops.triton import chunk as chunk_kernels  # noqa: E402
+from gsa.ops.triton import recurrent as recurrent_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -280,8 +281,16 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
     check_varlen(offsets, query_heads=2, seed=11)
 
 
-@pytest.mark.parametrize("inplace", [True, False])
-def test_decode_step_kernel_matches_reference(inplace):
+SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2)  # 3 key and 3 value blocks a head
+
+
+@pytest.mark.parametrize("inplace, launch", [(True, None), (False, None), (True, SMALL_STEP_BLOCKS)],
+                         ids=["inplace", "fresh", "inplace-small-blocks"])
+def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
+    """Steps of the kernel equal the reference's recurrence, GQA with odd widths; also with several state blocks
+    a head (the launch settings benchmarks/tune_decode.py sweeps)."""
+    if launch is not None:
+        monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
     B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20
     q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=9, device=DEVICE)
     hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=10, device=DEVICE)

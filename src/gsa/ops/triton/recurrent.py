@@ -111,11 +111,19 @@ def _step_values(
              mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
+# Launch settings of the step's two kernels: state rows a program (BK of Hk, BV of Hv) and warps; module-level so
+# that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64, CUDA graph
+# (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86 us,
+# 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
+# sequences: 53-61 us, no gain, not kept).
+STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4)
+
+
 @functools.lru_cache(maxsize=256)
-def _step_blocks(HQ: int, H: int, K: int, V: int, M: int) -> tuple[int, ...]:
+def _step_blocks(HQ: int, H: int, K: int, V: int, M: int, bk: int, bv: int) -> tuple[int, ...]:
     """(group, BG, BK, BV, BM, key blocks, value blocks) of a step's shape: worked out once, not every token."""
     group = HQ // H
-    BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
+    BK, BV = min(bk, next_power_of_2(K)), min(bv, next_power_of_2(V))
     return group, next_power_of_2(group), BK, BV, next_power_of_2(M), cdiv(K, BK), cdiv(V, BV)
 
 
@@ -127,7 +135,8 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     (s unused); the kernels apply the feature map to q and k, swish to v, and form g and s from f themselves."""
     B, HQ, K = q.shape
     H, V, M = k.shape[1], v.shape[2], g.shape[2]
-    group, BG, BK, BV, BM, nkb, nvb = _step_blocks(HQ, H, K, V, M)
+    config = STEP_LAUNCH
+    group, BG, BK, BV, BM, nkb, nvb = _step_blocks(HQ, H, K, V, M, config["BK"], config["BV"])
     q, k, v, g = (t.contiguous() for t in (q, k, v, g))
     s = g if s is None else s.contiguous()
     raw = projections is not None
@@ -138,9 +147,10 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
-        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args,
+        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, num_warps=config["num_warps"],
     )
     _step_values[(B, H, nvb)](
-        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb, BG=BG, BV=BV, BM=BM, **gate_args
+        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb,
+        BG=BG, BV=BV, BM=BM, **gate_args, num_warps=config["num_warps"],
     )
     return o

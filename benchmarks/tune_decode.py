@@ -1,0 +1,125 @@
+"""Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
+
+For every (rows a program, warps): the step's GPU time replayed from a CUDA graph at batch 1 and
+64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must move
+(both states read and written), and its largest relative error against the PyTorch step. Then the 1.3B model's
+decoding (GraphDecoder, batch 1 and 64) with the settings in the code and with the sweep's best at batch 64.
+
+    python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from bench_decode import per_token_ms
+from bench_train import cuda_model
+from gsa.generation import GraphDecoder
+from gsa.ops import gated_slot_attention_step
+from gsa.ops.triton import recurrent
+
+H, D, M = 4, 512, 64
+
+
+def step_inputs(batch: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, H, D, device="cuda", generator=gen).bfloat16() for _ in range(3))
+    g = torch.nn.functional.logsigmoid(torch.randn(batch, H, M, device="cuda", generator=gen)) / 8
+    s = 1 - g.exp()
+    state = (torch.randn(batch, H, D, M, device="cuda", generator=gen),
+             torch.randn(batch, H, M, D, device="cuda", generator=gen))
+    return (q, k, v, s.bfloat16(), g.bfloat16()), state
+
+
+def step_error(batch: int) -> float:
+    """Largest relative error of output and both states after one kernel step, against the torch backend's."""
+    inputs, state = step_inputs(batch, seed=1)
+    want_o, want_state = gated_slot_attention_step(*inputs, state, inplace=False, backend="torch")
+    got_o, got_state = gated_slot_attention_step(*inputs, (state[0].clone(), state[1].clone()), inplace=False,
+                                                 backend="triton")
+    pairs = [(got_o.float(), want_o.float()), *zip(got_state, want_state)]
+    return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+
+
+def step_us(batch: int) -> float:
+    inputs, state = step_inputs(batch)
+    return 1e3 * triton.testing.do_bench_cudagraph(
+        lambda: gated_slot_attention_step(*inputs, state, inplace=True, backend="triton"), rep=100,
+        return_mode="median")
+
+
+def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
+    """ms a token of the 1.3B model from CUDA graphs at batch 1 and 64 with the current STEP_LAUNCH."""
+    model = cuda_model("ours").eval()
+    decoder = GraphDecoder(model)
+    row = {}
+    for batch in (1, 64):
+        prompt = torch.randint(0, 32000, (batch, prompt_length), device="cuda")
+        row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, repeats=3)
+    del model, decoder
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128, 256])
+    parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
+                                                      "tune_decode_h200.json"))
+    args = parser.parse_args()
+    started = time.time()
+    in_code = dict(recurrent.STEP_LAUNCH)
+    moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "in_code": in_code, "steps": [], "model": {}}
+    for rows, warps in itertools.product(args.rows, args.warps):
+        recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps)
+        entry = dict(recurrent.STEP_LAUNCH)
+        try:
+            entry["max_err"] = step_error(64)
+            for batch in (1, 64):
+                entry[f"batch{batch}_us"] = step_us(batch)
+        except Exception as error:  # a setting the GPU cannot hold is reported, not the sweep lost
+            entry["error"] = str(error)[:200]
+        results["steps"].append(entry)
+        print(json.dumps(entry), f"[{time.time() - started:.0f}s]", flush=True)
+    fine = [e for e in results["steps"] if "error" not in e and e["max_err"] < 1e-4]
+    best = min(fine, key=lambda e: e["batch64_us"])
+    chosen = {key: best[key] for key in in_code}
+    for name, setting in (("in_code", in_code), ("best_at_64", chosen)):
+        recurrent.STEP_LAUNCH = dict(setting)
+        results["model"][name] = {**setting, **model_decoding(args.prompt, args.new_tokens)}
+        print(name, json.dumps(results["model"][name]), f"[{time.time() - started:.0f}s]", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+    print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph; GB/s of the bytes "
+          f"a step must move)")
+    print(f"{'rows':>5} {'warps':>5} {'batch 1':>8} {'batch 64':>9} {'GB/s @64':>9} {'max err':>8}")
+    for e in sorted(results["steps"], key=lambda e: e.get("batch64_us", float("inf"))):
+        if "error" in e:
+            print(f"{e['BK']:>5} {e['num_warps']:>5}  failed: {e['error'][:60]}")
+            continue
+        print(f"{e['BK']:>5} {e['num_warps']:>5} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
+              f"{moved[64] / e['batch64_us'] / 1e3:>9.0f} {e['max_err']:>8.1e}")
+    print("\n1.3B model, ms a token from CUDA graphs")
+    for name, row in results["model"].items():
+        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']}: "
+              f"batch 1 {row['batch1_ms']:.3f}, batch 64 {row['batch64_ms']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
