@@ -33,11 +33,12 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def per_token_ms(generate, prompt, new_tokens, repeats: int = 1):
+def per_token_ms(generate, prompt, new_tokens, repeats: int = 1, warmup_tokens: int = 2):
     """ms a generated token: a generation of new_tokens + 1 less one of 1 (the prefill cancels), the median of
-    `repeats` such pairs. GraphDecoder captures its graph in every generate() call, and the capture's host time
-    varies by tens of ms (more beside another job on the host), which a single pair spreads over the tokens."""
-    generate(prompt, 2)  # warm-up (compiles, captures)
+    `repeats` such pairs (the host's time per call varies by tens of ms beside another job on the host, which a
+    single pair spreads over the tokens). The warm-up compiles, and for GraphDecoder captures a graph whose token
+    buffer the timed calls then reuse: warmup_tokens = new_tokens + 1 for it."""
+    generate(prompt, warmup_tokens)
     spans = []
     for _ in range(repeats):
         one = timed(lambda: generate(prompt, 1))
@@ -68,25 +69,27 @@ def measure_model(kind: str, args, results: dict):
 
     decoder = GraphDecoder(model) if kind == "ours" else None
     fastest = (lambda p, n: decoder.generate(p, n)) if decoder is not None else hf_generate
-    graph_repeats = args.repeats if decoder is not None else 1  # generate() at 64 x 16K is minutes: once
+    # (repeats, warm-up tokens): generate() at batch 64 is seconds a call, once is enough there
+    graph_timing = (args.repeats, args.new_tokens + 1) if decoder is not None else (1, 2)
     for length in args.prompts:
         prompt = torch.randint(0, 32000, (1, length), device="cuda")
         row = {"hf_generate": per_token_ms(hf_generate, prompt, args.new_tokens)}
         if decoder is not None:
-            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens, args.repeats)
+            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens, *graph_timing)
         results["ms_per_token"][f"{kind}@{length}"] = row
         print(kind, length, row, flush=True)
     if args.batch64:
         for length in args.prompts:
             prompt = torch.randint(0, 32000, (64, length), device="cuda")
-            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens, graph_repeats))
+            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens, *graph_timing))
             cell = {"out_of_memory": True} if ms is None else {"ms_per_token": ms, "tokens_per_s": 64e3 / ms}
             results.setdefault("batch64", {})[f"{kind}@{length}"] = cell
             print(kind, "batch 64", length, cell, flush=True)
     if args.long_tokens:
         for batch in (1, 64):
             prompt = torch.randint(0, 32000, (batch, args.prompts[0]), device="cuda")
-            ms = fitting(lambda: per_token_ms(fastest, prompt, args.long_tokens))
+            warmup = args.long_tokens + 1 if decoder is not None else 2
+            ms = fitting(lambda: per_token_ms(fastest, prompt, args.long_tokens, 1, warmup))
             cell = {"out_of_memory": True} if ms is None else {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms}
             long = results.setdefault("long", {"prompt": args.prompts[0], "new_tokens": args.long_tokens})
             long[f"{kind}@{batch}"] = cell

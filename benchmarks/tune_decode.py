@@ -64,7 +64,7 @@ def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
     row = {}
     for batch in (1, 64):
         prompt = torch.randint(0, 32000, (batch, prompt_length), device="cuda")
-        row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, repeats=3)
+        row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, 3, new_tokens + 1)
     del model, decoder
     gc.collect()
     torch.cuda.empty_cache()

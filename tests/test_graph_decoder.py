@@ -54,3 +54,82 @@ def test_callback_streams_every_token_in_order(device):
     seen = []
     got = GraphDecoder(model).generate(prompt, 12, callback=lambda t: seen.append(int(t[0])))
     assert seen == got[0, 9:].tolist() and len(seen) == 12
+
+
+def _sharp_model(device):
+    """The tiny model with its projections scaled up, so that every part of the state (the slot keys too, which
+    at the default scale barely move a softmax over 8 slots) changes the greedy tokens."""
+    model = _model(device)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.mul_(6)
+    return model
+
+
+def _counting_captures(monkeypatch, replay_eagerly: bool):
+    """Count GraphDecoder._capture calls; on a CPU the 'capture' hands back the eager step itself, so the kept
+    step's bookkeeping (its run and cache reused, a new prefill's states copied in) runs as the graph's would."""
+    captures = []
+    real = GraphDecoder._capture
+
+    def capture(self, model_step, run, cache):
+        captures.append(run.tokens.shape)
+        return model_step if replay_eagerly else real(self, model_step, run, cache)
+
+    monkeypatch.setattr(GraphDecoder, "_capture", capture)
+    return captures
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kept_graph_is_reused_and_recaptured_when_the_call_differs(device, monkeypatch):
+    """Calls of one batch size reuse the captured step (new prompts, lengths and fewer tokens give what
+    generate() gives); more tokens than its buffer holds, another batch size, an end token, or weights moved to
+    other tensors capture again."""
+    captures = _counting_captures(monkeypatch, replay_eagerly=device == "cpu")
+    model = _sharp_model(device)
+    gen = torch.Generator().manual_seed(4)
+    decoder = GraphDecoder(model, use_graph=True, check_every=5)
+
+    def check(batch, length, new_tokens, eos=None):
+        prompt = torch.randint(4, 200, (batch, length), generator=gen).to(device)
+        want = _hf_greedy(model, prompt, new_tokens, eos=eos, pad=0)
+        got = decoder.generate(prompt, new_tokens, eos_token_id=eos, pad_token_id=0 if eos is not None else None)
+        assert torch.equal(got, want), (batch, length, new_tokens, eos)
+
+    check(3, 30, 20)
+    check(3, 55, 7)  # another prompt and length, fewer tokens: the same graph
+    check(3, 12, 20)
+    assert len(captures) == 1
+    check(3, 12, 90)  # more columns than the kept buffer (64): captured again, larger
+    assert len(captures) == 2 and captures[1][1] >= 90
+    check(2, 12, 20)
+    assert len(captures) == 3
+    # an end token one row of the first prompt emits early: the second call (same graph) starts unended
+    prompt = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    eos = int(_hf_greedy(model, prompt, 20)[0, 14])
+    for prompt in (prompt, torch.randint(4, 200, (2, 12), generator=gen).to(device)):
+        want = _hf_greedy(model, prompt, 20, eos=eos, pad=0)
+        assert torch.equal(decoder.generate(prompt, 20, eos_token_id=eos, pad_token_id=0), want)
+    assert len(captures) == 4
+    model.to(torch.float64)  # new weight tensors: a graph on the old ones would read freed memory
+    check(2, 12, 20)
+    assert len(captures) == 5
+    decoder.release()
+    check(2, 12, 20)
+    assert len(captures) == 6
+
+
+def test_kept_graph_streams_its_tokens_to_the_callback_per_call(monkeypatch):
+    """A reused step's tokens reach the callback as copies: what a first call streamed stays as it was."""
+    _counting_captures(monkeypatch, replay_eagerly=True)
+    model = _sharp_model("cpu")
+    decoder = GraphDecoder(model, use_graph=True)
+    streamed = []
+    for seed in (6, 7):
+        prompt = torch.randint(4, 200, (1, 9), generator=torch.Generator().manual_seed(seed))
+        seen = []
+        got = decoder.generate(prompt, 12, callback=seen.append)
+        streamed.append((seen, got[0, 9:].tolist()))
+    for seen, tokens in streamed:
+        assert [int(t[0]) for t in seen] == tokens
