@@ -94,17 +94,19 @@ def plot_decode(data):
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.8), squeeze=False)
     axes = list(axes[0])
     kinds = (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()"))
+    # one colour a series in every panel
+    colors = {"ours": "C0", "ours-hf": "C1", "llama": "C2", "fla": "C3"}
 
     def cells(table, kind, key):  # (prompt, value) where the run has the cell (not out of memory, not skipped)
         found = [(p, table.get(f"{kind}@{p}", {}).get(key)) for p in prompts]
         return [(p, v) for p, v in found if v is not None]
 
     ax = axes[0]
-    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", label="gsa, CUDA graph")
-    ax.plot(*zip(*cells(rows, "ours", "hf_generate")), "o-", label="gsa, HF generate()")
+    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", color=colors["ours"], label="gsa, CUDA graph")
+    ax.plot(*zip(*cells(rows, "ours", "hf_generate")), "o-", color=colors["ours-hf"], label="gsa, HF generate()")
     for kind, label in kinds[1:]:
         if found := cells(rows, kind, "hf_generate"):
-            ax.plot(*zip(*found), "o-", label=label)
+            ax.plot(*zip(*found), "o-", color=colors[kind], label=label)
     if not any(k.startswith("fla@") for k in rows):
         ax.plot([2048], [FLA_ANCHORS["decode_2k_ms"]], "s", label="FLA GSA generate() (anchor)")
     ax.set_ylabel("ms per generated token")
@@ -113,7 +115,7 @@ def plot_decode(data):
         ax = axes[1]
         for kind, label in kinds:
             if found := cells(batch64, kind, "tokens_per_s"):
-                ax.plot(*zip(*found), "o-", label=label)
+                ax.plot(*zip(*found), "o-", color=colors[kind], label=label)
         ax.set_ylabel("tokens / s")
         ax.set_title("1.3B decoding, batch 64, H200")
     for ax in axes[:1 + bool(batch64)]:
@@ -126,7 +128,8 @@ def plot_decode(data):
         width = 0.8 / len(present)
         for i, (kind, label) in enumerate(present):
             speeds = [long.get(f"{kind}@{b}", {}).get("tokens_per_s", 0) for b in (1, 64)]
-            ax.bar([j + (i - (len(present) - 1) / 2) * width for j in range(2)], speeds, width, label=label)
+            ax.bar([j + (i - (len(present) - 1) / 2) * width for j in range(2)], speeds, width, color=colors[kind],
+                   label=label)
         ax.set_xticks([0, 1], ["batch 1", "batch 64"])
         ax.set_ylabel("tokens / s")
         ax.set_title(f"{long['new_tokens']} new tokens after {long['prompt']}, H200", fontsize=10)
