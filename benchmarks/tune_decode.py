@@ -1,8 +1,8 @@
 """Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
 
-For every (rows a program, warps): the step's GPU time replayed from a CUDA graph at batch 1 and
-64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must move
-(both states read and written), and its largest relative error against the PyTorch step. Then the 1.3B model's
+For every (rows a program, warps, state tiles streamed or not): the step's GPU time replayed from a CUDA graph at
+batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must
+move (both states read and written), and its largest relative error against the PyTorch step. Then the 1.3B model's
 decoding (GraphDecoder, batch 1 and 64) with the settings in the code and with the sweep's best at batch 64.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
@@ -73,8 +73,8 @@ def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128, 256])
-    parser.add_argument("--warps", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
@@ -85,8 +85,8 @@ def main():
     moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "in_code": in_code, "steps": [], "model": {}}
-    for rows, warps in itertools.product(args.rows, args.warps):
-        recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps)
+    for rows, warps, stream in itertools.product(args.rows, args.warps, (False, True)):
+        recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=stream)
         entry = dict(recurrent.STEP_LAUNCH)
         try:
             entry["max_err"] = step_error(64)
@@ -108,16 +108,16 @@ def main():
 
     print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph; GB/s of the bytes "
           f"a step must move)")
-    print(f"{'rows':>5} {'warps':>5} {'batch 1':>8} {'batch 64':>9} {'GB/s @64':>9} {'max err':>8}")
+    print(f"{'rows':>5} {'warps':>5} {'stream':>6} {'batch 1':>8} {'batch 64':>9} {'GB/s @64':>9} {'max err':>8}")
     for e in sorted(results["steps"], key=lambda e: e.get("batch64_us", float("inf"))):
         if "error" in e:
-            print(f"{e['BK']:>5} {e['num_warps']:>5}  failed: {e['error'][:60]}")
+            print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6}  failed: {e['error'][:60]}")
             continue
-        print(f"{e['BK']:>5} {e['num_warps']:>5} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
+        print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
               f"{moved[64] / e['batch64_us'] / 1e3:>9.0f} {e['max_err']:>8.1e}")
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']}: "
+        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']} stream {row['STREAM']}: "
               f"batch 1 {row['batch1_ms']:.3f}, batch 64 {row['batch64_ms']:.3f}")
 
 

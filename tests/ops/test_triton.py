@@ -281,14 +281,14 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
     check_varlen(offsets, query_heads=2, seed=11)
 
 
-SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2)  # 3 key and 3 value blocks a head
+SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True)  # 3 key and 3 value blocks a head
 
 
 @pytest.mark.parametrize("inplace, launch", [(True, None), (False, None), (True, SMALL_STEP_BLOCKS)],
                          ids=["inplace", "fresh", "inplace-small-blocks"])
 def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     """Steps of the kernel equal the reference's recurrence, GQA with odd widths; also with several state blocks
-    a head (the launch settings benchmarks/tune_decode.py sweeps)."""
+    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps)."""
     if launch is not None:
         monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
     B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20

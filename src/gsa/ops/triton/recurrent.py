@@ -47,11 +47,27 @@ def _gates(g_ptr, s_ptr, base, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS: tl.con
 
 
 @triton.jit
+def _load_state(ptr, mask, STREAM: tl.constexpr):
+    """A state tile, read once a step: STREAM asks L2 to evict it first (the step touches each line once)."""
+    if STREAM:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_state(ptr, value, mask, STREAM: tl.constexpr):
+    if STREAM:
+        tl.store(ptr, value, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _step_keys(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
     HQ, H, K, M, GROUP, NKB,
     BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
-    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
+    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -64,10 +80,10 @@ def _step_keys(
     g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
     offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
     both = k_ok[:, None] & m_ok[None, :]
-    hk = tl.load(hk_ptr + offs, mask=both, other=0.0)
+    hk = _load_state(hk_ptr + offs, both, STREAM)
     k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
     hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
-    tl.store(hk_ptr + offs, hk, mask=both)
+    _store_state(hk_ptr + offs, hk, both, STREAM)
     heads = i_h * GROUP + gg
     q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
                 mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -81,6 +97,7 @@ def _step_values(
     v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale, inv_tau, clamp_min,
     HQ, H, V, M, GROUP, NKB,
     BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -99,12 +116,12 @@ def _step_values(
     g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
     offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
     both = m_ok[:, None] & v_ok[None, :]
-    hv = tl.load(hv_ptr + offs, mask=both, other=0.0)
+    hv = _load_state(hv_ptr + offs, both, STREAM)
     v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
     if FROM_LOGITS:  # raw projections: the layer's value activation is swish
         v = v * tl.sigmoid(v)
     hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
-    tl.store(hv_ptr + offs, hv, mask=both)
+    _store_state(hv_ptr + offs, hv, both, STREAM)
     o = tl.dot(p, hv, input_precision="ieee")
     heads = i_h * GROUP + gg
     tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
@@ -115,8 +132,9 @@ def _step_values(
 # that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64, CUDA graph
 # (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86 us,
 # 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
-# sequences: 53-61 us, no gain, not kept).
-STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4)
+# sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming
+# (each line is touched once a step); untimed.
+STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,12 +163,13 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
+    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
-        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, num_warps=config["num_warps"],
+        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
     )
     _step_values[(B, H, nvb)](
         v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb,
-        BG=BG, BV=BV, BM=BM, **gate_args, num_warps=config["num_warps"],
+        BG=BG, BV=BV, BM=BM, **gate_args, **launch,
     )
     return o
