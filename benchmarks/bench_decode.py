@@ -69,7 +69,8 @@ def measure_model(kind: str, args, results: dict):
 
     decoder = GraphDecoder(model) if kind == "ours" else None
     fastest = (lambda p, n: decoder.generate(p, n)) if decoder is not None else hf_generate
-    # (repeats, warm-up tokens): generate() at batch 64 is seconds a call, once is enough there
+    # (repeats, warm-up tokens) of the fastest way: the CUDA-graph decoder's median of `repeats` pairs after a warm-up
+    # of the timed length (its kept graph then fits every timed call); generate() (Llama, FLA) once after 2 tokens
     graph_timing = (args.repeats, args.new_tokens + 1) if decoder is not None else (1, 2)
     for length in args.prompts:
         prompt = torch.randint(0, 32000, (1, length), device="cuda")
@@ -109,7 +110,8 @@ def main():
                         help="fla: flash-linear-attention's GSAForCausalLM through generate() (autotunes on first use)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "decode_h200.json"))
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "ms_per_token": {}}
+    results = {"device": torch.cuda.get_device_name(), "new_tokens": args.new_tokens, "ms_per_token": {},
+               "cuda_graph_repeats": args.repeats}
     for kind in args.models:
         measure_model(kind, args, results)
         gc.collect()

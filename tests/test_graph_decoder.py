@@ -84,8 +84,8 @@ def _counting_captures(monkeypatch, replay_eagerly: bool):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kept_graph_is_reused_and_recaptured_when_the_call_differs(device, monkeypatch):
     """Calls of one batch size reuse the captured step (new prompts, lengths and fewer tokens give what
-    generate() gives); more tokens than its buffer holds, another batch size, an end token, or weights moved to
-    other tensors capture again."""
+    generate() gives); more tokens than its buffer holds, another batch size, an end token, weights moved to other
+    tensors, or inference mode capture again."""
     captures = _counting_captures(monkeypatch, replay_eagerly=device == "cpu")
     model = _sharp_model(device)
     gen = torch.Generator().manual_seed(4)
@@ -98,8 +98,9 @@ def test_kept_graph_is_reused_and_recaptured_when_the_call_differs(device, monke
         assert torch.equal(got, want), (batch, length, new_tokens, eos)
 
     check(3, 30, 20)
+    assert captures[0][1] >= 64  # a kept buffer has room for short generations of any length up to 64
     check(3, 55, 7)  # another prompt and length, fewer tokens: the same graph
-    check(3, 12, 20)
+    check(3, 12, 50)
     assert len(captures) == 1
     check(3, 12, 90)  # more columns than the kept buffer (64): captured again, larger
     assert len(captures) == 2 and captures[1][1] >= 90
@@ -112,12 +113,20 @@ def test_kept_graph_is_reused_and_recaptured_when_the_call_differs(device, monke
         want = _hf_greedy(model, prompt, 20, eos=eos, pad=0)
         assert torch.equal(decoder.generate(prompt, 20, eos_token_id=eos, pad_token_id=0), want)
     assert len(captures) == 4
-    model.to(torch.float64)  # new weight tensors: a graph on the old ones would read freed memory
     check(2, 12, 20)
     assert len(captures) == 5
-    decoder.release()
+    with torch.no_grad():  # new weight tensors: a graph on the old ones would read freed memory
+        for weight in model.parameters():
+            weight.data = weight.data.clone()
     check(2, 12, 20)
     assert len(captures) == 6
+    with torch.inference_mode():  # its tensors cannot be updated outside it: a graph of its own
+        check(2, 12, 20)
+    check(2, 12, 20)
+    assert len(captures) == 8
+    decoder.release()
+    check(2, 12, 20)
+    assert len(captures) == 9
 
 
 def test_kept_graph_streams_its_tokens_to_the_callback_per_call(monkeypatch):

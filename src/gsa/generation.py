@@ -76,26 +76,31 @@ class GraphDecoder:
             return input_ids
         model = self.model.eval()
         use_graph = self.use_graph if self.use_graph is not None else input_ids.is_cuda
-        out = model(input_ids, use_cache=True, logits_to_keep=1)
-        cache: GSACache = _cache_of(out)
-        first = sample_next(out.logits[:, -1], temperature, top_k, top_p)
         greedy = temperature <= 0
         # warm-up and capture run the step before the real tokens and write columns the run then rewinds over:
         # room for them even when max_new_tokens is small
         columns = max_new_tokens + _WARMUP_STEPS + 1
+        reuse = False
         if use_graph:
             key = _CapturedStep.key_of(model, input_ids, eos_token_id, pad_token_id, greedy)
-            if self._kept is None or not self._kept.fits(key, columns):
-                self._kept = None  # the old graph's memory goes before the new one is captured
-                run = _DecodeRun(input_ids, max(columns, _MIN_COLUMNS), eos_token_id, pad_token_id)
-                run.accept(first, step=0)
-                self._kept = _CapturedStep(key, run, cache, self._capture(self._model_step(run, cache, greedy),
-                                                                           run, cache))
-            else:
-                self._kept.load(cache)
-                self._kept.run.restart()
-                self._kept.run.accept(first, step=0)
+            reuse = self._kept is not None and self._kept.fits(key, max_new_tokens)
+            if not reuse:
+                self._kept = None  # the old graph's memory goes before the prefill and the new capture
+        out = model(input_ids, use_cache=True, logits_to_keep=1)
+        cache: GSACache = _cache_of(out)
+        first = sample_next(out.logits[:, -1], temperature, top_k, top_p)
+        del out
+        if reuse:
+            self._kept.load(cache)
+            del cache  # the graph's states hold it now
+            self._kept.run.restart()
+            self._kept.run.accept(first, step=0)
             run, step = self._kept.run, self._kept.replay
+        elif use_graph:
+            run = _DecodeRun(input_ids, max(columns, _MIN_COLUMNS), eos_token_id, pad_token_id)
+            run.accept(first, step=0)
+            self._kept = _CapturedStep(key, run, cache, self._capture(self._model_step(run, cache, greedy), run, cache))
+            step = self._kept.replay
         else:
             run = _DecodeRun(input_ids, columns, eos_token_id, pad_token_id)
             run.accept(first, step=0)
@@ -113,7 +118,10 @@ class GraphDecoder:
                     callback(run.tokens[:, done - 1].clone())  # the buffer is reused by the next call
                 if done == max_new_tokens:
                     break
-        return torch.cat([input_ids, run.tokens[:, : run.length(done)]], 1)
+        result = torch.cat([input_ids, run.tokens[:, : run.length(done)]], 1)
+        if use_graph:
+            self._kept.finished_on_stream()
+        return result
 
     def _model_step(self, run: "_DecodeRun", cache: GSACache, greedy: bool):
         """One decoding step of the model on run's token, in cache's states; greedy: the argmax taken and written
@@ -169,19 +177,36 @@ class _CapturedStep:
 
     def __init__(self, key: tuple, run: "_DecodeRun", cache: GSACache, replay):
         self.key, self.run, self.cache, self.replay = key, run, cache, replay
+        self.done: torch.cuda.Event | None = None
 
     @staticmethod
     def key_of(model, input_ids: torch.Tensor, eos_token_id, pad_token_id, greedy: bool) -> tuple:
-        """What the graph depends on: the batch size and device, the end-token handling baked into the step, and
-        every weight's storage (a model moved or cast since holds new tensors, which the graph would not read)."""
-        weights = tuple((t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers()))
-        return input_ids.shape[0], input_ids.device, eos_token_id, pad_token_id, greedy, weights
+        """What the graph depends on and a call can change: the batch size, the ids' dtype and device, the
+        end-token handling and greedy selection baked into the step, inference mode (its tensors cannot be updated
+        outside it), autocast, and every weight's storage (a model moved or cast since holds new tensors, which the
+        graph would not read). Not in it, so `release()` after changing them: the operator's launch settings
+        (STEP_LAUNCH), a layer's backend, hooks, the TF32 flags."""
+        device = input_ids.device
+        autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        weights = tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers()))
+        return (input_ids.shape[0], input_ids.dtype, device, eos_token_id, pad_token_id, greedy,
+                torch.is_inference_mode_enabled(), autocast, weights)
 
-    def fits(self, key: tuple, columns: int) -> bool:
-        return key == self.key and columns <= self.run.tokens.shape[1]
+    def fits(self, key: tuple, max_new_tokens: int) -> bool:
+        """Whether a call with this key can replay the graph (the capture's warm-up columns are not needed again)."""
+        return key == self.key and max_new_tokens <= self.run.tokens.shape[1]
+
+    def finished_on_stream(self) -> None:
+        """Mark the end of a call's replays, so that a next call on another stream waits for them before it
+        overwrites the run's buffers and the states."""
+        if self.run.token.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
 
     def load(self, cache: GSACache) -> None:
-        """Copy a new prefill's states into the states the graph works on."""
+        """Copy a new prefill's states into the states the graph works on (after the previous call's replays)."""
+        if self.done is not None:
+            torch.cuda.current_stream().wait_event(self.done)
         for kept, new in zip(self.cache.states, cache.states):
             kept.hk.copy_(new.hk)
             kept.hv.copy_(new.hv)
@@ -227,9 +252,8 @@ class _DecodeRun:
         return tuple(t.clone() for t in (self.token, self.tokens, self.finished, self.step))
 
     def restart(self) -> None:
-        """Back to no token generated (a kept run reused by another call)."""
+        """No sequence ended (a kept run reused by another call; the first token's accept resets the step)."""
         self.finished.zero_()
-        self.step.zero_()
 
     def restore(self, saved) -> None:
         for live, kept in zip((self.token, self.tokens, self.finished, self.step), saved):

@@ -128,12 +128,12 @@ def _step_values(
              mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
-# Launch settings of the step's two kernels: state rows a program (BK of Hk, BV of Hv) and warps; module-level so
-# that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64, CUDA graph
-# (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86 us,
-# 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
-# sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming
-# (each line is touched once a step); untimed.
+# Launch settings of the step's two kernels: the block of the state a program takes (BK rows of Hk [K, M], BV columns
+# of Hv [M, V]) and warps; module-level so that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64,
+# CUDA graph (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86
+# us, 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
+# sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming (each
+# line is touched once a step); untimed.
 STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
@@ -163,7 +163,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
+    launch = dict(STREAM=config.get("STREAM", False), num_warps=config["num_warps"])
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
