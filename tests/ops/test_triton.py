@@ -374,6 +374,57 @@ def test_gpu_long_sequence_and_varlen_bf16():
     assert rel_err(o.float(), want) < 1e-2 and rel_err(hk, hk_want) < 1e-2 and rel_err(hv, hv_want) < 1e-2
 
 
+def check_last_sequence_alone(first: int, tail: int, H: int, K: int, M: int, dtype, tol: float):
+    """A pack of two sequences (`first` then `tail` tokens): the second's output, final state and every gradient
+    equal those of the same sequence run alone."""
+    total = first + tail
+    gen = torch.Generator(device=DEVICE).manual_seed(19)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=dtype)
+
+    q, k, v = randn(1, total, H, K), randn(1, total, H, K), randn(1, total, H, K)
+    g = (torch.nn.functional.logsigmoid(randn(1, total, H, M).float() * 2) / 8).to(dtype)
+    s = 1 - torch.exp(g)
+    do = torch.zeros_like(q)
+    do[:, first:] = randn(1, tail, H, K)
+    cu = torch.tensor([0, first, total], device=DEVICE)
+
+    def run(tensors, cu_seqlens, cotangent):
+        leaves = [x.detach().requires_grad_() for x in tensors]
+        o, (hk, hv) = triton_ops.triton_gsa(*leaves, K**-0.5, None, True, cu_seqlens)
+        o.backward(cotangent)
+        return o.detach(), hk[-1], hv[-1], [x.grad for x in leaves]
+
+    inputs = [q, k, v, s, g]
+    tails = [x[:, first:].clone() for x in inputs]
+    o, hk, hv, grads = run(inputs, cu, do)
+    o, grads = o[:, first:].clone(), [x[:, first:].clone() for x in grads]
+    del q, k, v, s, g, inputs  # the big tensors go before the small run
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    o_alone, hk_alone, hv_alone, grads_alone = run(tails, None, do[:, first:].contiguous())
+    assert rel_err(o.float(), o_alone.float()) < tol
+    assert rel_err(hk, hk_alone) < tol and rel_err(hv, hv_alone) < tol
+    for name, got, want in zip(("dq", "dk", "dv", "ds", "dg"), grads, grads_alone):
+        assert rel_err(got.float(), want.float()) < tol, name
+
+
+def test_last_sequence_of_a_pack_equals_it_alone():
+    check_last_sequence_alone(first=130, tail=70, H=2, K=16, M=8, dtype=torch.float32, tol=1e-5)
+
+
+@gpu
+def test_gpu_offsets_past_int32_address_the_right_elements():
+    """The second sequence of a pack starts past 2**31 elements of q, k and v (B·T·H·K > 2**31, the paper's
+    layer): equal to it alone, so no address wrapped at 32 bits, forward or backward. ~60 GB of GPU memory."""
+    if torch.cuda.get_device_properties(0).total_memory < 100 * 2**30:
+        pytest.skip("needs a GPU with >= 100 GB (the inputs alone pass 2**31 elements)")
+    H, K = 4, 512
+    first = 2**31 // (H * K) + 64  # the second sequence's elements start past 2**31
+    check_last_sequence_alone(first=first, tail=300, H=H, K=K, M=64, dtype=torch.bfloat16, tol=1e-2)
+
+
 @gpu
 def test_gpu_decode_step_in_cuda_graph():
     B, HQ, H, K, V, M = 4, 8, 4, 128, 128, 64
