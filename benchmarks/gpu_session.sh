@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh train-profile              # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tune-decode                # one H200, ~4 min
+#   bash benchmarks/gpu_session.sh tune-factors               # one H200, ~2.5 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
@@ -137,6 +138,10 @@ for what in "$@"; do
             # float32 weights under bf16 autocast, documents packed with cu_seqlens
             stage train-modes 300 python3 benchmarks/bench_train.py --contexts 2048 --steps 4 --warmup 2 \
                 --models ours ours-autocast ours-packed --out "$OUT/train_h200_modes.json" ;;
+        tune-factors)  # issue 3: the forward's gate factors kept for the backward (KEEP_GATE_FACTORS) against formed
+            # again, alternating, GPU time and memory at the three paper contexts
+            stage tune-factors 200 python3 benchmarks/tune_ops.py --skip-tune --graph --shapes paper-2k paper-8k \
+                paper-16k --passes auto auto+factors auto auto+factors --out "$OUT/tune_factors_h200.json" ;;
         tune-decode)  # issues 3 / 8: the decoding step's launch settings (STEP_LAUNCH in gsa/ops/triton/recurrent.py),
             # GPU time at batch 1 and 64, then the 1.3B model's decoding with the settings in the code and the best
             stage tune-decode 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_h200.json" ;;

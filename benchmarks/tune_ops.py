@@ -30,7 +30,10 @@ GRAD_NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
 
 
 def state_pass(name: str):
-    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'."""
+    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'; '<pass>+factors' also keeps
+    the forward's gate factors for the backward (KEEP_GATE_FACTORS)."""
+    name, _, extra = name.partition("+")
+    kernels.KEEP_GATE_FACTORS = extra == "factors"
     kernels.state_plan = ORIGINAL_STATE_PLAN
     if name.startswith("walk"):
         rows = int(name[4:])
@@ -79,17 +82,20 @@ def main():
         truth = run_and_grads(
             lambda *t: gated_slot_attention(*t, SHAPES[shape][3] ** -0.5, output_final_state=True, backend="torch"),
             [t.detach().float().requires_grad_() for t in inputs], do.float(), dstate)
-        for name in args.passes:
+        for position, name in enumerate(args.passes):
             state_pass(name)
+            # a pass given more than once (alternated to see the run's noise) keeps every row: "auto", "auto #2"
+            repeat = args.passes[:position + 1].count(name)
+            label = name if repeat == 1 else f"{name} #{repeat}"
             got = run_and_grads(ours, inputs, do, dstate)
             errors = {n: rel(a, b) for n, a, b in zip(GRAD_NAMES, got, truth)}
             fwd, total, peak = bench(ours, inputs, do)
             graph = bench_graph(ours, inputs, do) if args.graph else {}
-            results["passes"].setdefault(shape, {})[name] = {"forward_ms": fwd, "forward_backward_ms": total,
+            results["passes"].setdefault(shape, {})[label] = {"forward_ms": fwd, "forward_backward_ms": total,
                                                              "peak_gib": peak, "max_err": max(errors.values()),
                                                              "errors": errors, **graph}
             in_graph = "".join(f"  {key} {ms:.3f}" for key, ms in graph.items())
-            print(f"{shape:<10} {name:<7} fwd {fwd:.3f} ms  f+b {total:.3f} ms{in_graph}  peak {peak:.2f} GiB  "
+            print(f"{shape:<10} {label:<7} fwd {fwd:.3f} ms  f+b {total:.3f} ms{in_graph}  peak {peak:.2f} GiB  "
                   f"max err {max(errors.values()):.1e}  ({time.time() - started:.0f} s)", flush=True)
             del got
         del truth
@@ -133,10 +139,11 @@ def main():
     keys = ["forward_ms", "forward_backward_ms"] + (["forward_graph", "forward_backward_graph"] if args.graph else [])
     labels = {"forward_ms": "fwd", "forward_backward_ms": "f+b", "forward_graph": "fwd graph",
               "forward_backward_graph": "f+b graph"}
-    print(f"\n{'shape':<10} " + " ".join(f"{p + ' ' + labels[k]:>18}" for p in args.passes for k in keys))
+    print(f"\n{'shape':<10} {'pass':<16} " + " ".join(f"{labels[k]:>10}" for k in keys) + f" {'peak GiB':>9}  (ms)")
     for shape, row in results["passes"].items():
-        print(f"{shape:<10} " + " ".join(
-            f"{row[p].get(k, float('nan')):>18.3f}" for p in args.passes if p in row for k in keys))
+        for label, entry in row.items():
+            print(f"{shape:<10} {label:<16} " + " ".join(f"{entry.get(k, float('nan')):>10.3f}" for k in keys)
+                  + f" {entry['peak_gib']:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,22 @@ def test_chunk_kernels_without_initial_state(state_pass):
     assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
 
 
+def test_gate_factors_kept_from_the_forward_give_the_same_gradients(state_pass, monkeypatch):
+    """KEEP_GATE_FACTORS: the backward takes the forward's gate factors and decays instead of forming them again;
+    outputs and every gradient stay the reference's, and the backward launches no _gate_factors."""
+    monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", True)
+    launched = []
+    real = chunk_kernels._try
+    monkeypatch.setattr(chunk_kernels, "_try",
+                        lambda kernel, *args: (launched.append(kernel.fn.__name__), real(kernel, *args)))
+    tensors = gsa_inputs(2, 150, 4, 2, 70, 24, 20, dtype=torch.float32, seed=21, device=DEVICE)
+    tensors += list(random_state(2, 2, 70, 24, 20, dtype=torch.float32, seed=22, device=DEVICE))
+    got = outputs_and_grads(triton_call, tensors)
+    want = outputs_and_grads(reference, tensors)
+    assert_close_all([t.cpu() for t in got], want, 2e-5)
+    assert launched.count("_gate_factors") == 1
+
+
 def test_without_final_states_the_output_and_all_gradients_match(state_pass):
     """output_final_state=False (a training step's call): the kernels store no final state at all, and the output
     and every gradient (the initial states' too) are still the reference's; with final states asked for, both

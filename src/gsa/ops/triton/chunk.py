@@ -883,9 +883,10 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=False, SPLIT_END=False)
 
 
-def _scan_states(k, v, s, g, start, layout, final=None):
-    """Joint states at every chunk boundary (in `_state_dtype`) and the chunk decays, from the joint initial states
-    `start` (float32) or zeros; the final states go to the halves `final` (float32 (Hk, Hv)) when given."""
+def _scan_states(k, v, s, g, start, layout, final=None, gates=None):
+    """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays and the gate factors, from the
+    joint initial states `start` (float32) or zeros; the final states go to the halves `final` (float32 (Hk, Hv))
+    when given. gates: (factors, decay) an earlier call formed (the forward's, kept for the backward)."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -893,13 +894,16 @@ def _scan_states(k, v, s, g, start, layout, final=None):
     # (dot_config: bf16 for bf16 inputs, else float32, which is what _state_dtype gives)
     operand_dtype = _state_dtype(k.dtype)
     states = torch.empty(layout.num_slots, H, K + V, M, device=k.device, dtype=operand_dtype)
-    factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, formed once
-    decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
-    _launch(
-        _gate_factors, (layout.num_chunks, H),
-        s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
-        BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR
-    )
+    if gates is not None:
+        factors, decay = gates
+    else:
+        factors = torch.empty(s.shape, device=k.device, dtype=operand_dtype)  # each chunk's gate factors, once
+        decay = torch.empty(layout.num_chunks, H, M, device=k.device, dtype=torch.float32)
+        _launch(
+            _gate_factors, (layout.num_chunks, H),
+            s, g, factors, decay, layout.chunk_seq, layout.chunk_start, layout.cu_seqlens, H, M,
+            BT=CHUNK, BM=BM, FLOOR=LOG_GATE_FLOOR
+        )
     dot = _dot_args(k.dtype)
     plan = state_plan(layout, H, K, V)
     if plan is not None:
@@ -913,7 +917,7 @@ def _scan_states(k, v, s, g, start, layout, final=None):
             )
 
         _walk_spans(launch, layout, length, states, decay, start, final, K, reverse=False)
-        return states, decay
+        return states, decay, factors
     for x, width, row0 in ((k, K, 0), (v, V, K)):
         BD = min(64, next_power_of_2(width))
         _launch(
@@ -922,7 +926,14 @@ def _scan_states(k, v, s, g, start, layout, final=None):
             H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot
         )
     _scan(states, decay, start, layout, reverse=False, end=final, K=K)
-    return states, decay
+    return states, decay, factors
+
+
+# Keep the forward's gate factors (the size of s, in the products' operand dtype) and chunk decays for the backward
+# instead of forming them again: one launch less a forward+backward (~12 us of GPU time at the paper shape by an
+# earlier profile, and the host's time for a launch) for the memory of s kept by autograd. Untimed: off until
+# measured (tune_ops.py passes "<pass>+factors").
+KEEP_GATE_FACTORS = False
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -937,7 +948,7 @@ class ChunkGSAFunction(torch.autograd.Function):
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
         final = _halves(layout.num_sequences, H, K, V, M, q.device) if output_final_state else None
-        states, _ = _scan_states(k, v, s, g, start, layout, final)
+        states, decay, factors = _scan_states(k, v, s, g, start, layout, final)
         final_k, final_v = final if final is not None else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
@@ -950,7 +961,8 @@ class ChunkGSAFunction(torch.autograd.Function):
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
-        ctx.save_for_backward(q, k, v, s, g, start, logits)
+        kept = (factors, decay) if KEEP_GATE_FACTORS else (None, None)
+        ctx.save_for_backward(q, k, v, s, g, start, logits, *kept)
         ctx.scale, ctx.layout = scale, layout
         # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
         # the final states are returned but not trained through)
@@ -960,15 +972,15 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, start, logits = ctx.saved_tensors
+        q, k, v, s, g, start, logits, factors, decay = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
-        # the gate factors and states are recomputed, not kept: the factors would add the size of s to what
-        # autograd keeps, for ~12 us of a 1.2 ms forward+backward at the paper shape
-        states, decay = _scan_states(k, v, s, g, start, layout)
+        # the states are recomputed, not kept (as the paper does); the gate factors too unless KEEP_GATE_FACTORS
+        gates = (factors, decay) if factors is not None else None
+        states, decay, _ = _scan_states(k, v, s, g, start, layout, gates=gates)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
