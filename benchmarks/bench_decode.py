@@ -69,28 +69,31 @@ def measure_model(kind: str, args, results: dict):
 
     decoder = GraphDecoder(model) if kind == "ours" else None
     fastest = (lambda p, n: decoder.generate(p, n)) if decoder is not None else hf_generate
-    # (repeats, warm-up tokens) of the fastest way: the CUDA-graph decoder's median of `repeats` pairs after a warm-up
-    # of the timed length (its kept graph then fits every timed call); generate() (Llama, FLA) once after 2 tokens
-    graph_timing = (args.repeats, args.new_tokens + 1) if decoder is not None else (1, 2)
+
+    def timing(new_tokens: int, repeats: int) -> tuple[int, int]:
+        """(repeats, warm-up tokens) of the fastest way: the CUDA-graph decoder's after a warm-up of the timed length
+        (its kept graph then fits every timed call); generate() (Llama, FLA) once, after 2 tokens."""
+        return (repeats, new_tokens + 1) if decoder is not None else (1, 2)
+
     for length in args.prompts:
         prompt = torch.randint(0, 32000, (1, length), device="cuda")
         row = {"hf_generate": per_token_ms(hf_generate, prompt, args.new_tokens)}
         if decoder is not None:
-            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens, *graph_timing)
+            row["cuda_graph"] = per_token_ms(fastest, prompt, args.new_tokens, *timing(args.new_tokens, args.repeats))
         results["ms_per_token"][f"{kind}@{length}"] = row
         print(kind, length, row, flush=True)
     if args.batch64:
         for length in args.prompts:
             prompt = torch.randint(0, 32000, (64, length), device="cuda")
-            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens, *graph_timing))
+            ms = fitting(lambda: per_token_ms(fastest, prompt, args.new_tokens,
+                                              *timing(args.new_tokens, args.repeats)))
             cell = {"out_of_memory": True} if ms is None else {"ms_per_token": ms, "tokens_per_s": 64e3 / ms}
             results.setdefault("batch64", {})[f"{kind}@{length}"] = cell
             print(kind, "batch 64", length, cell, flush=True)
     if args.long_tokens:
         for batch in (1, 64):
             prompt = torch.randint(0, 32000, (batch, args.prompts[0]), device="cuda")
-            warmup = args.long_tokens + 1 if decoder is not None else 2
-            ms = fitting(lambda: per_token_ms(fastest, prompt, args.long_tokens, 1, warmup))
+            ms = fitting(lambda: per_token_ms(fastest, prompt, args.long_tokens, *timing(args.long_tokens, 1)))
             cell = {"out_of_memory": True} if ms is None else {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms}
             long = results.setdefault("long", {"prompt": args.prompts[0], "new_tokens": args.long_tokens})
             long[f"{kind}@{batch}"] = cell

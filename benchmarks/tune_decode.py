@@ -24,6 +24,7 @@ import torch
 import triton
 
 from bench_decode import per_token_ms
+from bench_ops import make_inputs
 from bench_train import cuda_model
 from gsa.generation import GraphDecoder
 from gsa.ops import gated_slot_attention_step
@@ -33,13 +34,12 @@ H, D, M = 4, 512, 64
 
 
 def step_inputs(batch: int, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v = (torch.randn(batch, H, D, device="cuda", generator=gen).bfloat16() for _ in range(3))
-    g = torch.nn.functional.logsigmoid(torch.randn(batch, H, M, device="cuda", generator=gen)) / 8
-    s = 1 - g.exp()
+    """One token per sequence of bench_ops' inputs (the same q, k, v, s, g as its decode row), and float32 states."""
+    q, k, v, s, g = (t.detach()[:, 0].contiguous() for t in make_inputs(batch, 1, H, D, M, seed=seed))
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
     state = (torch.randn(batch, H, D, M, device="cuda", generator=gen),
              torch.randn(batch, H, M, D, device="cuda", generator=gen))
-    return (q, k, v, s.bfloat16(), g.bfloat16()), state
+    return (q, k, v, s, g), state
 
 
 def step_error(batch: int) -> float:
