@@ -141,7 +141,8 @@ for what in "$@"; do
         tune-factors)  # issue 3: the forward's gate factors kept for the backward (KEEP_GATE_FACTORS) against formed
             # again, alternating, GPU time and memory at the three paper contexts
             stage tune-factors 200 python3 benchmarks/tune_ops.py --skip-tune --graph --shapes paper-2k paper-8k \
-                paper-16k --passes auto auto+factors auto auto+factors --out "$OUT/tune_factors_h200.json" ;;
+                paper-16k --passes auto+formed auto+factors auto+formed auto+factors \
+                --out "$OUT/tune_factors_h200.json" ;;
         tune-decode)  # issues 3 / 8: the decoding step's launch settings (STEP_LAUNCH in gsa/ops/triton/recurrent.py),
             # GPU time at batch 1 and 64, then the 1.3B model's decoding with the settings in the code and the best
             stage tune-decode 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_h200.json" ;;

@@ -30,10 +30,11 @@ GRAD_NAMES = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
 
 
 def state_pass(name: str):
-    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'; '<pass>+factors' also keeps
-    the forward's gate factors for the backward (KEEP_GATE_FACTORS)."""
+    """Set the operator's state pass: 'split', 'walk64', 'walk32', 'segment' or 'auto'; '<pass>+factors' keeps the
+    forward's gate factors for the backward (KEEP_GATE_FACTORS), '<pass>+formed' forms them again there, a bare pass
+    takes the code's default (kept)."""
     name, _, extra = name.partition("+")
-    kernels.KEEP_GATE_FACTORS = extra == "factors"
+    kernels.KEEP_GATE_FACTORS = {"factors": True, "formed": False}.get(extra, ORIGINAL_KEEP_GATE_FACTORS)
     kernels.state_plan = ORIGINAL_STATE_PLAN
     if name.startswith("walk"):
         rows = int(name[4:])
@@ -44,6 +45,7 @@ def state_pass(name: str):
 
 
 ORIGINAL_STATE_PLAN = kernels.state_plan
+ORIGINAL_KEEP_GATE_FACTORS = kernels.KEEP_GATE_FACTORS
 
 
 def main():

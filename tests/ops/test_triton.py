@@ -73,10 +73,11 @@ def test_chunk_kernels_without_initial_state(state_pass):
     assert_close_all([t.cpu() for t in got], want, 2e-5, names=["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"])
 
 
-def test_gate_factors_kept_from_the_forward_give_the_same_gradients(state_pass, monkeypatch):
-    """KEEP_GATE_FACTORS: the backward takes the forward's gate factors and decays instead of forming them again;
-    outputs and every gradient stay the reference's, and the backward launches no _gate_factors."""
-    monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", True)
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "formed-again"])
+def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, monkeypatch, keep):
+    """KEEP_GATE_FACTORS (the default): the backward takes the forward's gate factors and decays, launching no
+    _gate_factors of its own; off, it forms them again. Outputs and every gradient are the reference's either way."""
+    monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", keep)
     launched = []
     real = chunk_kernels._try
     monkeypatch.setattr(chunk_kernels, "_try",
@@ -86,7 +87,7 @@ def test_gate_factors_kept_from_the_forward_give_the_same_gradients(state_pass, 
     got = outputs_and_grads(triton_call, tensors)
     want = outputs_and_grads(reference, tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5)
-    assert launched.count("_gate_factors") == 1
+    assert launched.count("_gate_factors") == (1 if keep else 2)
 
 
 def test_without_final_states_the_output_and_all_gradients_match(state_pass):
