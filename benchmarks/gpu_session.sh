@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tune-decode                # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh tune-factors               # one H200, ~2.5 min
+#   bash benchmarks/gpu_session.sh tests tune-gemv            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
@@ -146,6 +147,10 @@ for what in "$@"; do
         tune-decode)  # issues 3 / 8: the decoding step's launch settings (STEP_LAUNCH in gsa/ops/triton/recurrent.py),
             # GPU time at batch 1 and 64, then the 1.3B model's decoding with the settings in the code and the best
             stage tune-decode 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_h200.json" ;;
+        tune-gemv)  # issue 8: the few-row linear kernel's launch settings (GEMV_LAUNCH in gsa/layers/fused_gemv.py),
+            # GPU time of a 1.3B layer's four product groups against the unfused path, then the model's decoding
+            # unfused, fused as in the code and fused with the sweep's best
+            stage tune-gemv "${GEMV_CAP:-360}" python3 benchmarks/tune_gemv.py --out "$OUT/tune_gemv_h200.json" ;;
         tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU
             # time
             stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;
@@ -352,7 +357,8 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-modes tune-rows ops fla fla-heads segment fla-model fla-decode decode train" \
+                "train-graph train-modes tune-rows tune-gemv ops fla fla-heads segment fla-model fla-decode" \
+                "decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
                 "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
     esac

@@ -174,10 +174,15 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator):
     (y0, dx0, dp0, bytes0), (y1, dx1, dp1, bytes1) = results[False], results[True]
     assert torch.equal(y0, y1)
     assert rel_err(dx1, dx0) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(dp1, dp0))
-    T, D = 70, 32
+    T, D, H, M = 70, 32, 2, 8
     # plain: x, norm's float32 x and x̂, its output, q/k/v in and out, f (float32 twice), exp(g), s, g, logits,
-    # o, swish(o), g_norm's float32 pair and output. Fused: x, q/k/v in, f, logits, o (+ two 1/rms columns).
-    want = 4 * T * (D + 3 * D + 2 * 8 + 2 * 8 + D) + 2 * 4 * T
+    # o, swish(o), g_norm's float32 pair and output. Fused: x, q/k/v in, f, logits, o (+ two 1/rms columns), and the
+    # operator's gate factors (the size of s) and chunk decays when it keeps them for its backward.
+    want = 4 * T * (D + 3 * D + 2 * M + 2 * M + D) + 2 * 4 * T
+    from gsa.ops.triton import chunk as chunk_kernels
+
+    if chunk_kernels.KEEP_GATE_FACTORS:
+        want += 4 * T * H * M + 4 * -(-T // chunk_kernels.CHUNK) * H * M
     assert bytes1 == want, (bytes1, want, bytes0)
 
 

@@ -281,6 +281,10 @@ def rms_norm_linear(
         y = plain_rms_norm(x, norm_weight, eps, pre_silu)
         return tuple(F.linear(y, w, b) for w, b in zip(weights, biases))
     if not _records_grad(x, norm_weight, *weights, *biases):
+        from . import fused_gemv
+
+        if weights and fused_gemv.fits(x, weights, biases):  # decoding: the norm and every product in one launch
+            return fused_gemv.rows_linear(x, weights, "silu_norm" if pre_silu else "norm", norm_weight, eps)
         return _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, _triton(x))[0]
     return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
 
@@ -367,6 +371,10 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
     if not fused_enabled():
         return plain_swiglu_linear(gate, up, weight)
     if not _records_grad(gate, up, weight):
+        from . import fused_gemv
+
+        if gate.shape == up.shape and gate.dtype == up.dtype and up.is_contiguous() and fused_gemv.fits(gate, [weight]):
+            return fused_gemv.rows_linear(gate, [weight], "swiglu", up=up)[0]
         return _swiglu_linear_values(gate, up, weight, _triton(gate, up) and gate.shape == up.shape)
     return _SwiGLULinear.apply(gate, up, weight)
 

@@ -1,0 +1,163 @@
+"""Linear maps of a few rows (decoding: one token per sequence) with what comes before them fused in, on the GPU.
+
+A decoding step of the 1.3B model at batch 1 reads ~2.6 GB of weights, ~0.6 ms on an H200, yet took ~1.9 ms: each
+layer ran ~17 kernels (an RMSNorm, four projections, the step's two, the output norm and projection, the MLP's
+norm, two projections, SwiGLU and down projection, two residual adds) of a few microseconds each inside the graph.
+Here one kernel serves a whole group of matrix-vector products:
+
+    rows_linear(x, weights, prologue="norm", norm_weight=w, eps=eps)     RMSNorm(x) * w, then every W_i
+    rows_linear(x, weights, prologue="silu_norm", ...)                   RMSNorm(silu(x)) * w (the GSA output norm)
+    rows_linear(gate, weights, prologue="swiglu", up=up)                 silu(gate) * up (the MLP's down projection)
+
+Each program takes a block of output features of one of the (up to four) weights and all rows, forms the
+prologue's input from x on the fly (x is a few rows: it stays in cache; the norm's 1/rms is formed by every
+program) and accumulates in float32. The roundings are those of the unfused path: the normalised or SwiGLU input in
+x's dtype, then cast to the weights' dtype, the product rounded to it, so the two agree up to the order of the
+float32 sums. Rows beyond MAX_ROWS take the unfused path (cuBLAS is the better kernel for a real matrix product).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ..ops.triton.common import cdiv, next_power_of_2
+
+    KERNELS_AVAILABLE = True
+except ImportError:
+    KERNELS_AVAILABLE = False
+
+MAX_ROWS = 4  # rows held in registers by every program (batch sizes of decoding that are launch-bound)
+MAX_WEIGHTS = 4  # weights a launch takes (the GSA layer's q, k, v and f projections)
+PROLOGUES = {"none": 0, "norm": 1, "silu_norm": 2, "swiglu": 3}
+
+# Output features a program takes (BN, for one row; fewer for more rows, so that the float32 partial sums of
+# rows x BN x BK stay at the same register count), input features a loop step (BK) and warps.
+GEMV_LAUNCH = dict(BN=16, BK=256, num_warps=4)
+
+
+if KERNELS_AVAILABLE:
+
+    @triton.jit
+    def _silu_rounded(x, DTYPE: tl.constexpr):
+        return (x * tl.sigmoid(x)).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _prologue_block(X, X2, NORM_W, rstd, rows, row_ok, cols, K, PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr,
+                        MM_DTYPE: tl.constexpr):
+        """[BR, BK] of the products' input in float32, as the unfused path rounds it (x's dtype, then MM_DTYPE)."""
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            if PROLOGUE == 2:
+                x = _silu_rounded(x, X.dtype.element_ty)
+            x = x * rstd[:, None]
+            if HAS_NORM_W:
+                x = x * tl.load(NORM_W + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        if PROLOGUE == 3:
+            x = _silu_rounded(x, X.dtype.element_ty) * tl.load(X2 + offs, mask=ok, other=0.0).to(tl.float32)
+        return x.to(X.dtype.element_ty).to(MM_DTYPE).to(tl.float32)
+
+    @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "E0", "E1", "E2"])
+    def _rows_linear_kernel(X, X2, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, R, K, eps,
+                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr):
+        """Programs [0, E0) take weight 0's output blocks, [E0, E1) weight 1's, [E1, E2) weight 2's, the rest
+        weight 3's; Y_i [R, N_i] = prologue(X) [R, K] @ W_i [N_i, K]^T."""
+        pid = tl.program_id(0)
+        if pid < E0:
+            w_ptr, y_ptr, n_out, block = W0, Y0, N0, pid
+        elif pid < E1:
+            w_ptr, y_ptr, n_out, block = W1, Y1, N1, pid - E0
+        elif pid < E2:
+            w_ptr, y_ptr, n_out, block = W2, Y2, N2, pid - E1
+        else:
+            w_ptr, y_ptr, n_out, block = W3, Y3, N3, pid - E2
+        rows = tl.arange(0, BR)
+        row_ok = rows < R
+        rstd = tl.zeros([BR], dtype=tl.float32)
+        if PROLOGUE == 1 or PROLOGUE == 2:
+            squares = tl.zeros([BR, BK], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                cols = k0 + tl.arange(0, BK)
+                ok = row_ok[:, None] & (cols < K)[None, :]
+                x = tl.load(X + rows[:, None].to(tl.int64) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                if PROLOGUE == 2:
+                    x = _silu_rounded(x, X.dtype.element_ty)
+                squares += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, 1) / K + eps)
+        n = block * BN + tl.arange(0, BN)
+        n_ok = n < n_out
+        acc = tl.zeros([BR, BN, BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            x = _prologue_block(X, X2, NORM_W, rstd, rows, row_ok, cols, K, PROLOGUE, HAS_NORM_W,
+                                W0.dtype.element_ty)
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + cols[None, :],
+                        mask=n_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+            acc += x[:, None, :] * w[None, :, :]
+        y = tl.sum(acc, 2)
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * n_out + n[None, :], y.to(Y0.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] = ()) -> bool:
+    """Whether rows_linear takes these: a Triton device (or the interpreter), at most MAX_ROWS rows of contiguous
+    x, 1 to MAX_WEIGHTS contiguous weights of x's dtype over its width, no biases, no autograd to record, and no
+    autocast (which would cast the weights every call: the unfused path does that)."""
+    from .fused import triton_wanted
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (
+        KERNELS_AVAILABLE
+        and 0 < rows <= MAX_ROWS
+        and 1 <= len(weights) <= MAX_WEIGHTS
+        and triton_wanted(x)
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and x.is_contiguous()
+        and all(b is None for b in biases)
+        and all(w.dim() == 2 and w.shape[1] == x.shape[-1] and w.dtype == weights[0].dtype and w.is_contiguous()
+                and w.device == x.device for w in weights)
+        and weights[0].dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+    )
+
+
+def _launch(rows: int) -> tuple[int, int, int, int]:
+    """(BR, BN, BK, warps) for this many rows: BN shrinks as rows grow (the same partial sums in registers)."""
+    BR = next_power_of_2(rows)
+    return BR, max(1, GEMV_LAUNCH["BN"] // BR), GEMV_LAUNCH["BK"], GEMV_LAUNCH["num_warps"]
+
+
+def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str = "none",
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(F.linear(u, W_i) for each weight), u = prologue(x): x itself, RMSNorm(x) * norm_weight, RMSNorm(silu(x)) *
+    norm_weight, or silu(x) * up; u rounded to x's dtype, the products to the weights' dtype. Check `fits` first."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"unknown prologue {prologue!r}; expected one of {sorted(PROLOGUES)}")
+    if (prologue == "swiglu") != (up is not None) or (up is not None and up.shape != x.shape):
+        raise ValueError(f"prologue 'swiglu' needs up of x's shape {list(x.shape)}; other prologues take no up")
+    K = x.shape[-1]
+    R = x.numel() // K
+    BR, BN, BK, warps = _launch(R)
+    outs = [torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=w.dtype) for w in weights]
+    blocks = [cdiv(w.shape[0], BN) for w in weights]
+    ends = [sum(blocks[: i + 1]) for i in range(len(blocks))]
+    padded_w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
+    padded_y = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
+    widths = [w.shape[0] for w in weights] + [0] * (MAX_WEIGHTS - len(weights))
+    ends += [ends[-1]] * (MAX_WEIGHTS - len(ends))
+    _rows_linear_kernel[(ends[-1],)](
+        x, up if up is not None else x, norm_weight if norm_weight is not None else x, *padded_w, *padded_y, *widths,
+        *ends[:3], R, K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, BR=BR, BN=BN, BK=BK,
+        num_warps=warps,
+    )
+    return tuple(outs)
