@@ -5,7 +5,7 @@ input (RMSNorm, then q, k, v and f), its output (RMSNorm of swish(o), then o_pro
 gate and up) and its down projection (of silu(gate) * up). For each: GPU time from a CUDA graph of the unfused
 path (the Triton norm or SwiGLU kernel, then one cuBLAS product per weight) and of the fused kernel at every
 setting, the bandwidth against the weight bytes, the largest error against the unfused path. Then the 1.3B
-model's decoding (GraphDecoder) at batch 1 and 4, unfused, and fused with the settings in the code and with the
+model's decoding (GraphDecoder) at batch 1, unfused, and fused with the settings in the code and with the
 sweep's best. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_gemv.py --out benchmarks/results/tune_gemv_h200.json
@@ -74,7 +74,7 @@ def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
     model = cuda_model("ours").eval()
     decoder = GraphDecoder(model)
     row = {}
-    for batch in (1, 4):
+    for batch in (1,):
         prompt = torch.randint(0, 32000, (batch, prompt_length), device="cuda")
         row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, 3, new_tokens + 1)
     del model, decoder
@@ -91,8 +91,8 @@ def save(results: dict, out: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bn", nargs="+", type=int, default=[4, 8, 16])
-    parser.add_argument("--bk", nargs="+", type=int, default=[512, 1024, 2048])
-    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--bk", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4])
     parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
@@ -107,13 +107,14 @@ def main():
         inputs = group_inputs(name, 1)
         results["unfused_us"][name] = graph_us(lambda: unfused(*inputs))
     print("unfused", json.dumps(results["unfused_us"]), flush=True)
-    for bn, bk, warps in itertools.product(args.bn, args.bk, args.warps):
-        if bn * bk > 4096 * warps:  # float32 partial sums past ~128 registers a thread
+    for bn, bk, warps, tiled, prefetch in itertools.product(args.bn, args.bk, args.warps, (False, True),
+                                                            (False, True)):
+        if bn * bk > 2048 * warps:  # float32 partial sums past ~64 registers a thread
             continue
-        fused_gemv.GEMV_LAUNCH = dict(BN=bn, BK=bk, num_warps=warps)
+        fused_gemv.GEMV_LAUNCH = dict(BN=bn, BK=bk, num_warps=warps, X_TILED=tiled, PREFETCH=prefetch)
         entry = dict(fused_gemv.GEMV_LAUNCH)
         try:
-            entry["max_err"] = max(max_error(name, rows) for name in GROUPS for rows in (1, 3))
+            entry["max_err"] = max(max_error(name, 1) for name in GROUPS)
             for name in GROUPS:
                 inputs = group_inputs(name, 1)
                 entry[f"{name}_us"] = graph_us(lambda: fused(*inputs))
@@ -127,7 +128,7 @@ def main():
     best = min(fine, key=lambda e: e["total_us"]) if fine else None
     runs = [("unfused", None), ("in_code", in_code)] + ([("best", best)] if best else [])
     for name, setting in runs:
-        fused_gemv.MAX_ROWS = 0 if setting is None else 4
+        fused_gemv.MAX_ROWS = 0 if setting is None else 1
         if setting is not None:
             fused_gemv.GEMV_LAUNCH = {key: setting[key] for key in in_code}
         results["model"][name] = {**(setting or {}), **model_decoding(args.prompt, args.new_tokens)}
@@ -139,21 +140,25 @@ def main():
 
     print(f"\nFew-row products of a 1.3B layer on {results['device']} (bf16, one row; us from a CUDA graph and GB/s "
           "of its weights)")
-    print(f"{'BN':>3} {'BK':>5} {'warps':>5} " + " ".join(f"{name:>13}" for name in GROUPS) + f" {'total':>7} "
+    print(f"{'BN':>3} {'BK':>5} {'warps':>5} {'tiled':>5} {'ahead':>5} " + " ".join(f"{name:>13}" for name in GROUPS)
+          + f" {'total':>7} "
           f"{'max err':>8}")
     unfused_us = results["unfused_us"]
-    print(f"{'unfused':<15} {cells(unfused_us)} {sum(unfused_us.values()):>7.1f}")
+    print(f"{'unfused':<27} {cells(unfused_us)} {sum(unfused_us.values()):>7.1f}")
     for e in sorted(results["settings"], key=lambda e: e.get("total_us", float("inf"))):
         if "error" in e:
-            print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5}  failed: {e['error'][:60]}")
+            print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {e['X_TILED']!s:>5} {e['PREFETCH']!s:>5}  failed: "
+                  f"{e['error'][:60]}")
             continue
         times = {name: e[f"{name}_us"] for name in GROUPS}
-        print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {cells(times)} {e['total_us']:>7.1f} "
+        print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {e['X_TILED']!s:>5} {e['PREFETCH']!s:>5} {cells(times)} "
+              f"{e['total_us']:>7.1f} "
               f"{e['max_err']:>8.1e}")
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        launch = f"BN {row['BN']} BK {row['BK']} warps {row['num_warps']}" if "BN" in row else "cuBLAS"
-        print(f"  {name:<8} {launch:<24} batch 1 {row['batch1_ms']:.3f}, batch 4 {row['batch4_ms']:.3f}")
+        launch = (f"BN {row['BN']} BK {row['BK']} warps {row['num_warps']} tiled {row['X_TILED']} ahead "
+                  f"{row['PREFETCH']}" if "BN" in row else "cuBLAS")
+        print(f"  {name:<8} {launch:<46} batch 1 {row['batch1_ms']:.3f}")
 
 
 if __name__ == "__main__":

@@ -26,19 +26,19 @@ try:
     import triton
     import triton.language as tl
 
-    from ..ops.triton.common import cdiv, next_power_of_2
+    from ..ops.triton.common import cdiv
 
     KERNELS_AVAILABLE = True
 except ImportError:
     KERNELS_AVAILABLE = False
 
-MAX_ROWS = 4  # rows held in registers by every program (batch sizes of decoding that are launch-bound)
+MAX_ROWS = 1  # one row: decoding at batch 1 (more rows: cuBLAS, see below)
 MAX_WEIGHTS = 4  # weights a launch takes (the GSA layer's q, k, v and f projections)
 PROLOGUES = {"none": 0, "norm": 1, "silu_norm": 2, "swiglu": 3}
 
-# Output features a program takes (BN, for one row; fewer for more rows, so that the float32 partial sums of
-# rows x BN x BK stay at the same register count), input features a loop step (BK) and warps.
-GEMV_LAUNCH = dict(BN=16, BK=256, num_warps=4)
+# Output features a program takes (BN), input features a loop step (BK), warps, and the kernel's two variants
+# (X_TILED, PREFETCH: see the kernel).
+GEMV_LAUNCH = dict(BN=16, BK=256, num_warps=4, X_TILED=False, PREFETCH=False)
 
 
 if KERNELS_AVAILABLE:
@@ -48,28 +48,32 @@ if KERNELS_AVAILABLE:
         return (x * tl.sigmoid(x)).to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _prologue_block(X, X2, NORM_W, rstd, rows, row_ok, cols, K, PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr,
+    def _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr,
                         MM_DTYPE: tl.constexpr):
-        """[BR, BK] of the products' input in float32, as the unfused path rounds it (x's dtype, then MM_DTYPE)."""
-        ok = row_ok[:, None] & (cols < K)[None, :]
-        offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        """[1, BK] of the products' input in float32, as the unfused path rounds it (x's dtype, then MM_DTYPE). cols
+        is [1, BK]: x loaded in the weight tile's layout broadcasts without a trip through shared memory."""
+        ok = cols < K
+        x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
         if PROLOGUE == 1 or PROLOGUE == 2:
             if PROLOGUE == 2:
                 x = _silu_rounded(x, X.dtype.element_ty)
-            x = x * rstd[:, None]
+            x = x * rstd
             if HAS_NORM_W:
-                x = x * tl.load(NORM_W + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+                x = x * tl.load(NORM_W + cols, mask=ok, other=0.0).to(tl.float32)
         if PROLOGUE == 3:
-            x = _silu_rounded(x, X.dtype.element_ty) * tl.load(X2 + offs, mask=ok, other=0.0).to(tl.float32)
+            x = _silu_rounded(x, X.dtype.element_ty) * tl.load(X2 + cols, mask=ok, other=0.0).to(tl.float32)
         return x.to(X.dtype.element_ty).to(MM_DTYPE).to(tl.float32)
 
     @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "E0", "E1", "E2"])
-    def _rows_linear_kernel(X, X2, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, R, K, eps,
-                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr):
+    def _rows_linear_kernel(X, X2, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, K, eps,
+                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            X_TILED: tl.constexpr, PREFETCH: tl.constexpr):
         """Programs [0, E0) take weight 0's output blocks, [E0, E1) weight 1's, [E1, E2) weight 2's, the rest
-        weight 3's; Y_i [R, N_i] = prologue(X) [R, K] @ W_i [N_i, K]^T."""
+        weight 3's; Y_i [N_i] = W_i [N_i, K] @ prologue(X) [K].
+
+        X_TILED: x is loaded (and its prologue formed) as a [BN, BK] tile in the weight tile's layout, BN times
+        the loads from cache and the arithmetic, but no exchange through shared memory (with barriers) per step.
+        PREFETCH: the next step's weight tile is loaded before this step's products (two tiles in flight)."""
         pid = tl.program_id(0)
         if pid < E0:
             w_ptr, y_ptr, n_out, block = W0, Y0, N0, pid
@@ -79,32 +83,37 @@ if KERNELS_AVAILABLE:
             w_ptr, y_ptr, n_out, block = W2, Y2, N2, pid - E1
         else:
             w_ptr, y_ptr, n_out, block = W3, Y3, N3, pid - E2
-        rows = tl.arange(0, BR)
-        row_ok = rows < R
-        rstd = tl.zeros([BR], dtype=tl.float32)
+        rstd = 0.0
         if PROLOGUE == 1 or PROLOGUE == 2:
-            squares = tl.zeros([BR, BK], dtype=tl.float32)
+            squares = tl.zeros([1, BK], dtype=tl.float32)
             for k0 in range(0, K, BK):
-                cols = k0 + tl.arange(0, BK)
-                ok = row_ok[:, None] & (cols < K)[None, :]
-                x = tl.load(X + rows[:, None].to(tl.int64) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                cols = k0 + tl.arange(0, BK)[None, :]
+                x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
                 if PROLOGUE == 2:
                     x = _silu_rounded(x, X.dtype.element_ty)
                 squares += x * x
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, 1) / K + eps)
+            rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, 1), 0) / K + eps)
         n = block * BN + tl.arange(0, BN)
-        n_ok = n < n_out
-        acc = tl.zeros([BR, BN, BK], dtype=tl.float32)
+        n_ok = n[:, None] < n_out
+        rows = w_ptr + n[:, None].to(tl.int64) * K
+        col0 = tl.arange(0, BK)[None, :]
+        if X_TILED:
+            x_cols = col0 + 0 * n[:, None]
+        else:
+            x_cols = col0
+        if PREFETCH:
+            w_next = tl.load(rows + col0, mask=n_ok & (col0 < K), other=0.0)
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)
-            x = _prologue_block(X, X2, NORM_W, rstd, rows, row_ok, cols, K, PROLOGUE, HAS_NORM_W,
-                                W0.dtype.element_ty)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + cols[None, :],
-                        mask=n_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, 2)
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * n_out + n[None, :], y.to(Y0.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+            x = _prologue_block(X, X2, NORM_W, rstd, k0 + x_cols, K, PROLOGUE, HAS_NORM_W, W0.dtype.element_ty)
+            if PREFETCH:
+                w = w_next
+                ahead = k0 + BK + col0
+                w_next = tl.load(rows + ahead, mask=n_ok & (ahead < K), other=0.0)
+            else:
+                w = tl.load(rows + k0 + col0, mask=n_ok & (k0 + col0 < K), other=0.0)
+            acc += w.to(tl.float32) * x
+        tl.store(y_ptr + n, tl.sum(acc, 1).to(Y0.dtype.element_ty), mask=n < n_out)
 
 
 def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] = ()) -> bool:
@@ -130,12 +139,6 @@ def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torc
     )
 
 
-def _launch(rows: int) -> tuple[int, int, int, int]:
-    """(BR, BN, BK, warps) for this many rows: BN shrinks as rows grow (the same partial sums in registers)."""
-    BR = next_power_of_2(rows)
-    return BR, max(1, GEMV_LAUNCH["BN"] // BR), GEMV_LAUNCH["BK"], GEMV_LAUNCH["num_warps"]
-
-
 def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str = "none",
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                 up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -146,10 +149,11 @@ def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str 
     if (prologue == "swiglu") != (up is not None) or (up is not None and up.shape != x.shape):
         raise ValueError(f"prologue 'swiglu' needs up of x's shape {list(x.shape)}; other prologues take no up")
     K = x.shape[-1]
-    R = x.numel() // K
-    BR, BN, BK, warps = _launch(R)
+    if x.numel() != K:
+        raise ValueError(f"rows_linear takes one row (x of shape [..., K] with every other dimension 1), got "
+                         f"{list(x.shape)}")
     outs = [torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=w.dtype) for w in weights]
-    blocks = [cdiv(w.shape[0], BN) for w in weights]
+    blocks = [cdiv(w.shape[0], GEMV_LAUNCH["BN"]) for w in weights]
     ends = [sum(blocks[: i + 1]) for i in range(len(blocks))]
     padded_w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
     padded_y = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
@@ -157,7 +161,6 @@ def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str 
     ends += [ends[-1]] * (MAX_WEIGHTS - len(ends))
     _rows_linear_kernel[(ends[-1],)](
         x, up if up is not None else x, norm_weight if norm_weight is not None else x, *padded_w, *padded_y, *widths,
-        *ends[:3], R, K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, BR=BR, BN=BN, BK=BK,
-        num_warps=warps,
+        *ends[:3], K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, **GEMV_LAUNCH,
     )
     return tuple(outs)
