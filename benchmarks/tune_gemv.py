@@ -6,7 +6,8 @@ gate and up) and its down projection (of silu(gate) * up). For each: GPU time fr
 path (the Triton norm or SwiGLU kernel, then one cuBLAS product per weight) and of the fused kernel at every
 setting, the bandwidth against the weight bytes, the largest error against the unfused path. Then the 1.3B
 model's decoding (GraphDecoder) at batch 1, unfused, and fused with the settings in the code and with the
-sweep's best. The JSON is rewritten after every setting, so a run cut short keeps its rows.
+sweep's best for the wide launches (more than NARROW outputs) and the narrow ones. The JSON is rewritten after
+every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_gemv.py --out benchmarks/results/tune_gemv_h200.json
 """
@@ -107,12 +108,12 @@ def main():
         inputs = group_inputs(name, 1)
         results["unfused_us"][name] = graph_us(lambda: unfused(*inputs))
     print("unfused", json.dumps(results["unfused_us"]), flush=True)
-    for bn, bk, warps, tiled, prefetch in itertools.product(args.bn, args.bk, args.warps, (False, True),
-                                                            (False, True)):
+    for bn, bk, warps in itertools.product(args.bn, args.bk, args.warps):
         if bn * bk > 2048 * warps:  # float32 partial sums past ~64 registers a thread
             continue
-        fused_gemv.GEMV_LAUNCH = dict(BN=bn, BK=bk, num_warps=warps, X_TILED=tiled, PREFETCH=prefetch)
-        entry = dict(fused_gemv.GEMV_LAUNCH)
+        setting = dict(BN=bn, BK=bk, num_warps=warps)
+        fused_gemv.GEMV_LAUNCH = {"wide": setting, "narrow": setting}
+        entry = dict(setting)
         try:
             entry["max_err"] = max(max_error(name, 1) for name in GROUPS)
             for name in GROUPS:
@@ -125,13 +126,17 @@ def main():
         save(results, args.out)
         print(json.dumps(entry), f"[{time.time() - started:.0f}s]", flush=True)
     fine = [e for e in results["settings"] if "error" not in e and e["max_err"] < 1e-2]
-    best = min(fine, key=lambda e: e["total_us"]) if fine else None
-    runs = [("unfused", None), ("in_code", in_code)] + ([("best", best)] if best else [])
+    runs = [("unfused", None), ("in_code", in_code)]
+    if fine:  # the best setting for the wide launches (more than NARROW outputs) and for the narrow ones
+        kinds = {kind: [name for name, (_, _, outs) in GROUPS.items() if (sum(outs) <= fused_gemv.NARROW) == narrow]
+                 for kind, narrow in (("wide", False), ("narrow", True))}
+        best = {kind: min(fine, key=lambda e: sum(e[f"{name}_us"] for name in names)) for kind, names in kinds.items()}
+        runs.append(("best", {kind: {key: e[key] for key in ("BN", "BK", "num_warps")} for kind, e in best.items()}))
     for name, setting in runs:
         fused_gemv.MAX_ROWS = 0 if setting is None else 1
         if setting is not None:
-            fused_gemv.GEMV_LAUNCH = {key: setting[key] for key in in_code}
-        results["model"][name] = {**(setting or {}), **model_decoding(args.prompt, args.new_tokens)}
+            fused_gemv.GEMV_LAUNCH = setting
+        results["model"][name] = {"launch": setting, **model_decoding(args.prompt, args.new_tokens)}
         save(results, args.out)
         print(name, json.dumps(results["model"][name]), f"[{time.time() - started:.0f}s]", flush=True)
 
@@ -140,25 +145,23 @@ def main():
 
     print(f"\nFew-row products of a 1.3B layer on {results['device']} (bf16, one row; us from a CUDA graph and GB/s "
           "of its weights)")
-    print(f"{'BN':>3} {'BK':>5} {'warps':>5} {'tiled':>5} {'ahead':>5} " + " ".join(f"{name:>13}" for name in GROUPS)
-          + f" {'total':>7} "
+    print(f"{'BN':>3} {'BK':>5} {'warps':>5} " + " ".join(f"{name:>13}" for name in GROUPS) + f" {'total':>7} "
           f"{'max err':>8}")
     unfused_us = results["unfused_us"]
-    print(f"{'unfused':<27} {cells(unfused_us)} {sum(unfused_us.values()):>7.1f}")
+    print(f"{'unfused':<15} {cells(unfused_us)} {sum(unfused_us.values()):>7.1f}")
     for e in sorted(results["settings"], key=lambda e: e.get("total_us", float("inf"))):
         if "error" in e:
-            print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {e['X_TILED']!s:>5} {e['PREFETCH']!s:>5}  failed: "
-                  f"{e['error'][:60]}")
+            print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5}  failed: {e['error'][:60]}")
             continue
         times = {name: e[f"{name}_us"] for name in GROUPS}
-        print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {e['X_TILED']!s:>5} {e['PREFETCH']!s:>5} {cells(times)} "
-              f"{e['total_us']:>7.1f} "
+        print(f"{e['BN']:>3} {e['BK']:>5} {e['num_warps']:>5} {cells(times)} {e['total_us']:>7.1f} "
               f"{e['max_err']:>8.1e}")
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        launch = (f"BN {row['BN']} BK {row['BK']} warps {row['num_warps']} tiled {row['X_TILED']} ahead "
-                  f"{row['PREFETCH']}" if "BN" in row else "cuBLAS")
-        print(f"  {name:<8} {launch:<46} batch 1 {row['batch1_ms']:.3f}")
+        launch = row["launch"]
+        described = "cuBLAS" if launch is None else ", ".join(
+            f"{kind} {s['BN']} / {s['BK']} / {s['num_warps']}" for kind, s in launch.items())
+        print(f"  {name:<8} {described:<46} batch 1 {row['batch1_ms']:.3f}")
 
 
 if __name__ == "__main__":

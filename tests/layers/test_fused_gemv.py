@@ -66,20 +66,43 @@ def test_products_match_the_unfused_composition(prologue, rows, dtype):
 
 
 def test_block_settings_do_not_change_the_result(monkeypatch):
-    """Each launch setting (output block, input block, x tiled, weights prefetched) covers every output once: a
-    block loop that skipped or doubled a tile would show against another setting."""
+    """Each launch setting (output block, input block) covers every output once: a block loop that skipped or
+    doubled a tile would show against another setting."""
     x = randn(1, 200, seed=3)
     weights = [randn(n, 200, seed=n, scale=0.07) for n in (33, 16)]
     results = []
-    settings = [(16, 256, False, False), (4, 64, True, False), (2, 32, False, True), (8, 64, True, True)]
-    for BN, BK, tiled, prefetch in settings:
-        launch = dict(BN=BN, BK=BK, num_warps=4, X_TILED=tiled, PREFETCH=prefetch)
-        monkeypatch.setattr(fused_gemv, "GEMV_LAUNCH", launch)
+    for BN, BK in [(16, 256), (4, 64), (2, 32)]:
+        launch = dict(BN=BN, BK=BK, num_warps=4)
+        monkeypatch.setattr(fused_gemv, "GEMV_LAUNCH", {"wide": launch, "narrow": launch})
         with use_triton_kernels(True):
             results.append(fused_gemv.rows_linear(x, weights, "norm", None, 1e-6))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert rel_err(a, b) < 1e-6
+
+
+def test_narrow_launches_take_their_own_setting(monkeypatch):
+    """Launches of at most NARROW output features take GEMV_LAUNCH["narrow"], wider ones "wide"."""
+    seen = []
+    real = fused_gemv._rows_linear_kernel
+    monkeypatch.setattr(fused_gemv, "NARROW", 40)
+    monkeypatch.setattr(fused_gemv, "GEMV_LAUNCH", {"wide": dict(BN=16, BK=64, num_warps=4),
+                                                    "narrow": dict(BN=4, BK=32, num_warps=4)})
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((grid[0], kwargs["BN"], kwargs["BK"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fused_gemv, "_rows_linear_kernel", Recorder())
+    x = randn(1, 1, 50)
+    with use_triton_kernels(True):
+        narrow = fused_gemv.rows_linear(x, [randn(24, 50), randn(16, 50)])
+        wide = fused_gemv.rows_linear(x, [randn(24, 50), randn(17, 50)])
+    assert seen == [(6 + 4, 4, 32), (2 + 2, 16, 64)]
+    assert narrow[1].shape == (1, 1, 16) and wide[1].shape == (1, 1, 17)
 
 
 def test_fits_only_what_it_computes_exactly():

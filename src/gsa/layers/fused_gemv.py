@@ -36,9 +36,18 @@ MAX_ROWS = 1  # one row: decoding at batch 1 (more rows: cuBLAS, see below)
 MAX_WEIGHTS = 4  # weights a launch takes (the GSA layer's q, k, v and f projections)
 PROLOGUES = {"none": 0, "norm": 1, "silu_norm": 2, "swiglu": 3}
 
-# Output features a program takes (BN), input features a loop step (BK), warps, and the kernel's two variants
-# (X_TILED, PREFETCH: see the kernel).
-GEMV_LAUNCH = dict(BN=16, BK=256, num_warps=4, X_TILED=False, PREFETCH=False)
+# Output features a program takes (BN), input features a loop step (BK) and warps, by the launch's output features:
+# a launch of at most NARROW outputs (the 1.3B model's o_proj and down_proj, 2048) has few programs of 16 rows,
+# so it takes smaller blocks of longer steps. benchmarks/tune_gemv.py at the 1.3B layer (H200, one row, GPU time;
+# results/tune_gemv_h200_v2.json): 16 / 256 was the best single setting, 32.4 us for the layer's four groups
+# against 54.0 unfused; o_proj 7.3 -> 5.3 us and down_proj 9.4 -> 6.2 us with 4 / 512.
+GEMV_LAUNCH = {"wide": dict(BN=16, BK=256, num_warps=4), "narrow": dict(BN=4, BK=512, num_warps=4)}
+NARROW = 4096
+
+
+def launch_for(outputs: int) -> dict:
+    """GEMV_LAUNCH's setting for a launch of this many output features (all its weights together)."""
+    return GEMV_LAUNCH["narrow" if outputs <= NARROW else "wide"]
 
 
 if KERNELS_AVAILABLE:
@@ -66,14 +75,9 @@ if KERNELS_AVAILABLE:
 
     @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "E0", "E1", "E2"])
     def _rows_linear_kernel(X, X2, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, K, eps,
-                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            X_TILED: tl.constexpr, PREFETCH: tl.constexpr):
+                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Programs [0, E0) take weight 0's output blocks, [E0, E1) weight 1's, [E1, E2) weight 2's, the rest
-        weight 3's; Y_i [N_i] = W_i [N_i, K] @ prologue(X) [K].
-
-        X_TILED: x is loaded (and its prologue formed) as a [BN, BK] tile in the weight tile's layout, BN times
-        the loads from cache and the arithmetic, but no exchange through shared memory (with barriers) per step.
-        PREFETCH: the next step's weight tile is loaded before this step's products (two tiles in flight)."""
+        weight 3's; Y_i [N_i] = W_i [N_i, K] @ prologue(X) [K]."""
         pid = tl.program_id(0)
         if pid < E0:
             w_ptr, y_ptr, n_out, block = W0, Y0, N0, pid
@@ -96,22 +100,11 @@ if KERNELS_AVAILABLE:
         n = block * BN + tl.arange(0, BN)
         n_ok = n[:, None] < n_out
         rows = w_ptr + n[:, None].to(tl.int64) * K
-        col0 = tl.arange(0, BK)[None, :]
-        if X_TILED:
-            x_cols = col0 + 0 * n[:, None]
-        else:
-            x_cols = col0
-        if PREFETCH:
-            w_next = tl.load(rows + col0, mask=n_ok & (col0 < K), other=0.0)
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
-            x = _prologue_block(X, X2, NORM_W, rstd, k0 + x_cols, K, PROLOGUE, HAS_NORM_W, W0.dtype.element_ty)
-            if PREFETCH:
-                w = w_next
-                ahead = k0 + BK + col0
-                w_next = tl.load(rows + ahead, mask=n_ok & (ahead < K), other=0.0)
-            else:
-                w = tl.load(rows + k0 + col0, mask=n_ok & (k0 + col0 < K), other=0.0)
+            cols = k0 + tl.arange(0, BK)[None, :]
+            x = _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE, HAS_NORM_W, W0.dtype.element_ty)
+            w = tl.load(rows + cols, mask=n_ok & (cols < K), other=0.0)
             acc += w.to(tl.float32) * x
         tl.store(y_ptr + n, tl.sum(acc, 1).to(Y0.dtype.element_ty), mask=n < n_out)
 
@@ -153,7 +146,8 @@ def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str 
         raise ValueError(f"rows_linear takes one row (x of shape [..., K] with every other dimension 1), got "
                          f"{list(x.shape)}")
     outs = [torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=w.dtype) for w in weights]
-    blocks = [cdiv(w.shape[0], GEMV_LAUNCH["BN"]) for w in weights]
+    launch = launch_for(sum(w.shape[0] for w in weights))
+    blocks = [cdiv(w.shape[0], launch["BN"]) for w in weights]
     ends = [sum(blocks[: i + 1]) for i in range(len(blocks))]
     padded_w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
     padded_y = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
@@ -161,6 +155,6 @@ def rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str 
     ends += [ends[-1]] * (MAX_WEIGHTS - len(ends))
     _rows_linear_kernel[(ends[-1],)](
         x, up if up is not None else x, norm_weight if norm_weight is not None else x, *padded_w, *padded_y, *widths,
-        *ends[:3], K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, **GEMV_LAUNCH,
+        *ends[:3], K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, **launch,
     )
     return tuple(outs)
