@@ -2,9 +2,10 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator and training plots have FLA from the same process; the decoding plot's FLA points come from the run of
-FLA's model beside ours on the other GPU of the same machine (decode_h200_fla.json), or from the spec's anchor when
-that file is missing.
+The operator and training plots have FLA from the same process; the decoding plot's FLA points come from session
+15's run of FLA's model beside ours on the other GPU of the same machine (decode_h200_fla.json), or from the spec's
+anchor when that file is missing, and its "products fused" line from session 16's batch-1 run with
+gsa/layers/fused_gemv.py (decode_h200_gemv_v2.json).
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def with_fla(data, fla):
     return data
 
 
+def with_fused(data, fused):
+    """The decoding run with a batch-1 run of the fused products (gsa/layers/fused_gemv.py) added as `fused@`."""
+    for key, value in fused.get("ms_per_token", {}).items():
+        if key.startswith("ours@"):
+            data["ms_per_token"][key.replace("ours@", "fused@")] = value
+    return data
+
+
 def plot_decode(data):
     """Batch 1 ms/token by prompt length; beside it, when the run has them, batch 64 tokens/s by prompt length and a
     long generation's tokens/s at batch 1 and 64. A model is drawn at the prompt lengths it ran."""
@@ -95,14 +104,18 @@ def plot_decode(data):
     axes = list(axes[0])
     kinds = (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()"))
     # one colour a series in every panel
-    colors = {"ours": "C0", "ours-hf": "C1", "llama": "C2", "fla": "C3"}
+    colors = {"ours": "C0", "ours-hf": "C1", "llama": "C2", "fla": "C3", "fused": "C4"}
 
     def cells(table, kind, key):  # (prompt, value) where the run has the cell (not out of memory, not skipped)
         found = [(p, table.get(f"{kind}@{p}", {}).get(key)) for p in prompts]
         return [(p, v) for p, v in found if v is not None]
 
     ax = axes[0]
-    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", color=colors["ours"], label="gsa, CUDA graph")
+    fused = cells(rows, "fused", "cuda_graph")
+    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", color=colors["ours"],
+            label="gsa, CUDA graph" + (", products unfused" if fused else ""))
+    if fused:
+        ax.plot(*zip(*fused), "o-", color=colors["fused"], label="gsa, CUDA graph, products fused")
     ax.plot(*zip(*cells(rows, "ours", "hf_generate")), "o-", color=colors["ours-hf"], label="gsa, HF generate()")
     for kind, label in kinds[1:]:
         if found := cells(rows, kind, "hf_generate"):
@@ -151,9 +164,9 @@ def read(name: str):
 
 def main():
     IMAGES.mkdir(parents=True, exist_ok=True)
-    # the paper's three contexts from session 15's run; H=16 / K=128 from session 7's and H=32 / K=64 from a call of
+    # the paper's three contexts from session 16's run; H=16 / K=128 from session 7's and H=32 / K=64 from a call of
     # its own (FLA's autotune there takes ~8 minutes)
-    ops = read("ops_h200_fla_v3.json")
+    ops = read("ops_h200_fla_v5.json")
     if ops is not None:
         for extra in (read("ops_h200_fla_graph_v2.json"), read("ops_h200_fla_h32.json")):
             for name, shape in (extra or {}).get("shapes", {}).items():
@@ -163,8 +176,11 @@ def main():
     if (train := read("train_h200_fla.json")) is not None:
         plot_train(train)
         print("plotted training")
-    if (decode := read("decode_h200_v3.json")) is not None:
-        if (fla := read("decode_h200_fla.json")) is not None:  # FLA's model ran beside it, on the other GPU
+    # session 16's full run (the products unfused), its batch-1 run with them fused, and FLA's model from session 15
+    if (decode := read("decode_h200_v5.json")) is not None:
+        if (fused := read("decode_h200_gemv_v2.json")) is not None:
+            decode = with_fused(decode, fused)
+        if (fla := read("decode_h200_fla.json")) is not None:
             decode = with_fla(decode, fla)
         plot_decode(decode)
         print("plotted decoding")
