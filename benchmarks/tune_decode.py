@@ -59,18 +59,26 @@ def step_us(batch: int) -> float:
         return_mode="median")
 
 
-def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
-    """ms a token of the 1.3B model from CUDA graphs at batch 1 and 64 with the current STEP_LAUNCH."""
+def model_decoding(prompt_length: int, new_tokens: int, batches=(1, 64)) -> dict[str, float]:
+    """ms a token of the 1.3B model from CUDA graphs at these batch sizes with the launch settings in place now
+    (tune_gemv.py uses it too)."""
     model = cuda_model("ours").eval()
     decoder = GraphDecoder(model)
     row = {}
-    for batch in (1, 64):
+    for batch in batches:
         prompt = torch.randint(0, 32000, (batch, prompt_length), device="cuda")
         row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, 3, new_tokens + 1)
     del model, decoder
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def add_model_arguments(parser, out_name: str) -> None:
+    """The model run's options (prompt, new tokens) and the JSON's path, default $OUT/out_name."""
+    parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), out_name))
 
 
 def save(results: dict, out: str) -> None:
@@ -82,10 +90,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
-                                                      "tune_decode_h200.json"))
+    add_model_arguments(parser, "tune_decode_h200.json")
     args = parser.parse_args()
     started = time.time()
     in_code = dict(recurrent.STEP_LAUNCH)

@@ -15,21 +15,16 @@ every setting, so a run cut short keeps its rows.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import triton
 
-from bench_decode import per_token_ms
-from bench_train import cuda_model
-from gsa.generation import GraphDecoder
 from gsa.layers import fused_gemv
 from gsa.layers.fused import _rms_norm_linear_values, _swiglu_linear_values
+from tune_decode import add_model_arguments, model_decoding, save
 
 D, INTER, SLOTS = 2048, 5632, 256  # the 1.3B preset: hidden, MLP width, 4 heads x 64 slots
 GROUPS = {  # name: (prologue, input width, output widths)
@@ -71,33 +66,12 @@ def max_error(name: str, rows: int) -> float:
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in pairs)
 
 
-def model_decoding(prompt_length: int, new_tokens: int) -> dict[str, float]:
-    model = cuda_model("ours").eval()
-    decoder = GraphDecoder(model)
-    row = {}
-    for batch in (1,):
-        prompt = torch.randint(0, 32000, (batch, prompt_length), device="cuda")
-        row[f"batch{batch}_ms"] = per_token_ms(decoder.generate, prompt, new_tokens, 3, new_tokens + 1)
-    del model, decoder
-    gc.collect()
-    torch.cuda.empty_cache()
-    return row
-
-
-def save(results: dict, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bn", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--bk", nargs="+", type=int, default=[128, 256, 512])
     parser.add_argument("--warps", nargs="+", type=int, default=[4])
-    parser.add_argument("--prompt", type=int, default=512, help="the model's prompt (the state does not grow)")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
-                                                      "tune_gemv_h200.json"))
+    add_model_arguments(parser, "tune_gemv_h200.json")
     args = parser.parse_args()
     started = time.time()
     in_code = dict(fused_gemv.GEMV_LAUNCH)
@@ -136,7 +110,7 @@ def main():
         fused_gemv.MAX_ROWS = 0 if setting is None else 1
         if setting is not None:
             fused_gemv.GEMV_LAUNCH = setting
-        results["model"][name] = {"launch": setting, **model_decoding(args.prompt, args.new_tokens)}
+        results["model"][name] = {"launch": setting, **model_decoding(args.prompt, args.new_tokens, batches=(1,))}
         save(results, args.out)
         print(name, json.dumps(results["model"][name]), f"[{time.time() - started:.0f}s]", flush=True)
 
