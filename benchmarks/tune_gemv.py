@@ -1,4 +1,4 @@
-"""Sweep the few-row linear kernel's launch settings (gsa/layers/fused_gemv.py, GEMV_LAUNCH) on one GPU.
+"""Sweep the one-row linear kernel's launch settings (gsa/layers/fused_gemv.py, GEMV_LAUNCH) on one GPU.
 
 The four groups of products a 1.3B layer runs per decoding step (d 2048, MLP 5632, bf16, one row): the GSA
 input (RMSNorm, then q, k, v and f), its output (RMSNorm of swish(o), then o_proj), the MLP's input (RMSNorm, then
@@ -35,11 +35,11 @@ GROUPS = {  # name: (prologue, input width, output widths)
 }
 
 
-def group_inputs(name: str, rows: int):
+def group_inputs(name: str):
     prologue, width, outs = GROUPS[name]
-    gen = torch.Generator(device="cuda").manual_seed(len(name))
-    x = torch.randn(rows, 1, width, device="cuda", generator=gen).bfloat16()
-    up = torch.randn(rows, 1, width, device="cuda", generator=gen).bfloat16() if prologue == "swiglu" else None
+    gen = torch.Generator(device="cuda").manual_seed(list(GROUPS).index(name))
+    x = torch.randn(1, 1, width, device="cuda", generator=gen).bfloat16()
+    up = torch.randn(1, 1, width, device="cuda", generator=gen).bfloat16() if prologue == "swiglu" else None
     weights = [(torch.randn(n, width, device="cuda", generator=gen) / width**0.5).bfloat16() for n in outs]
     norm_weight = (1 + 0.1 * torch.randn(width, device="cuda", generator=gen)).bfloat16()
     return prologue, x, up, weights, norm_weight
@@ -53,15 +53,15 @@ def unfused(prologue, x, up, weights, norm_weight):
 
 
 def fused(prologue, x, up, weights, norm_weight):
-    return fused_gemv.rows_linear(x, weights, prologue, norm_weight if prologue != "swiglu" else None, 1e-6, up)
+    return fused_gemv.row_linear(x, weights, prologue, norm_weight if prologue != "swiglu" else None, 1e-6, up)
 
 
 def graph_us(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
-def max_error(name: str, rows: int) -> float:
-    args = group_inputs(name, rows)
+def max_error(name: str) -> float:
+    args = group_inputs(name)
     pairs = zip(fused(*args), unfused(*args))
     return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in pairs)
 
@@ -79,7 +79,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "in_code": in_code, "unfused_us": {}, "settings": [], "model": {}}
     for name in GROUPS:
-        inputs = group_inputs(name, 1)
+        inputs = group_inputs(name)
         results["unfused_us"][name] = graph_us(lambda: unfused(*inputs))
     print("unfused", json.dumps(results["unfused_us"]), flush=True)
     for bn, bk, warps in itertools.product(args.bn, args.bk, args.warps):
@@ -89,9 +89,9 @@ def main():
         fused_gemv.GEMV_LAUNCH = {"wide": setting, "narrow": setting}
         entry = dict(setting)
         try:
-            entry["max_err"] = max(max_error(name, 1) for name in GROUPS)
+            entry["max_err"] = max(max_error(name) for name in GROUPS)
             for name in GROUPS:
-                inputs = group_inputs(name, 1)
+                inputs = group_inputs(name)
                 entry[f"{name}_us"] = graph_us(lambda: fused(*inputs))
             entry["total_us"] = sum(entry[f"{name}_us"] for name in GROUPS)
         except Exception as error:  # a setting the GPU cannot hold is reported, not the sweep lost
@@ -107,7 +107,7 @@ def main():
         best = {kind: min(fine, key=lambda e: sum(e[f"{name}_us"] for name in names)) for kind, names in kinds.items()}
         runs.append(("best", {kind: {key: e[key] for key in ("BN", "BK", "num_warps")} for kind, e in best.items()}))
     for name, setting in runs:
-        fused_gemv.MAX_ROWS = 0 if setting is None else 1
+        fused_gemv.ENABLED = setting is not None
         if setting is not None:
             fused_gemv.GEMV_LAUNCH = setting
         results["model"][name] = {"launch": setting, **model_decoding(args.prompt, args.new_tokens, batches=(1,))}
@@ -117,7 +117,7 @@ def main():
     def cells(times: dict) -> str:
         return " ".join(f"{times[name]:>7.1f} {weight_bytes[name] / times[name] / 1e3:>5.0f}" for name in GROUPS)
 
-    print(f"\nFew-row products of a 1.3B layer on {results['device']} (bf16, one row; us from a CUDA graph and GB/s "
+    print(f"\nOne-row products of a 1.3B layer on {results['device']} (bf16, one row; us from a CUDA graph and GB/s "
           "of its weights)")
     print(f"{'BN':>3} {'BK':>5} {'warps':>5} " + " ".join(f"{name:>13}" for name in GROUPS) + f" {'total':>7} "
           f"{'max err':>8}")

@@ -34,6 +34,8 @@ def state_pass(name: str):
     forward's gate factors for the backward (KEEP_GATE_FACTORS), '<pass>+formed' forms them again there, a bare pass
     takes the code's default (kept)."""
     name, _, extra = name.partition("+")
+    if extra not in ("", "factors", "formed"):
+        raise SystemExit(f"unknown pass suffix +{extra} in {name}+{extra}: expected +factors or +formed")
     kernels.KEEP_GATE_FACTORS = {"factors": True, "formed": False}.get(extra, ORIGINAL_KEEP_GATE_FACTORS)
     kernels.state_plan = ORIGINAL_STATE_PLAN
     if name.startswith("walk"):

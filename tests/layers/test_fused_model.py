@@ -141,9 +141,14 @@ def triton_operator(monkeypatch):
     monkeypatch.setattr(gsa_layer, "gated_slot_attention", operator)
 
 
-def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator):
+@pytest.mark.parametrize("keep_gate_factors", [True, False], ids=["factors-kept", "factors-formed-again"])
+def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, monkeypatch, keep_gate_factors):
     """With the Triton operator (which saves the q, k, v, s, g it is given), the fused layer keeps none of those:
-    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged."""
+    swish's inputs and f are saved already, and they are recomputed from them; gradients are unchanged. The
+    operator's own gate factors and chunk decays are saved when it keeps them for its backward (the default)."""
+    from gsa.ops.triton import chunk as chunk_kernels
+
+    monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", keep_gate_factors)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, natively on a GPU
     layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(device)
@@ -174,14 +179,12 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator):
     (y0, dx0, dp0, bytes0), (y1, dx1, dp1, bytes1) = results[False], results[True]
     assert torch.equal(y0, y1)
     assert rel_err(dx1, dx0) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(dp1, dp0))
-    T, D, H, M = 70, 32, 2, 8
+    T, D, H, M = 70, 32, layer.num_heads, layer.num_slots
     # plain: x, norm's float32 x and x̂, its output, q/k/v in and out, f (float32 twice), exp(g), s, g, logits,
     # o, swish(o), g_norm's float32 pair and output. Fused: x, q/k/v in, f, logits, o (+ two 1/rms columns), and the
     # operator's gate factors (the size of s) and chunk decays when it keeps them for its backward.
-    want = 4 * T * (D + 3 * D + 2 * M + 2 * M + D) + 2 * 4 * T
-    from gsa.ops.triton import chunk as chunk_kernels
-
-    if chunk_kernels.KEEP_GATE_FACTORS:
+    want = 4 * T * (D + 3 * D + H * M + H * M + D) + 2 * 4 * T
+    if keep_gate_factors:
         want += 4 * T * H * M + 4 * -(-T // chunk_kernels.CHUNK) * H * M
     assert bytes1 == want, (bytes1, want, bytes0)
 
