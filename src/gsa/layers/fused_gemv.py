@@ -14,7 +14,7 @@ the row on the fly (the row stays in cache; every program forms the norm's 1/rms
 float32. The roundings are those of the unfused path: the normalised or SwiGLU input in x's dtype, the product
 rounded to the weights' dtype, so the two agree up to the order of the float32 sums. More rows take the unfused
 path: there cuBLAS runs a real matrix product (a version of this kernel that held up to four rows in every
-program was 5-6x slower than cuBLAS, benchmarks/results/tune_gemv_h200_v1.json).
+program was 6x slower or worse than the unfused path, benchmarks/results/tune_gemv_h200_v1.json).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ PROLOGUES = {"none": 0, "norm": 1, "silu_norm": 2, "swiglu": 3}
 
 # Output features a program takes (BN), input features a loop step (BK) and warps, by the launch's output features:
 # a launch of at most NARROW outputs (the 1.3B model's o_proj and down_proj, 2048) would have few programs of 16
-# output features, so it takes smaller blocks of longer steps. benchmarks/tune_gemv.py at the 1.3B layer (H200, one row, GPU time;
-# results/tune_gemv_h200_v2.json): 16 / 256 was the best single setting, 32.4 us for the layer's four groups
-# against 54.0 unfused; o_proj 7.3 -> 5.3 us and down_proj 9.4 -> 6.2 us with 4 / 512.
+# output features (128, fewer than an H200's multiprocessors), so it takes smaller blocks of longer steps.
+# benchmarks/tune_gemv.py at the 1.3B layer (H200, one row, GPU time; results/tune_gemv_h200_v2.json): 16 / 256 was
+# the best single setting, 32.4 us for the layer's four groups against 54.0 unfused; o_proj 7.3 -> 5.3 us and
+# down_proj 9.4 -> 6.2 us with 4 / 512; the model's decoding 1.644 -> 1.366 ms a token (tune_gemv_h200_v3.json).
 GEMV_LAUNCH = {"wide": dict(BN=16, BK=256, num_warps=4), "narrow": dict(BN=4, BK=512, num_warps=4)}
 NARROW = 4096
 
