@@ -81,6 +81,18 @@ def add_model_arguments(parser, out_name: str) -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), out_name))
 
 
+def record(results: dict, rows: str, entry: dict, measure, out: str, started: float) -> None:
+    """measure(entry) fills a sweep's row; a setting the GPU cannot hold is reported in it, not the sweep lost. The
+    row joins results[rows] and the JSON is rewritten, so a run cut short keeps what it measured."""
+    try:
+        measure(entry)
+    except Exception as error:
+        entry["error"] = str(error)[:200]
+    results[rows].append(entry)
+    save(results, out)
+    print(json.dumps(entry), f"[{time.time() - started:.0f}s]", flush=True)
+
+
 def save(results: dict, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2))
@@ -99,16 +111,13 @@ def main():
                "in_code": in_code, "steps": [], "model": {}}
     for rows, warps, stream in itertools.product(args.rows, args.warps, (False, True)):
         recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=stream)
-        entry = dict(recurrent.STEP_LAUNCH)
-        try:
+
+        def measure(entry):
             entry["max_err"] = step_error(64)
             for batch in (1, 64):
                 entry[f"batch{batch}_us"] = step_us(batch)
-        except Exception as error:  # a setting the GPU cannot hold is reported, not the sweep lost
-            entry["error"] = str(error)[:200]
-        results["steps"].append(entry)
-        save(results, args.out)
-        print(json.dumps(entry), f"[{time.time() - started:.0f}s]", flush=True)
+
+        record(results, "steps", dict(recurrent.STEP_LAUNCH), measure, args.out, started)
     fine = [e for e in results["steps"] if "error" not in e and e["max_err"] < 1e-4]
     if not fine:
         raise SystemExit("no setting ran within 1e-4 of the PyTorch step: see the errors above")

@@ -24,7 +24,7 @@ import triton
 
 from gsa.layers import fused_gemv
 from gsa.layers.fused import _rms_norm_linear_values, _swiglu_linear_values
-from tune_decode import add_model_arguments, model_decoding, save
+from tune_decode import add_model_arguments, model_decoding, record, save
 
 D, INTER, SLOTS = 2048, 5632, 256  # the 1.3B preset: hidden, MLP width, 4 heads x 64 slots
 GROUPS = {  # name: (prologue, input width, output widths)
@@ -87,18 +87,15 @@ def main():
             continue
         setting = dict(BN=bn, BK=bk, num_warps=warps)
         fused_gemv.GEMV_LAUNCH = {"wide": setting, "narrow": setting}
-        entry = dict(setting)
-        try:
+
+        def measure(entry):
             entry["max_err"] = max(max_error(name) for name in GROUPS)
             for name in GROUPS:
                 inputs = group_inputs(name)
                 entry[f"{name}_us"] = graph_us(lambda: fused(*inputs))
             entry["total_us"] = sum(entry[f"{name}_us"] for name in GROUPS)
-        except Exception as error:  # a setting the GPU cannot hold is reported, not the sweep lost
-            entry["error"] = str(error)[:200]
-        results["settings"].append(entry)
-        save(results, args.out)
-        print(json.dumps(entry), f"[{time.time() - started:.0f}s]", flush=True)
+
+        record(results, "settings", dict(setting), measure, args.out, started)
     fine = [e for e in results["settings"] if "error" not in e and e["max_err"] < 1e-2]
     runs = [("unfused", None), ("in_code", in_code)]
     if fine:  # the best setting for the wide launches (more than NARROW outputs) and for the narrow ones

@@ -184,8 +184,8 @@ class _CapturedStep:
         """What the graph depends on and a call can change: the batch size, the ids' dtype and device, the
         end-token handling and greedy selection baked into the step, inference mode (its tensors cannot be updated
         outside it), autocast, and every weight's storage (a model moved or cast since holds new tensors, which the
-        graph would not read). Not in it, so `release()` after changing them: the operator's launch settings
-        (STEP_LAUNCH), a layer's backend, hooks, the TF32 flags."""
+        graph would not read). Not in it, so `release()` after changing them: the kernels' launch settings
+        (STEP_LAUNCH, fused_gemv's GEMV_LAUNCH and ENABLED), a layer's backend, hooks, the TF32 flags."""
         device = input_ids.device
         autocast = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
         weights = tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers()))

@@ -286,7 +286,8 @@ def rms_norm_linear(
         from . import fused_gemv
 
         if weights and fused_gemv.fits(x, weights, biases, norm_weight):  # batch-1 decoding: one launch for all
-            return fused_gemv.row_linear(x, weights, "silu_norm" if pre_silu else "norm", norm_weight, eps)
+            return fused_gemv.row_linear(x, weights, "silu_norm" if pre_silu else "norm", norm_weight, eps,
+                                         check=False)
         return _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, _triton(x))[0]
     return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
 
@@ -376,7 +377,7 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) ->
         from . import fused_gemv
 
         if fused_gemv.fits(gate, [weight], up=up):  # batch-1 decoding: SwiGLU formed inside the product's launch
-            return fused_gemv.row_linear(gate, [weight], "swiglu", up=up)[0]
+            return fused_gemv.row_linear(gate, [weight], "swiglu", up=up, check=False)[0]
         return _swiglu_linear_values(gate, up, weight, _triton(gate, up) and gate.shape == up.shape)
     return _SwiGLULinear.apply(gate, up, weight)
 

@@ -19,6 +19,7 @@ program was 6x slower or worse than the unfused path, benchmarks/results/tune_ge
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,7 @@ try:
     import triton.language as tl
 
     from ..ops.triton.common import cdiv
+    from .fused_triton import _silu_rounded
 
     KERNELS_AVAILABLE = True
 except ImportError:
@@ -53,10 +55,6 @@ def launch_for(outputs: int) -> dict:
 
 
 if KERNELS_AVAILABLE:
-
-    @triton.jit
-    def _silu_rounded(x, DTYPE: tl.constexpr):
-        return (x * tl.sigmoid(x)).to(DTYPE).to(tl.float32)
 
     @triton.jit
     def _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr,
@@ -139,15 +137,16 @@ def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torc
 
 def row_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str = "none",
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                up: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                up: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, ...]:
     """(F.linear(u, W_i) for each weight), u = prologue(x): x itself, RMSNorm(x) * norm_weight, RMSNorm(silu(x)) *
     norm_weight, or silu(x) * up; u rounded to x's dtype, the products to the weights' dtype. Only for what `fits`
-    accepts (checked here: anything else is a ValueError, not a wrong result)."""
+    accepts (checked here: anything else is a ValueError, not a wrong result; check=False for a caller that has
+    just asked `fits` itself, as the layers do on every decoding step)."""
     if prologue not in PROLOGUES:
         raise ValueError(f"unknown prologue {prologue!r}; expected one of {sorted(PROLOGUES)}")
     if (prologue == "swiglu") != (up is not None) or (up is not None and up.shape != x.shape):
         raise ValueError(f"prologue 'swiglu' needs up of x's shape {list(x.shape)}; other prologues take no up")
-    if not fits(x, weights, (), norm_weight, up):
+    if check and not fits(x, weights, (), norm_weight, up):
         raise ValueError(
             f"row_linear takes one contiguous row x on a Triton device (got {list(x.shape)} {x.dtype} on "
             f"{x.device}) and 1 to {MAX_WEIGHTS} contiguous weights of its dtype and width (got "
@@ -156,7 +155,7 @@ def row_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str =
     outs = [torch.empty(*x.shape[:-1], w.shape[0], device=x.device, dtype=w.dtype) for w in weights]
     launch = launch_for(sum(w.shape[0] for w in weights))
     blocks = [cdiv(w.shape[0], launch["BN"]) for w in weights]
-    ends = [sum(blocks[: i + 1]) for i in range(len(blocks))]
+    ends = list(itertools.accumulate(blocks))
     padded_w = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))
     padded_y = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     widths = [w.shape[0] for w in weights] + [0] * (MAX_WEIGHTS - len(weights))

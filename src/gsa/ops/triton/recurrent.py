@@ -133,7 +133,8 @@ def _step_values(
 # CUDA graph (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86
 # us, 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
 # sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming (each
-# line is touched once a step); untimed.
+# line is touched once a step): 2-4 % faster steps at batch 64 in every setting, no gain seen in the model's decoding
+# (results/tune_decode_h200_v2.json), so off.
 STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
@@ -163,7 +164,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    launch = dict(STREAM=config.get("STREAM", False), num_warps=config["num_warps"])
+    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
