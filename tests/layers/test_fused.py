@@ -188,6 +188,79 @@ def test_backward_inside_autocast_region_changes_nothing():
         assert torch.equal(a, b)
 
 
+def residual_fns(outputs, keep_normed=False, eps=1e-6):
+    """(fused, plain) of h = residual + x, then RMSNorm(h) * w and `outputs` linear maps; both return (h, ...)."""
+
+    def fused_fn(x, residual, w, *params):
+        if outputs == 0:
+            return rms_norm(x, w, eps, residual=residual)
+        return rms_norm_linear(x, w, eps, params[:outputs], params[outputs:], residual=residual,
+                               keep_normed=keep_normed)
+
+    def plain_fn(x, residual, w, *params):
+        h = residual + x
+        y = plain_rms_norm(h, w, eps)
+        if outputs == 0:
+            return h, y
+        return (h, *(F.linear(y, W, b) for W, b in zip(params[:outputs], params[outputs:])))
+
+    return fused_fn, plain_fn
+
+
+def residual_inputs(outputs, dtype=torch.float64, residual_dtype=None, D=24, shape=(2, 5)):
+    x, w, *params = norm_inputs(False, True, outputs, False, dtype=dtype, D=D, shape=shape)
+    residual = randn(*shape, D, seed=3, dtype=residual_dtype or dtype, scale=3.0)
+    return [x, residual, w, *params]
+
+
+@pytest.mark.parametrize("keep_normed", [False, True])
+@pytest.mark.parametrize("outputs", [0, 2])
+def test_rms_norm_with_residual_gradcheck(outputs, keep_normed):
+    fused_fn, _ = residual_fns(outputs, keep_normed)
+    assert torch.autograd.gradcheck(fused_fn, leaves(residual_inputs(outputs)), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("keep_normed", [False, True])
+@pytest.mark.parametrize("outputs", [0, 1, 3])
+def test_rms_norm_with_residual_equals_plain(outputs, keep_normed, dtype):
+    """The residual addition inside the norm: h and the outputs bitwise the composition's; the gradients of x and
+    of the residual (one sum: the norm's and h's own) as autograd's up to rounding."""
+    check_against_plain(*residual_fns(outputs, keep_normed), residual_inputs(outputs, dtype, D=64, shape=(3, 40)))
+
+
+def test_rms_norm_with_float32_residual_and_bf16_branch_under_autocast():
+    """The trainer's one-process mode: a float32 residual stream plus a branch that autocast left in bf16; h is
+    float32 as the composition's sum is, and the branch's gradient comes back in bf16."""
+    tensors = residual_inputs(2, torch.float32, D=64, shape=(3, 40))
+    tensors[0] = tensors[0].bfloat16()
+    check_against_plain(*residual_fns(2, keep_normed=True), tensors, autocast=True)
+    (h, *_), (dx, d_residual, *_) = run(residual_fns(2)[0], tensors)
+    assert h.dtype == torch.float32 and dx.dtype == torch.bfloat16 and d_residual.dtype == torch.float32
+
+
+def test_rms_norm_keeping_its_output_saves_it_and_nothing_else():
+    """keep_normed: the normalised rows are saved once (for the weight gradients) next to h and 1/rms; without
+    it they are not saved; a residual adds nothing saved (h is saved either way, the branch is not)."""
+    tensors = residual_inputs(2, torch.bfloat16, D=64, shape=(2, 8))
+    for keep_normed, want in ((False, [((2, 8, 64), torch.bfloat16), ((2, 8, 1), torch.float32)]),
+                              (True, [((2, 8, 64), torch.bfloat16)] * 2 + [((2, 8, 1), torch.float32)])):
+        saved, xs = saved_storages(residual_fns(2, keep_normed)[0], tensors)
+        params = {t.untyped_storage().data_ptr() for t in xs[2:] if t is not None}
+        activations = {k: v for k, v in saved.items() if k not in params}
+        assert xs[0].untyped_storage().data_ptr() not in activations  # the branch
+        assert xs[1].untyped_storage().data_ptr() not in activations  # the residual: its sum h is kept instead
+        assert sorted(activations.values()) == sorted(want), keep_normed
+
+
+def test_rms_norm_residual_refuses_mismatched_shape_and_pre_silu():
+    x, residual = randn(2, 5, 8), randn(2, 4, 8)
+    with pytest.raises(ValueError, match="residual of x's shape"):
+        rms_norm_linear(x, None, 1e-6, [randn(3, 8)], residual=residual)
+    with pytest.raises(ValueError, match="residual addition and pre_silu"):
+        rms_norm(x, None, 1e-6, pre_silu=True, residual=randn(2, 5, 8))
+
+
 @pytest.mark.parametrize("outputs", [0, 2])
 def test_rms_norm_saves_input_and_rstd_only(outputs):
     tensors = norm_inputs(False, True, outputs, False, dtype=torch.bfloat16, D=64, shape=(2, 8))

@@ -74,6 +74,20 @@ def test_products_match_the_unfused_path(prologue, dtype):
         assert error < (1e-6 if dtype == torch.float32 else 1e-4), (prologue, i, error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
+def test_norm_with_residual_adds_in_the_same_launch(dtype):
+    """The residual addition inside the norm's launch: h = residual + x bitwise as torch adds it (rounded to x's
+    dtype), every product as the unfused path's on that h."""
+    x, _, weights, norm_weight = group("norm", 300, (37, 64, 5, 129), dtype, seed=5)
+    residual = randn(1, 1, 300, seed=7, dtype=dtype, scale=3.0)
+    with use_triton_kernels(True):
+        assert fused_gemv.fits(x, weights, (), norm_weight, residual=residual)
+        h, *got = fused_gemv.row_linear(x, weights, "norm", norm_weight, 1e-6, residual=residual)
+    assert h.dtype == dtype and torch.equal(h, residual + x)
+    for i, (a, b) in enumerate(zip(got, unfused(residual + x, weights, "norm", norm_weight, None))):
+        assert rel_err(a.double(), b.double()) < (1e-6 if dtype == torch.float32 else 1e-4), (i, dtype)
+
+
 def test_block_settings_do_not_change_the_result(monkeypatch):
     """Each launch setting (output block, input block) covers every output once: a block loop that skipped or
     doubled a tile would show against another setting."""
@@ -133,6 +147,9 @@ def test_fits_only_what_it_computes_exactly():
             "an up of another shape": fused_gemv.fits(x, [w], up=randn(1, 64, 1)),
             "an up of another dtype": fused_gemv.fits(x, [w], up=randn(1, 1, 64).half()),
             "a non-contiguous up": fused_gemv.fits(x, [w], up=randn(1, 1, 128)[..., ::2]),
+            "a residual of another dtype (a float32 stream)": fused_gemv.fits(x.half(), [w.half()],
+                                                                            residual=randn(1, 1, 64)),
+            "a residual of another shape": fused_gemv.fits(x, [w], residual=randn(1, 64)),
             "autograd to record (training: the Functions)": fused_gemv.fits(x, [w.clone().requires_grad_()]),
         }
         assert not any(refused.values()), [why for why, taken in refused.items() if taken]
@@ -151,6 +168,8 @@ def test_bad_arguments_are_named():
             fused_gemv.row_linear(x, [w], "layernorm")
         with pytest.raises(ValueError, match="needs up"):
             fused_gemv.row_linear(x, [w], "swiglu")
+        with pytest.raises(ValueError, match="residual goes with the 'norm' prologue"):
+            fused_gemv.row_linear(x, [w], "silu_norm", randn(16), residual=randn(1, 1, 16))
         with pytest.raises(ValueError, match="one contiguous row"):
             fused_gemv.row_linear(randn(2, 1, 16), [w])
         with pytest.raises(ValueError, match="one contiguous row"):
@@ -158,8 +177,9 @@ def test_bad_arguments_are_named():
 
 
 def test_the_layers_decoding_path_takes_the_kernel(monkeypatch):
-    """rms_norm_linear and swiglu_linear without autograd at one row go through row_linear (the decoding path)
-    and give the unfused path's results in half precision; with autograd they do not take it."""
+    """rms_norm_linear (with and without a residual addition) and swiglu_linear without autograd at one row go
+    through row_linear (the decoding path) and give the unfused path's results in half precision; with autograd
+    they do not take it."""
     calls = []
     real = fused_gemv.row_linear
     monkeypatch.setattr(fused_gemv, "row_linear", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
@@ -172,8 +192,9 @@ def test_the_layers_decoding_path_takes_the_kernel(monkeypatch):
         monkeypatch.setattr(fused_gemv, "ENABLED", kernel)
         with use_triton_kernels(True), torch.no_grad():
             outputs[kernel] = (*rms_norm_linear(x, norm_weight, 1e-6, weights, pre_silu=True),
-                               swiglu_linear(gate, up, down))
-    assert calls == ["silu_norm", "swiglu"]
+                               swiglu_linear(gate, up, down),
+                               *rms_norm_linear(x, norm_weight, 1e-6, weights, residual=up[..., :96]))
+    assert calls == ["silu_norm", "swiglu", "norm"]
     for a, b in zip(outputs[True], outputs[False]):
         assert a.dtype == half and rel_err(a.double(), b.double()) < 1e-4
     calls.clear()

@@ -99,6 +99,44 @@ def test_rms_norm_linear_with_kernels_under_autocast():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("outputs", [0, 2])
+def test_rms_norm_kernels_with_residual_match_torch(dtype, outputs):
+    """h = residual + x formed in the norm's pass (forward) and the residual stream's gradient added in its
+    backward: h, y or the products, and the gradients of x, residual, w and the weights as the torch path's."""
+    x, residual = randn(3, 7, 100, seed=41, dtype=dtype, scale=2.0), randn(3, 7, 100, seed=42, dtype=dtype, scale=3.0)
+    w = 1 + randn(100, seed=43, scale=0.3)
+    weights = [randn(24 + 8 * i, 100, seed=44 + i, dtype=dtype, scale=0.1) for i in range(outputs)]
+    for keep_normed in (False, True):
+        got, want = both_paths(lambda x, r, w, *W: rms_norm_linear(x, w, 1e-6, W, residual=r, keep_normed=keep_normed)
+                               if W else rms_norm(x, w, 1e-6, residual=r), [x, residual, w, *weights])
+        assert_close(got, want, dtype, f"residual, keep_normed={keep_normed}")
+
+
+def test_rms_norm_kernel_rounds_the_residual_sum_as_torch_does():
+    """The sum is rounded to the inputs' dtype before it is normalised and written, as torch's addition rounds it:
+    float16 (the interpreter rounds float16 as the GPU does), bitwise; a float32 residual with a float16 branch
+    gives a float32 sum."""
+    x, residual = randn(5, 64, seed=51, dtype=torch.float16), randn(5, 64, seed=52, dtype=torch.float16, scale=4.0)
+    y, rstd, h = fused_triton.rms_norm_rows_fwd(x, None, 1e-6, False, residual)
+    assert h.dtype == torch.float16 and torch.equal(h, residual + x)
+    y_alone, rstd_alone = fused_triton.rms_norm_rows_fwd(residual + x, None, 1e-6, False)
+    assert torch.equal(y, y_alone) and torch.equal(rstd, rstd_alone)
+    wide = randn(5, 64, seed=53, scale=4.0)
+    h32 = fused_triton.rms_norm_rows_fwd(x, None, 1e-6, False, wide)[2]
+    assert h32.dtype == torch.float32 and torch.equal(h32, wide + x)
+
+
+def test_rms_norm_kernels_with_float32_residual_under_autocast():
+    """The trainer's one-process mode: a float32 residual stream, a bf16 branch, float32 norm and weights."""
+    x, residual = randn(2, 33, 48, seed=54, dtype=torch.bfloat16), randn(2, 33, 48, seed=55, scale=2.0)
+    w, W = 1 + randn(48, seed=56, scale=0.3), randn(40, 48, seed=57, scale=0.15)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = both_paths(lambda x, r, w, a: rms_norm_linear(x, w, 1e-6, [a], residual=r), [x, residual, w, W])
+    assert got[0][0].dtype == torch.float32 and got[1][0].dtype == torch.bfloat16
+    assert_close(got, want, torch.bfloat16, "autocast residual")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_swiglu_kernels_match_torch(dtype):
     gate, up = randn(2, 19, 72, seed=10, dtype=dtype, scale=2.0), randn(2, 19, 72, seed=11, dtype=dtype)
     W = randn(24, 72, seed=12, dtype=dtype, scale=0.1)

@@ -87,6 +87,57 @@ def test_padded_batch_equals_packed_and_separate(variant):
         assert rel_err(packed[cu[i] : cu[i + 1]], separate[i]) < 1e-10
 
 
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records the calls that read tensor values back to the host (on a GPU: a wait for the device, after which
+    the GPU idles while the host queues the next kernels), except while `paused`."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.paused = [], False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        sized = name == "repeat_interleave" and isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+        if not self.paused and (name in self.READS or sized):
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+def test_packed_training_step_reads_nothing_back_per_layer(monkeypatch):
+    """The packed path (`gsa train` packs documents with cu_seqlens) reads tensor values back a fixed number of
+    times a step, however deep the model: positions only where a short convolution needs them, and without a read
+    back; cu_seqlens' offsets read once for every attention layer. Counted outside the operator (its GPU path keeps
+    its layout per cu_seqlens; the CPU path that runs here is not that one)."""
+    from gsa.layers import gsa as gsa_layer
+
+    reads = HostReads()
+    real_op = gsa_layer.gated_slot_attention
+
+    def op_unwatched(*args, **kwargs):
+        reads.paused = True
+        try:
+            return real_op(*args, **kwargs)
+        finally:
+            reads.paused = False
+
+    monkeypatch.setattr(gsa_layer, "gated_slot_attention", op_unwatched)
+    counts = []
+    for layers in (2, 5):
+        model = build("short_conv", num_hidden_layers=layers,
+                      attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2}).train()
+        x = ids(1, 90, seed=4)
+        cu = torch.tensor([0, 30, 31, 90])
+        reads.calls.clear()
+        with reads:
+            model(x, labels=x, cu_seqlens=cu).loss.backward()
+        counts.append(list(reads.calls))
+    assert counts[0] == counts[1] and len(counts[0]) <= 2, counts
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_decoding_equals_full_forward_with_left_padding(variant):
     model = build(variant)
@@ -428,8 +479,8 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_kept_features_config_reaches_every_gsa_layer_and_trains_the_same(tmp_path):
-    """GSAConfig.recompute_features=False (features kept for backward) is each GSA layer's setting, survives
-    save/load, and gives the recomputing model's loss and gradients."""
+    """GSAConfig.recompute_features=False (features and normalised rows kept for backward) is each GSA layer's and
+    MLP's setting, survives save/load, and gives the recomputing model's loss and gradients."""
     x = ids(2, 40)
     grads = {}
     for recompute in (True, False):
@@ -437,6 +488,7 @@ def test_kept_features_config_reaches_every_gsa_layer_and_trains_the_same(tmp_pa
         model = build("hybrid", recompute_features=recompute).train()
         gsa_layers = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_features")]
         assert gsa_layers and all(layer.recompute_features is recompute for layer in gsa_layers)
+        assert all(block.mlp.recompute_features is recompute for block in model.model.layers)
         model(x, labels=x).loss.backward()
         grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert rel_err(grads[False], grads[True]) < 1e-12

@@ -61,9 +61,10 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
 
 
 def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
-    """--keep-features: every GSA layer of the trained model keeps its features for backward, training is the same
-    as with recomputation, and the saved model's config keeps its own setting (a training-time choice)."""
-    from gsa.layers import GatedSlotAttention
+    """--keep-features: every GSA layer and MLP of the trained model keeps its features (and normalised rows) for
+    backward, training is the same as with recomputation, and the saved model's config keeps its own setting (a
+    training-time choice)."""
+    from gsa.layers import GatedSlotAttention, SwiGLU
     from gsa.train import trainer as trainer_module
 
     flags = []
@@ -71,7 +72,7 @@ def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path, monke
 
     def build_and_record(self):
         build(self)
-        flags.append({m.recompute_features for m in self.model.modules() if isinstance(m, GatedSlotAttention)})
+        flags.append({m.recompute_features for m in self.model.modules() if isinstance(m, (GatedSlotAttention, SwiGLU))})
 
     monkeypatch.setattr(trainer_module.Trainer, "_build_model", build_and_record)
     plain = train(tiny_config(tmp_path / "a", steps=3, save_every=100))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import host_offsets
+
 
 @dataclass
 class KVState:
@@ -41,8 +43,9 @@ def packed_causal_attention(
     batch and run with is_causal=True, which needs no mask (a real query never sees the padding after it) and
     keeps SDPA's flash kernels eligible. At most log2(T) calls; padding at most doubles a bucket's work.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    starts = cu_seqlens[:-1].tolist()
+    offsets = host_offsets(cu_seqlens)  # read from the device once per cu_seqlens tensor, not once per layer
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    starts = offsets[:-1]
     buckets: dict[int, list[int]] = {}
     for i, length in enumerate(lengths):
         buckets.setdefault(1 << (length - 1).bit_length(), []).append(i)

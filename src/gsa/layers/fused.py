@@ -136,22 +136,47 @@ def _scale(xhat: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) 
 # ------------------------------------------------------------------------------------ RMSNorm (+ linear maps)
 
 
-def _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, triton: bool):
-    """(the outputs of _RMSNormLinear: y itself without weights, else the tuple of F.linear(y, W_i, b_i); 1/rms),
-    matrix products cast as autocast would cast them."""
+def _check_residual(x: torch.Tensor, residual: torch.Tensor | None, pre_silu: bool) -> None:
+    if residual is None:
+        return
+    if pre_silu:
+        raise ValueError("a residual addition and pre_silu cannot be combined")
+    if residual.shape != x.shape:
+        raise ValueError(f"expected a residual of x's shape {list(x.shape)}, got {list(residual.shape)}")
+
+
+def _residual_sum(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return x if residual is None else residual + x
+
+
+def _norm_triton(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the norm's row pass goes to the Triton kernel; x and the residual may differ in dtype (an autocast
+    branch output added to a float32 residual stream), the kernel adds them in their promoted dtype."""
+    return _triton(x) and (residual is None or _triton(residual))
+
+
+def _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, triton: bool, residual=None):
+    """(outputs, 1/rms, y, h) of _RMSNormLinear: outputs is y itself without weights, else the tuple of
+    F.linear(y, W_i, b_i), the products cast as autocast would cast them; y the normalised rows as the products
+    took them; h the rows normalised (residual + x with a residual, else x)."""
     if triton:
         from .fused_triton import rms_norm_rows_fwd
 
-        y, rstd = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu)
+        if residual is None:
+            (y, rstd), h = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu), x
+        else:
+            y, rstd, h = rms_norm_rows_fwd(x, norm_weight, eps, pre_silu, residual)
     else:
-        xhat, rstd = _normalize(x, eps, pre_silu)
-        y = _scale(xhat, norm_weight, x.dtype)
+        h = _residual_sum(x, residual)
+        xhat, rstd = _normalize(h, eps, pre_silu)
+        y = _scale(xhat, norm_weight, h.dtype)
     if not weights:
-        return y, rstd
+        return y, rstd, y, h
     mm_dtype = autocast_dtype(x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         y = _cast(y, mm_dtype)
-        return tuple(F.linear(y, _cast(w, mm_dtype), _cast(b, mm_dtype)) for w, b in zip(weights, biases)), rstd
+        outputs = tuple(F.linear(y, _cast(w, mm_dtype), _cast(b, mm_dtype)) for w, b in zip(weights, biases))
+    return outputs, rstd, y, h
 
 
 def _records_grad(*tensors) -> bool:
@@ -160,22 +185,31 @@ def _records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# _RMSNormLinear.apply's arguments before the weights and biases
+_NORM_ARGS = 7
+
+
 class _RMSNormLinear(torch.autograd.Function):
-    """y = RMSNorm(silu(x) or x) * w, then outputs F.linear(y, W_i, b_i) (or y itself when there are no W_i).
-    Saves x, w, 1/rms (float32) and the W_i."""
+    """h = residual + x (with a residual; else h = x), y = RMSNorm(silu(h) or h) * w, then outputs
+    F.linear(y, W_i, b_i) (or y itself when there are no W_i); with a residual h is the first output. Saves h, w,
+    1/rms (float32), the W_i, and y when keep_normed (else backward rebuilds y for the weight gradients)."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps, pre_silu, count, *params):
+    def forward(ctx, x, residual, norm_weight, eps, pre_silu, keep_normed, count, *params):
         weights, biases = params[:count], params[count:]
-        ctx.triton = _triton(x)
+        ctx.triton = _norm_triton(x, residual)
         ctx.eps, ctx.pre_silu, ctx.count = eps, pre_silu, count
         ctx.device_type = x.device.type
         ctx.mm_dtype = autocast_dtype(x.device.type)
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.set_materialize_grads(False)
-        outputs, rstd = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, ctx.triton)
-        ctx.save_for_backward(x, norm_weight, rstd, *weights)
-        return outputs
+        outputs, rstd, y, h = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, ctx.triton,
+                                                      residual)
+        ctx.keep_normed = keep_normed and count > 0
+        ctx.save_for_backward(h, norm_weight, rstd, y if ctx.keep_normed else None, *weights)
+        outputs = outputs if count else (outputs,)
+        return (h, *outputs) if residual is not None else outputs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -184,66 +218,84 @@ class _RMSNormLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grads):
-        x, norm_weight, rstd, *weights = ctx.saved_tensors
+        h, norm_weight, rstd, y, *weights = ctx.saved_tensors
         count = ctx.count
-        acc = _acc_dtype(x.dtype)
+        x_dtype, residual_dtype = ctx.dtypes
+        d_h = None
+        if residual_dtype is not None:  # the gradient reaching h by the residual stream, added to the norm's
+            d_h, grads = grads[0], grads[1:]
+        acc = _acc_dtype(h.dtype)
         xhat = None
         if not ctx.triton:
-            xhat = (F.silu(x) if ctx.pre_silu else x).to(acc) * rstd  # bitwise the forward's x̂
+            xhat = (F.silu(h) if ctx.pre_silu else h).to(acc) * rstd  # bitwise the forward's x̂
         d_weights, d_biases = [None] * count, [None] * count
+        needs = ctx.needs_input_grad
         if count == 0:
             dy = grads[0].to(acc) if grads[0] is not None else None
         else:
-            if ctx.triton:
-                from .fused_triton import rms_norm_rows_fwd
+            if y is None:
+                if ctx.triton:
+                    from .fused_triton import rms_norm_rows_fwd
 
-                y = _cast(rms_norm_rows_fwd(x, norm_weight, ctx.eps, ctx.pre_silu)[0], ctx.mm_dtype)
-            else:
-                y = _cast(_scale(xhat, norm_weight, x.dtype), ctx.mm_dtype)
+                    y = rms_norm_rows_fwd(h, norm_weight, ctx.eps, ctx.pre_silu)[0]
+                else:
+                    y = _scale(xhat, norm_weight, h.dtype)
+                y = _cast(y, ctx.mm_dtype)
             y_rows = _rows(y)
             dy = None
-            sum_in_products = ctx.mm_dtype in (None, x.dtype)
+            sum_in_products = ctx.mm_dtype in (None, h.dtype)
             for i, (grad, w) in enumerate(zip(grads, weights)):
                 if grad is None:
                     continue
                 grad_rows = _rows(grad)
-                if ctx.needs_input_grad[5 + i]:
+                if needs[_NORM_ARGS + i]:
                     d_weights[i] = (grad_rows.t() @ y_rows).to(w.dtype)
-                if ctx.bias_dtypes[i] is not None and ctx.needs_input_grad[5 + count + i]:
+                if ctx.bias_dtypes[i] is not None and needs[_NORM_ARGS + count + i]:
                     d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
-                if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                if needs[0] or needs[1] or needs[2]:
                     w = _cast(w, ctx.mm_dtype)
                     if sum_in_products:
-                        # summed in the products' epilogue (beta = 1), in x's dtype as autograd sums them: a
+                        # summed in the products' epilogue (beta = 1), in h's dtype as autograd sums them: a
                         # float32 copy and add per projection cost ~8 % of the bf16 1.3B model's step
                         dy = grad_rows @ w if dy is None else dy.addmm_(grad_rows, w)
                     else:
                         # autocast: autograd sums the casts' float32 gradients, so float32 here too
                         part = grad_rows @ w
                         dy = part.to(acc) if dy is None else dy.add_(part)
+        nothing = (None,) * (_NORM_ARGS - 3)  # eps, pre_silu, keep_normed, count
         if dy is None:
-            return (None, None, None, None, None, *d_weights, *d_biases)
-        dy = dy.view(x.shape)
-        if ctx.triton:
-            from .fused_triton import rms_norm_rows_bwd
+            dh = d_h
+            d_norm_weight = None
+        else:
+            dy = dy.view(h.shape)
+            if ctx.triton:
+                from .fused_triton import rms_norm_rows_bwd
 
-            dx, d_norm_weight = rms_norm_rows_bwd(x, norm_weight, rstd, dy, ctx.pre_silu)
+                dh, d_norm_weight = rms_norm_rows_bwd(h, norm_weight, rstd, dy, ctx.pre_silu, d_h)
+            else:
+                dh, d_norm_weight = _rms_norm_backward(ctx, h, xhat, rstd, norm_weight, dy.to(acc), d_h)
             if d_norm_weight is not None:
-                d_norm_weight = d_norm_weight.to(norm_weight.dtype) if ctx.needs_input_grad[1] else None
-            return (dx if ctx.needs_input_grad[0] else None, d_norm_weight, None, None, None, *d_weights, *d_biases)
-        d_norm_weight = None
-        dy = dy.to(acc)
-        if norm_weight is not None:
-            if ctx.needs_input_grad[1]:
-                d_norm_weight = _rows(dy * xhat).sum(0).to(norm_weight.dtype)
-            dy = dy * norm_weight.to(acc)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            du = rstd * (dy - xhat * (dy * xhat).mean(-1, keepdim=True))
-            dx = du.to(x.dtype)
-            if ctx.pre_silu:
-                dx = torch.ops.aten.silu_backward(dx, x)
-        return (dx, d_norm_weight, None, None, None, *d_weights, *d_biases)
+                d_norm_weight = d_norm_weight.to(norm_weight.dtype) if needs[2] else None
+        dx = d_residual = None
+        if dh is not None:
+            dx = dh.to(x_dtype) if needs[0] else None
+            d_residual = dh.to(residual_dtype) if residual_dtype is not None and needs[1] else None
+        return (dx, d_residual, d_norm_weight, *nothing, *d_weights, *d_biases)
+
+
+def _rms_norm_backward(ctx, h, xhat, rstd, norm_weight, dy, d_h):
+    """The torch path of the norm's backward: (dh, dw in float32 or None), d_h (the residual stream's gradient of
+    h) added to dh in h's dtype, as autograd would sum the two."""
+    d_norm_weight = None
+    if norm_weight is not None:
+        if ctx.needs_input_grad[2]:
+            d_norm_weight = _rows(dy * xhat).sum(0)
+        dy = dy * norm_weight.to(dy.dtype)
+    du = rstd * (dy - xhat * (dy * xhat).mean(-1, keepdim=True))
+    dh = du.to(h.dtype)
+    if ctx.pre_silu:
+        dh = torch.ops.aten.silu_backward(dh, h)
+    return (dh if d_h is None else dh + d_h), d_norm_weight
 
 
 def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False) -> torch.Tensor:
@@ -258,13 +310,20 @@ def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre
     return x.to(dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False) -> torch.Tensor:
-    """RMSNorm(silu(x) if pre_silu else x) * weight; saves x and 1/rms (float32) for backward."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False,
+             residual: torch.Tensor | None = None):
+    """RMSNorm(silu(x) if pre_silu else x) * weight; saves x and 1/rms (float32) for backward. With a residual
+    (pre_silu False): (h, RMSNorm(h) * weight), h = residual + x, the addition formed in the norm's pass."""
+    _check_residual(x, residual, pre_silu)
     if not fused_enabled():
-        return plain_rms_norm(x, weight, eps, pre_silu)
-    if not _records_grad(x, weight):
-        return _rms_norm_linear_values(x, weight, eps, pre_silu, (), (), _triton(x))[0]
-    return _RMSNormLinear.apply(x, weight, eps, pre_silu, 0)
+        h = _residual_sum(x, residual)
+        y = plain_rms_norm(h, weight, eps, pre_silu)
+        return y if residual is None else (h, y)
+    if not _records_grad(x, weight, residual):
+        _, _, y, h = _rms_norm_linear_values(x, weight, eps, pre_silu, (), (), _norm_triton(x, residual), residual)
+        return y if residual is None else (h, y)
+    outputs = _RMSNormLinear.apply(x, residual, weight, eps, pre_silu, False, 0)
+    return outputs if residual is not None else outputs[0]
 
 
 def rms_norm_linear(
@@ -274,22 +333,34 @@ def rms_norm_linear(
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None] | None = None,
     pre_silu: bool = False,
+    residual: torch.Tensor | None = None,
+    keep_normed: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """(F.linear(y, W_i, b_i) for each i), y = RMSNorm(silu(x) if pre_silu else x) * norm_weight.
 
-    Saves x, 1/rms (float32) and nothing per output: y is rebuilt in backward for the weight gradients."""
+    Saves x, 1/rms (float32) and nothing per output: y is rebuilt in backward for the weight gradients, unless
+    keep_normed (then y is saved too: one pass over the rows fewer in backward for one more [rows, width] tensor).
+    With a residual (pre_silu False) the rows normalised are h = residual + x, formed in the norm's pass, and the
+    result is (h, *outputs): a pre-norm block's residual addition without a pass of its own either way."""
     biases = list(biases) if biases is not None else [None] * len(weights)
+    _check_residual(x, residual, pre_silu)
     if not fused_enabled():
-        y = plain_rms_norm(x, norm_weight, eps, pre_silu)
-        return tuple(F.linear(y, w, b) for w, b in zip(weights, biases))
-    if not _records_grad(x, norm_weight, *weights, *biases):
+        h = _residual_sum(x, residual)
+        y = plain_rms_norm(h, norm_weight, eps, pre_silu)
+        outputs = tuple(F.linear(y, w, b) for w, b in zip(weights, biases))
+        return outputs if residual is None else (h, *outputs)
+    if not _records_grad(x, norm_weight, residual, *weights, *biases):
         from . import fused_gemv
 
-        if weights and fused_gemv.fits(x, weights, biases, norm_weight):  # batch-1 decoding: one launch for all
+        if weights and fused_gemv.fits(x, weights, biases, norm_weight, residual=residual):
+            # batch-1 decoding: one launch for the residual addition, the norm and every product
             return fused_gemv.row_linear(x, weights, "silu_norm" if pre_silu else "norm", norm_weight, eps,
-                                         check=False)
-        return _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, _triton(x))[0]
-    return _RMSNormLinear.apply(x, norm_weight, eps, pre_silu, len(weights), *weights, *biases)
+                                         check=False, residual=residual)
+        outputs, _, _, h = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases,
+                                                   _norm_triton(x, residual), residual)
+        return outputs if residual is None else (h, *outputs)
+    return _RMSNormLinear.apply(x, residual, norm_weight, eps, pre_silu, keep_normed, len(weights), *weights,
+                                *biases)
 
 
 def must_call(*modules: torch.nn.Module) -> bool:
@@ -306,12 +377,28 @@ def must_call(*modules: torch.nn.Module) -> bool:
     )
 
 
-def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_silu: bool = False):
-    """The outputs of `linears` applied to norm(silu(x) if pre_silu else x), norm an RMSNorm module."""
+def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_silu: bool = False,
+                residual: torch.Tensor | None = None, keep_normed: bool = False):
+    """The outputs of `linears` applied to norm(silu(x) if pre_silu else x), norm an RMSNorm module; with a
+    residual, (h, *outputs) of h = residual + x normalised instead (rms_norm_linear)."""
     if must_call(norm, *linears):
-        y = norm(F.silu(x) if pre_silu else x)
-        return tuple(m(y) for m in linears)
-    return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu)
+        h = _residual_sum(x, residual)
+        y = norm(F.silu(h) if pre_silu else h)
+        outputs = tuple(m(y) for m in linears)
+        return outputs if residual is None else (h, *outputs)
+    return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu,
+                           residual, keep_normed)
+
+
+def add_norm(branch: torch.Tensor | None, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)), h = residual + branch (residual itself when branch is None), norm an RMSNorm module: the
+    addition formed in the norm's pass when the module can be read for its weight."""
+    if branch is None:
+        return residual, norm(residual)
+    if must_call(norm):
+        h = residual + branch
+        return h, norm(h)
+    return rms_norm(branch, norm.weight, norm.eps, residual=residual)
 
 
 # ----------------------------------------------------------------------------------------------------- SwiGLU

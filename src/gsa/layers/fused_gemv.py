@@ -6,6 +6,7 @@ norm, two projections, SwiGLU and down projection, two residual adds) of a few m
 Here one kernel serves a whole group of matrix-vector products:
 
     row_linear(x, weights, prologue="norm", norm_weight=w, eps=eps)      RMSNorm(x) * w, then every W_i
+    row_linear(x, weights, prologue="norm", ..., residual=r)             the same of h = r + x; returns (h, ...)
     row_linear(x, weights, prologue="silu_norm", ...)                    RMSNorm(silu(x)) * w (the GSA output norm)
     row_linear(gate, weights, prologue="swiglu", up=up)                  silu(gate) * up (the MLP's down projection)
 
@@ -57,12 +58,21 @@ def launch_for(outputs: int) -> dict:
 if KERNELS_AVAILABLE:
 
     @triton.jit
+    def _input_block(X, X2, cols, K, HAS_RES: tl.constexpr):
+        """[1, BK] of x in float32, or of h = X2 + X rounded to x's dtype (the residual addition) when HAS_RES."""
+        ok = cols < K
+        x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x = (x + tl.load(X2 + cols, mask=ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+        return x
+
+    @triton.jit
     def _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr,
-                        MM_DTYPE: tl.constexpr):
+                        HAS_RES: tl.constexpr, MM_DTYPE: tl.constexpr):
         """[1, BK] of the products' input in float32 at columns cols [1, BK], as the unfused path rounds it (x's
         dtype, then MM_DTYPE)."""
         ok = cols < K
-        x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+        x = _input_block(X, X2, cols, K, HAS_RES)
         if PROLOGUE == 1 or PROLOGUE == 2:
             if PROLOGUE == 2:
                 x = _silu_rounded(x, X.dtype.element_ty)
@@ -74,10 +84,12 @@ if KERNELS_AVAILABLE:
         return x.to(X.dtype.element_ty).to(MM_DTYPE).to(tl.float32)
 
     @triton.jit(do_not_specialize=["N0", "N1", "N2", "N3", "E0", "E1", "E2"])
-    def _row_linear_kernel(X, X2, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, K, eps,
-                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _row_linear_kernel(X, X2, H, NORM_W, W0, W1, W2, W3, Y0, Y1, Y2, Y3, N0, N1, N2, N3, E0, E1, E2, K, eps,
+                            PROLOGUE: tl.constexpr, HAS_NORM_W: tl.constexpr, HAS_RES: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr):
         """Programs [0, E0) take weight 0's output blocks, [E0, E1) weight 1's, [E1, E2) weight 2's, the rest
-        weight 3's; Y_i [N_i] = W_i [N_i, K] @ prologue(X) [K]."""
+        weight 3's; Y_i [N_i] = W_i [N_i, K] @ prologue(X) [K]. HAS_RES (norm prologues): the row normalised is
+        h = X2 + X, which program 0 writes to H."""
         pid = tl.program_id(0)
         if pid < E0:
             w_ptr, y_ptr, n_out, block = W0, Y0, N0, pid
@@ -92,7 +104,9 @@ if KERNELS_AVAILABLE:
             squares = tl.zeros([1, BK], dtype=tl.float32)
             for k0 in range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)[None, :]
-                x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+                x = _input_block(X, X2, cols, K, HAS_RES)
+                if HAS_RES and pid == 0:
+                    tl.store(H + cols, x.to(H.dtype.element_ty), mask=cols < K)
                 if PROLOGUE == 2:
                     x = _silu_rounded(x, X.dtype.element_ty)
                 squares += x * x
@@ -103,18 +117,19 @@ if KERNELS_AVAILABLE:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)[None, :]
-            x = _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE, HAS_NORM_W, W0.dtype.element_ty)
+            x = _prologue_block(X, X2, NORM_W, rstd, cols, K, PROLOGUE, HAS_NORM_W, HAS_RES, W0.dtype.element_ty)
             w = tl.load(rows + cols, mask=n_ok & (cols < K), other=0.0)
             acc += w.to(tl.float32) * x
         tl.store(y_ptr + n, tl.sum(acc, 1).to(Y0.dtype.element_ty), mask=n < n_out)
 
 
 def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] = (),
-         norm_weight: torch.Tensor | None = None, up: torch.Tensor | None = None) -> bool:
+         norm_weight: torch.Tensor | None = None, up: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None) -> bool:
     """Whether row_linear takes these: a Triton device (or the interpreter), one contiguous row x, 1 to MAX_WEIGHTS
-    contiguous weights of x's dtype over its width, no biases, a contiguous norm weight of x's width and an `up` of
-    x's shape, dtype and layout where given, all on x's device, no autograd to record, and no autocast (which
-    would cast the weights every call: the unfused path does that)."""
+    contiguous weights of x's dtype over its width, no biases, a contiguous norm weight of x's width and an `up` or
+    `residual` of x's shape, dtype and layout where given, all on x's device, no autograd to record, and no
+    autocast (which would cast the weights every call: the unfused path does that)."""
     from .fused import triton_wanted
 
     if not (ENABLED and KERNELS_AVAILABLE and x.dim() >= 1 and x.shape[-1] > 0 and x.numel() == x.shape[-1]):
@@ -128,25 +143,30 @@ def fits(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torc
         and all(b is None for b in biases)
         and all(w.dim() == 2 and w.shape[1] == K and w.dtype == x.dtype and same_place(w) for w in weights)
         and (norm_weight is None or (norm_weight.shape == (K,) and same_place(norm_weight)))
-        and (up is None or (up.shape == x.shape and up.dtype == x.dtype and same_place(up)))
+        and all(t is None or (t.shape == x.shape and t.dtype == x.dtype and same_place(t)) for t in (up, residual))
         and not torch.is_autocast_enabled(x.device.type)
         and not (torch.is_grad_enabled()
-                 and any(t is not None and t.requires_grad for t in (x, *weights, norm_weight, up)))
+                 and any(t is not None and t.requires_grad for t in (x, *weights, norm_weight, up, residual)))
     )
 
 
 def row_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str = "none",
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                up: torch.Tensor | None = None, check: bool = True) -> tuple[torch.Tensor, ...]:
+                up: torch.Tensor | None = None, check: bool = True,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(F.linear(u, W_i) for each weight), u = prologue(x): x itself, RMSNorm(x) * norm_weight, RMSNorm(silu(x)) *
-    norm_weight, or silu(x) * up; u rounded to x's dtype, the products to the weights' dtype. Only for what `fits`
-    accepts (checked here: anything else is a ValueError, not a wrong result; check=False for a caller that has
-    just asked `fits` itself, as the layers do on every decoding step)."""
+    norm_weight, or silu(x) * up; u rounded to x's dtype, the products to the weights' dtype. With a residual
+    ("norm" only) the row normalised is h = residual + x, rounded to x's dtype, and the result is (h, *products):
+    the pre-norm block's residual addition inside the same launch. Only for what `fits` accepts (checked here:
+    anything else is a ValueError, not a wrong result; check=False for a caller that has just asked `fits` itself,
+    as the layers do on every decoding step)."""
     if prologue not in PROLOGUES:
         raise ValueError(f"unknown prologue {prologue!r}; expected one of {sorted(PROLOGUES)}")
     if (prologue == "swiglu") != (up is not None) or (up is not None and up.shape != x.shape):
         raise ValueError(f"prologue 'swiglu' needs up of x's shape {list(x.shape)}; other prologues take no up")
-    if check and not fits(x, weights, (), norm_weight, up):
+    if residual is not None and prologue != "norm":
+        raise ValueError(f"a residual goes with the 'norm' prologue only, got {prologue!r}")
+    if check and not fits(x, weights, (), norm_weight, up, residual):
         raise ValueError(
             f"row_linear takes one contiguous row x on a Triton device (got {list(x.shape)} {x.dtype} on "
             f"{x.device}) and 1 to {MAX_WEIGHTS} contiguous weights of its dtype and width (got "
@@ -160,8 +180,11 @@ def row_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], prologue: str =
     padded_y = outs + [outs[0]] * (MAX_WEIGHTS - len(outs))
     widths = [w.shape[0] for w in weights] + [0] * (MAX_WEIGHTS - len(weights))
     ends += [ends[-1]] * (MAX_WEIGHTS - len(ends))
+    h = torch.empty_like(x) if residual is not None else None
+    second = up if up is not None else residual
     _row_linear_kernel[(ends[-1],)](
-        x, up if up is not None else x, norm_weight if norm_weight is not None else x, *padded_w, *padded_y, *widths,
-        *ends[:3], K, eps, PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, **launch,
+        x, second if second is not None else x, h if h is not None else x,
+        norm_weight if norm_weight is not None else x, *padded_w, *padded_y, *widths, *ends[:3], K, eps,
+        PROLOGUE=PROLOGUES[prologue], HAS_NORM_W=norm_weight is not None, HAS_RES=residual is not None, **launch,
     )
-    return tuple(outs)
+    return tuple(outs) if h is None else (h, *outs)

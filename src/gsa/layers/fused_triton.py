@@ -1,7 +1,9 @@
 """Triton kernels for the elementwise / row-wise parts of the fused Functions (gsa.layers.fused) on CUDA tensors.
 
     rms_norm_rows_fwd(x, w, eps, pre_silu)          -> (y, rstd): y = RMSNorm(silu(x) or x) * w in x's dtype
+    rms_norm_rows_fwd(x, w, eps, False, residual)   -> (y, rstd, h): the same of h = residual + x, h written too
     rms_norm_rows_bwd(x, w, rstd, dy, pre_silu)     -> (dx, dw)
+    rms_norm_rows_bwd(h, w, rstd, dy, False, dh)    -> (dh + dx, dw): the residual stream's gradient added in
     swiglu_rows_fwd(gate, up)                       -> silu(gate) * up
     swiglu_rows_bwd(gate, up, dh)                   -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
     slot_gates_fwd(f, tau, clamp_min, mask, dtype)  -> (s, g) of the GSA layer from its gate logits f
@@ -46,13 +48,19 @@ if KERNELS_AVAILABLE:
         return (x * tl.sigmoid(x)).to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, D, eps, HAS_W: tl.constexpr, PRE_SILU: tl.constexpr,
-                             BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    def _rms_norm_fwd_kernel(X, RES, H, W, Y, RSTD, N, D, eps, HAS_W: tl.constexpr, PRE_SILU: tl.constexpr,
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        """HAS_RES: the rows normalised are h = RES + X, rounded to H's dtype as torch's addition rounds them,
+        and written to H (the pre-norm block's residual addition, one pass over the rows fewer)."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         valid = (rows < N)[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_RES:
+            h = (x + tl.load(RES + offs, mask=valid, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + offs, h, mask=valid)
+            x = h.to(tl.float32)
         if PRE_SILU:
             x = _silu_rounded(x, X.dtype.element_ty)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
@@ -63,11 +71,12 @@ if KERNELS_AVAILABLE:
         tl.store(RSTD + rows, rstd, mask=rows < N)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(X, W, RSTD, DY, DX, DW, N, D, rows_per_program, HAS_W: tl.constexpr,
-                             PRE_SILU: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                             STAGES: tl.constexpr):
+    def _rms_norm_bwd_kernel(X, W, RSTD, DY, DRES, DX, DW, N, D, rows_per_program, HAS_W: tl.constexpr,
+                             PRE_SILU: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK: tl.constexpr,
+                             ROWS: tl.constexpr, STAGES: tl.constexpr):
         """rows_per_program (a multiple of ROWS) rows from pid * rows_per_program, ROWS at a time (the loads of
-        STAGES tiles in flight); each program writes its partial dw row."""
+        STAGES tiles in flight); each program writes its partial dw row. HAS_DRES: DRES (the gradient that reached
+        the normalised rows by the residual stream) is added to dx before its one rounding."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < D
@@ -94,6 +103,8 @@ if KERNELS_AVAILABLE:
             if PRE_SILU:
                 du = du.to(DX.dtype.element_ty).to(tl.float32)  # the composition's grad of silu(x) is rounded
                 du = swish_grad(du, x_in)
+            if HAS_DRES:
+                du += tl.load(DRES + offs, mask=valid, other=0.0).to(tl.float32)
             tl.store(DX + offs, du.to(DX.dtype.element_ty), mask=valid)
         if HAS_W:
             tl.store(DW + pid.to(tl.int64) * D + cols, tl.sum(dw, 0), mask=col_ok)
@@ -258,27 +269,40 @@ def _norm_launch(kind: str, block: int) -> tuple[int, int, int]:
     return rows, warps, NORM_LAUNCH.get(f"{kind}_stages", 1)
 
 
-def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool):
-    """(y in x's dtype and shape, rstd [rows] float32)."""
+def rms_norm_rows_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool,
+                      residual: torch.Tensor | None = None):
+    """(y in x's dtype and shape, rstd [rows] float32); with residual (same shape, pre_silu False), the rows
+    normalised are h = residual + x in their promoted dtype, y in that dtype, and h is returned third."""
     shape, D = x.shape, x.shape[-1]
     x2 = _rows(x)
     N = x2.shape[0]
-    y = torch.empty_like(x2)
+    h2 = res2 = None
+    if residual is not None:
+        if pre_silu or residual.shape != x.shape:
+            raise ValueError(f"a residual needs pre_silu False and x's shape {list(shape)}, got pre_silu="
+                             f"{pre_silu} and {list(residual.shape)}")
+        res2 = _rows(residual)
+        h2 = torch.empty(x2.shape, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
+    y = torch.empty_like(x2 if h2 is None else h2)
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     block = _block(D)
     rows, warps, _ = _norm_launch("fwd", block)
     if N:
-        _rms_norm_fwd_kernel[(cdiv(N, rows),)](x2, weight if weight is not None else x2, y, rstd, N, D, eps,
-                                               HAS_W=weight is not None, PRE_SILU=pre_silu, BLOCK=block, ROWS=rows,
-                                               num_warps=warps)
-    return y.view(shape), rstd.view(*shape[:-1], 1)
+        _rms_norm_fwd_kernel[(cdiv(N, rows),)](x2, res2 if res2 is not None else x2, h2 if h2 is not None else y,
+                                               weight if weight is not None else x2, y, rstd, N, D, eps,
+                                               HAS_W=weight is not None, PRE_SILU=pre_silu, HAS_RES=res2 is not None,
+                                               BLOCK=block, ROWS=rows, num_warps=warps)
+    if h2 is None:
+        return y.view(shape), rstd.view(*shape[:-1], 1)
+    return y.view(shape), rstd.view(*shape[:-1], 1), h2.view(shape)
 
 
-def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
+def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool, d_residual: torch.Tensor | None = None):
     """(dx in x's dtype, dw float32 or None) for y = RMSNorm(silu(x) or x) * w and the gradient dy of y (any
-    floating dtype; loaded as float32)."""
+    floating dtype; loaded as float32); d_residual (x's shape): a gradient of x from elsewhere, added to dx."""
     shape, D = x.shape, x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
+    dres2 = _rows(d_residual) if d_residual is not None else None
     N = x2.shape[0]
     dx = torch.empty_like(x2)
     block = _block(D)
@@ -289,9 +313,10 @@ def rms_norm_rows_bwd(x, weight, rstd, dy, pre_silu: bool):
     dw = torch.empty(programs, D, device=x.device, dtype=torch.float32) if weight is not None else None
     if N:
         _rms_norm_bwd_kernel[(programs,)](
-            x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dy2, dx,
-            dw if dw is not None else dx, N, D, rows_per_program, HAS_W=weight is not None, PRE_SILU=pre_silu,
-            BLOCK=block, ROWS=rows, STAGES=stages, num_warps=warps,
+            x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dy2,
+            dres2 if dres2 is not None else dy2, dx, dw if dw is not None else dx, N, D, rows_per_program,
+            HAS_W=weight is not None, PRE_SILU=pre_silu, HAS_DRES=dres2 is not None, BLOCK=block, ROWS=rows,
+            STAGES=stages, num_warps=warps,
         )
     elif dw is not None:
         dw.zero_()

@@ -32,9 +32,10 @@ class SlotState:
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """[1, T] step index of each token within its packed sequence."""
+    """[1, T] step index of each token within its packed sequence. No read back from the device (the output size
+    is given): a layer that waited for the GPU here would leave it idle while the host queued the next kernels."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=T)
     return (torch.arange(T, device=cu_seqlens.device) - starts).unsqueeze(0)
 
 
@@ -99,8 +100,9 @@ class GatedSlotAttention(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend
         # Training memory against speed: the operator's inputs φ(q), φ(k), swish(v) are recomputed in backward from
-        # the projections (which swish keeps anyway) when True; kept when False, which saves backward three
-        # elementwise passes over [tokens, width] and keeps 3 x tokens x width more values per layer.
+        # the projections (which swish keeps anyway), and the two norms' outputs from their inputs, when True; kept
+        # when False, which saves backward five passes over [tokens, width] and keeps 5 x tokens x width more
+        # values per layer.
         self.recompute_features = recompute_features
 
         kv_key_dim = num_kv_heads * self.head_k_dim
@@ -117,19 +119,29 @@ class GatedSlotAttention(nn.Module):
         self.g_norm = RMSNorm(value_dim, norm_eps, elementwise_affine) if use_norm else None
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
-    def _project(self, x, mask, positions, state: SlotState | None, use_cache: bool, norm: nn.Module | None):
-        """q, k, v before the feature maps, through the short convs when present, f; returns new conv windows."""
+    def _project(self, x, mask, positions, state: SlotState | None, use_cache: bool, norm: nn.Module | None,
+                 residual: torch.Tensor | None):
+        """(h, q, k, v before the feature maps and through the short convs when present, f, new conv windows):
+        h = residual + x is the layer's input (x itself without a residual)."""
         projections = (self.q_proj, self.k_proj, self.v_proj, self.f_proj)
         if norm is not None:
-            q, k, v, f = norm_linear(x, norm, projections)
+            outputs = norm_linear(x, norm, projections, residual=residual, keep_normed=not self.recompute_features)
+            h, (q, k, v, f) = (outputs[0], outputs[1:]) if residual is not None else (x, outputs)
         else:
-            q, k, v, f = (p(x) for p in projections)
+            h = x if residual is None else residual + x
+            q, k, v, f = (p(h) for p in projections)
+        q, k, v, f, conv_windows = self._convolve(q, k, v, f, mask, positions, state, use_cache)
+        return h, q, k, v, f, conv_windows
+
+    def _convolve(self, q, k, v, f, mask, positions, state: SlotState | None, use_cache: bool):
+        """q, k, v through the short convs when the layer has them (a decoding step from the kept windows); f as
+        it is; the new conv windows when use_cache."""
         if not self.use_short_conv:
             return q, k, v, f, None
         if mask is not None:
             q, k, v = (t * mask.unsqueeze(-1).to(t.dtype) for t in (q, k, v))
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        if state is not None and state.conv is not None and x.shape[1] == 1:
+        if state is not None and state.conv is not None and q.shape[1] == 1:
             steps = (conv.step(t[:, 0], c).unsqueeze(1) for conv, t, c in zip(convs, (q, k, v), state.conv))
             return (*steps, f, state.conv)
         windows = (None,) * 3 if state is None or state.conv is None else state.conv
@@ -144,12 +156,14 @@ class GatedSlotAttention(nn.Module):
         state: SlotState | None = None,
         use_cache: bool = False,
         norm: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, SlotState | None]:
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, SlotState | None] | tuple[torch.Tensor, SlotState | None, torch.Tensor]:
         """x [B, T, D]. attention_mask [B, T'] (1 = token, 0 = padding; its last T columns are used): padding
         neither writes to nor decays the slots. cu_seqlens: packed sequences (B = 1). state: from the previous
         call (decoding); returns (y [B, T, D], the new state when use_cache or state is given). norm: the
         block's pre-norm (an RMSNorm), applied to x here, fused with the projections so that backward keeps x
-        only (not norm(x) as well)."""
+        only (not norm(x) as well). residual: the layer's input is residual + x (a pre-norm block's residual
+        addition, formed in the norm's pass over the rows); the sum is then returned third, (y, state, h)."""
         B, T, _ = x.shape
         mask = None
         if attention_mask is not None:
@@ -161,8 +175,9 @@ class GatedSlotAttention(nn.Module):
             mask = attention_mask[:, -T:]
         if cu_seqlens is not None and (state is not None or use_cache):
             raise ValueError("packed sequences (cu_seqlens) cannot be combined with a decoding cache")
-        positions = positions_from_cu_seqlens(cu_seqlens, T) if cu_seqlens is not None else None
-        q, k, v, f, conv_windows = self._project(x, mask, positions, state, use_cache, norm)
+        # only the short convolutions need positions within the packed sequences
+        positions = positions_from_cu_seqlens(cu_seqlens, T) if cu_seqlens is not None and self.use_short_conv else None
+        h, q, k, v, f, conv_windows = self._project(x, mask, positions, state, use_cache, norm, residual)
 
         if state is not None and T == 1:
             o = self._decode_step(q, k, v, f, mask, state)
@@ -173,10 +188,11 @@ class GatedSlotAttention(nn.Module):
             o, new_state = self._chunk(q, k, v, f, mask, state, use_cache, cu_seqlens, conv_windows)
         o = o.reshape(B, T, -1)
         if self.g_norm is not None:
-            # o_proj(g_norm(swish(o))) in one Function: backward keeps o only
-            (y,) = norm_linear(o, self.g_norm, (self.o_proj,), pre_silu=True)
-            return y, new_state
-        return self.o_proj(F.silu(o)), new_state
+            # o_proj(g_norm(swish(o))) in one Function: backward keeps o only (and the normed rows when they are kept)
+            (y,) = norm_linear(o, self.g_norm, (self.o_proj,), pre_silu=True, keep_normed=not self.recompute_features)
+        else:
+            y = self.o_proj(F.silu(o))
+        return (y, new_state) if residual is None else (y, new_state, h)
 
     def _decode_step(self, q, k, v, f, mask, state: SlotState) -> torch.Tensor:
         """One token per sequence, the slots updated in place: the operator's fused decode step takes the raw

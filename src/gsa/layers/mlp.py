@@ -15,20 +15,30 @@ def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, recompute_features: bool = True):
         super().__init__()
+        # with a norm given: its output is rebuilt in backward when True (less memory), kept when False (one pass
+        # over the rows fewer)
+        self.recompute_features = recompute_features
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None):
         """down(silu(gate(x')) * up(x')), x' = norm(x) when a norm (RMSNorm) is given: the pre-norm block's
-        norm, fused with the projections so that only x is saved for backward, not x'. Saves gate and up."""
+        norm, fused with the projections so that only x is saved for backward, not x'. Saves gate and up.
+        residual: the input is h = residual + x (the block's residual addition, formed in the norm's pass);
+        returns (h, output) then."""
         if norm is not None:
-            gate, up = norm_linear(x, norm, (self.gate_proj, self.up_proj))
+            outputs = norm_linear(x, norm, (self.gate_proj, self.up_proj), residual=residual,
+                                  keep_normed=not self.recompute_features)
+            h, (gate, up) = (outputs[0], outputs[1:]) if residual is not None else (x, outputs)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            h = x if residual is None else residual + x
+            gate, up = self.gate_proj(h), self.up_proj(h)
         down = self.down_proj
         if down.bias is not None or must_call(down):
-            return down(torch.nn.functional.silu(gate) * up)
-        return swiglu_linear(gate, up, down.weight)
+            out = down(torch.nn.functional.silu(gate) * up)
+        else:
+            out = swiglu_linear(gate, up, down.weight)
+        return out if residual is None else (h, out)

@@ -24,8 +24,9 @@ class GSAConfig(PretrainedConfig):
             "rope_theta": ..}; every layer listed becomes Transformer++ attention (all layers: the baseline).
         norm_first: the authors' older exports put the pre-norms inside the mixers; loading converts them.
         recompute_features: training memory against speed. True: backward recomputes the operator's inputs φ(q),
-            φ(k), swish(v) from the projections; False: keeps them (3 x width more values a token and GSA layer:
-            +4.5 GiB, +0.3-1.8 % tokens/s for the 1.3B model at 16K tokens a step on an H200; docs/performance.md).
+            φ(k), swish(v) from the projections and the norms' outputs before the products from their inputs;
+            False: keeps them (5 x width more values a token and block; docs/performance.md has the 1.3B model's
+            memory and tokens/s either way).
     """
 
     model_type = "gsa"

@@ -16,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers import Attention, GatedSlotAttention, RMSNorm, SwiGLU
+from ..layers.fused import add_norm
 from ..layers.gsa import positions_from_cu_seqlens
 from .cache import GSACache
 from .configuration_gsa import GSAConfig
@@ -62,20 +63,28 @@ class GSABlock(GradientCheckpointingLayer):
                 recompute_features=config.recompute_features,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size, config.recompute_features)
 
-    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, positions=None, state=None, use_cache=False):
-        # Pre-norm residual block. The GSA mixer and the MLP take their norm and apply it fused with their input
-        # projections (backward keeps the residual stream only, not its normalised copy as well); the residual
-        # additions save nothing.
+    def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, positions=None, state=None, use_cache=False,
+                branch=None):
+        """The pre-norm residual block on hidden_states + branch (branch: the previous block's MLP output, not yet
+        added; None for the first block). Returns (residual, branch', state): the block's output is residual +
+        branch', left for the next norm to add.
+
+        Each residual addition is formed inside the pass of the norm that follows it (the next block's or the
+        model's final norm), saving a pass over the rows each way. The GSA mixer and the MLP take their norm and
+        apply it fused with their input projections (backward keeps the residual stream only, not its normalised
+        copy as well)."""
         if isinstance(self.attn, Attention):
-            mixed, state = self.attn(self.attn_norm(hidden_states), positions, attention_mask, cu_seqlens, state,
-                                     use_cache)
-        else:
+            hidden_states, normed = add_norm(branch, hidden_states, self.attn_norm)
+            mixed, state = self.attn(normed, positions, attention_mask, cu_seqlens, state, use_cache)
+        elif branch is None:
             mixed, state = self.attn(hidden_states, attention_mask, cu_seqlens, state, use_cache, norm=self.attn_norm)
-        hidden_states = hidden_states + mixed
-        hidden_states = hidden_states + self.mlp(hidden_states, norm=self.mlp_norm)
-        return hidden_states, state
+        else:
+            mixed, state, hidden_states = self.attn(branch, attention_mask, cu_seqlens, state, use_cache,
+                                                    norm=self.attn_norm, residual=hidden_states)
+        hidden_states, out = self.mlp(mixed, norm=self.mlp_norm, residual=hidden_states)
+        return hidden_states, out, state
 
 
 class GSAPreTrainedModel(PreTrainedModel):
@@ -178,16 +187,18 @@ class GSAModel(GSAPreTrainedModel):
                 attention_mask = None  # nothing to mask: take the fast path
         positions = self._positions(position_ids, attention_mask, cu_seqlens, cache, B, T, inputs_embeds.device)
 
-        hidden_states = inputs_embeds
+        # the residual stream is hidden_states + branch (each block's last addition left to the next norm's pass)
+        hidden_states, branch = inputs_embeds, None
         all_hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if all_hidden is not None:
-                all_hidden.append(hidden_states)
+                all_hidden.append(hidden_states if branch is None else hidden_states + branch)
             state = cache.states[i] if cache is not None else None
-            hidden_states, state = layer(hidden_states, attention_mask, cu_seqlens, positions, state, use_cache)
+            hidden_states, branch, state = layer(hidden_states, attention_mask, cu_seqlens, positions, state,
+                                                 use_cache, branch)
             if cache is not None:
                 cache.states[i] = state
-        hidden_states = self.norm(hidden_states)
+        hidden_states = add_norm(branch, hidden_states, self.norm)[1]
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         if cache is not None:

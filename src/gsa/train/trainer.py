@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data import Corpus, PackedWindows, SampleOrder, load_tokenizer, make_batch, split_spans, tokenize_corpus
-from ..layers import GatedSlotAttention
+from ..layers import GatedSlotAttention, SwiGLU
 from ..models import GSAConfig, GSAForCausalLM, preset_config
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -318,7 +318,7 @@ class Trainer:
         model.train()
         if config.keep_features:  # a training-time choice, not the saved model's (its config.json keeps its own)
             for module in model.modules():
-                if isinstance(module, GatedSlotAttention):
+                if isinstance(module, (GatedSlotAttention, SwiGLU)):
                     module.recompute_features = False
         if config.activation_checkpointing:
             options = {"use_reentrant": False}  # the non-reentrant form works under FSDP and with frozen inputs
