@@ -80,23 +80,7 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True, capturable=graphed)
     batch = TOKENS_PER_STEP // context
     data = torch.randint(0, 32000, (warmup + steps, batch, context), device="cuda")
-
-    # ours-autocast: the float32 weights and bf16 autocast of `gsa train` on one process; ours-packed: its documents
-    # packed with cu_seqlens (the step's tokens as one sequence of documents)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=kind == "ours-autocast")
-    cu_seqlens = packed_boundaries(context) if kind == "ours-packed" else None
-
-    def step(ids):
-        packing = {}
-        if cu_seqlens is not None:
-            ids, packing = ids.reshape(1, -1), {"cu_seqlens": cu_seqlens}
-        with use_fused(kind != "ours-plain"), autocast:  # ours-plain: the layers' plain PyTorch compositions
-            loss = model(input_ids=ids, labels=ids, **packing).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # captured too: backward then makes the gradients in the graph
-        return loss
-
+    step = make_step(kind, model, optimizer, context)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if graphed:
@@ -116,6 +100,28 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def make_step(kind: str, model, optimizer, context: int):
+    """step(ids): forward + backward + optimizer step of one batch as `kind` runs it; returns the loss.
+    ours-autocast: the float32 weights and bf16 autocast of `gsa train` on one process; ours-packed: its documents
+    packed with cu_seqlens (the step's tokens as one sequence of documents); ours-plain: the layers' plain PyTorch
+    compositions."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=kind == "ours-autocast")
+    cu_seqlens = packed_boundaries(context) if kind == "ours-packed" else None
+
+    def step(ids):
+        packing = {}
+        if cu_seqlens is not None:
+            ids, packing = ids.reshape(1, -1), {"cu_seqlens": cu_seqlens}
+        with use_fused(kind != "ours-plain"), autocast:
+            loss = model(input_ids=ids, labels=ids, **packing).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # captured too: backward then makes the gradients in the graph
+        return loss
+
+    return step
 
 
 def graphed_step(step, example_ids: torch.Tensor, warmup: int):
@@ -196,19 +202,13 @@ def profile_step(kind: str, context: int, steps: int = 2) -> dict:
     model = cuda_model(kind).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     data = torch.randint(0, 32000, (steps + 1, TOKENS_PER_STEP // context, context), device="cuda")
-
-    def step(i):
-        with use_fused(kind != "ours-plain"):
-            model(input_ids=data[i], labels=data[i]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step(steps)  # warm-up
+    step = make_step(kind, model, optimizer, context)
+    step(data[steps])  # warm-up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start = time.perf_counter()
         for i in range(steps):
-            step(i)
+            step(data[i])
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / steps
     groups: dict[str, float] = {}
@@ -283,7 +283,7 @@ def main():
             save(results, args.out)  # after every run: a capped call still brings back what it measured
     if args.profile:
         # profile_step runs these as measured
-        for kind in [m for m in models if m in ("ours", "ours-kept", "ours-plain", "llama")]:
+        for kind in [m for m in models if m not in ("fla", "ours-graph")]:
             result = profile_step(kind, args.contexts[0])
             results.setdefault("profile", {})[f"{kind}@{args.contexts[0]}"] = result
             print(f"\n{kind} @ {args.contexts[0]}: {result['wall_ms_profiled']:.1f} ms a step (wall, profiled), "

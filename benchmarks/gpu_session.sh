@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
 #   bash benchmarks/gpu_session.sh segment                    # one H200, carry .whl .cache/triton, ~5.5 min
 #   bash benchmarks/gpu_session.sh fla-model                  # carry .whl .cache/triton, <= 9 min (capped at 500 s)
+#   AB_SRC=$PWD/.cache/ab-base/src bash benchmarks/gpu_session.sh train-ab   # carry .cache/ab-base, ~6 min
 #   bash benchmarks/gpu_session.sh fla-decode                 # carry .whl .cache/triton, <= 7 min
 #   bash benchmarks/gpu_session.sh mqar                       # one H200, ~7-9 min
 #   bash benchmarks/gpu_session.sh mqar-long                  # one H200, ~9.5 min
@@ -135,10 +136,24 @@ for what in "$@"; do
             # features kept for backward instead of recomputed: ~3 ms a step fewer, ~4.8 GB more, predicted)
             stage train-profile 330 python3 benchmarks/bench_train.py --contexts 8192 2048 --steps 4 --warmup 2 \
                 --models ours ours-kept --count-saved --profile --out "$OUT/train_h200_profile_8k.json" ;;
+        train-ab)  # issue 8: this tree's training step against another checkout's (AB_SRC: its src folder, e.g. a
+            # `git archive` of the last commit carried in .cache/ab-base), alternating processes, then this tree's
+            # 8K step profiled (CONTEXTS, AB_REPS narrow it)
+            for rep in $(seq "${AB_REPS:-2}"); do
+                for side in base new; do
+                    src="$PWD/src"
+                    [ "$side" = base ] && src="${AB_SRC:?set AB_SRC to the src folder to compare with}"
+                    PYTHONPATH="$src:$PWD:$PWD/benchmarks" stage "train-ab-$side-$rep" 150 python3 \
+                        benchmarks/bench_train.py --models ours ours-kept --contexts ${CONTEXTS:-2048 16384} \
+                        --steps 10 --warmup 3 --out "$OUT/train_ab_${side}_$rep.json"
+                done
+            done
+            stage train-ab-profile 150 python3 benchmarks/bench_train.py --contexts 8192 --steps 4 --warmup 2 \
+                --models ours-kept --profile --out "$OUT/train_h200_profile_8k_v2.json" ;;
         train-modes)  # issue 8 / 5: what `gsa train` on one GPU (44.6K tok/s) does that the benchmark (63.4K) does not:
-            # float32 weights under bf16 autocast, documents packed with cu_seqlens
+            # float32 weights under bf16 autocast, documents packed with cu_seqlens; each profiled by kernel group
             stage train-modes 300 python3 benchmarks/bench_train.py --contexts 2048 --steps 4 --warmup 2 \
-                --models ours ours-autocast ours-packed --out "$OUT/train_h200_modes.json" ;;
+                --models ours ours-autocast ours-packed --profile --out "$OUT/train_h200_modes.json" ;;
         tune-factors)  # issue 3: the forward's gate factors kept for the backward (KEEP_GATE_FACTORS) against formed
             # again, alternating, GPU time and memory at the three paper contexts
             stage tune-factors 200 python3 benchmarks/tune_ops.py --skip-tune --graph --shapes paper-2k paper-8k \
@@ -158,7 +173,7 @@ for what in "$@"; do
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
             stage decode 450 python3 benchmarks/bench_decode.py --prompts 2048 4096 8192 16384 --new-tokens 128 \
-                --batch64 --long-tokens 1024 --out "$OUT/decode_h200.json" ;;
+                --batch64 --long-tokens 1024 --models ${DECODE_MODELS:-ours llama} --out "$OUT/decode_h200.json" ;;
         train)
             stage train 260 python3 benchmarks/bench_train.py --contexts 2048 4096 8192 16384 --steps 4 --warmup 2 \
                 --models ours llama ours-plain --count-saved --profile \
@@ -344,10 +359,10 @@ for what in "$@"; do
                 -k "segment_lengths or gpu_long" ;;
         fla-model)  # FLA's 1.3B model against ours and Transformer++ in the same run (issue 8's training table,
             # results/train_h200_fla.json); the JSON is written after every run, so a cap keeps what was measured
-            # (carry .whl and .cache/triton; CONTEXTS and FLA_TRAIN_CAP narrow it)
+            # (carry .whl and .cache/triton; CONTEXTS, TRAIN_MODELS and FLA_TRAIN_CAP narrow it)
             fla_setup
-            stage fla-train "${FLA_TRAIN_CAP:-500}" python3 benchmarks/bench_train.py --models ours ours-kept llama \
-                --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} --steps 4 --warmup 2 \
+            stage fla-train "${FLA_TRAIN_CAP:-500}" python3 benchmarks/bench_train.py \
+                --models ${TRAIN_MODELS:-ours ours-kept llama} --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} --steps 4 --warmup 2 \
                 --out "$OUT/train_h200_fla.json"
             keep_autotune ;;
         fla-decode)  # generate() latency of FLA's 1.3B model next to ours (carry .whl and .cache/triton)
@@ -357,7 +372,7 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-modes tune-rows tune-gemv ops fla fla-heads segment fla-model fla-decode" \
+                "train-graph train-ab train-modes tune-rows tune-gemv ops fla fla-heads segment fla-model fla-decode" \
                 "decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
                 "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;

@@ -2,10 +2,10 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator and training plots have FLA from the same process; the decoding plot's FLA points come from session
-15's run of FLA's model beside ours on the other GPU of the same machine (decode_h200_fla.json), or from the spec's
-anchor when that file is missing, and its "products fused" line from session 16's batch-1 run with
-gsa/layers/fused_gemv.py (decode_h200_gemv_v2.json).
+The operator and training plots have FLA from the same process (training's Transformer++ from session 14's run of the
+same benchmark); the decoding plot's FLA points come from session 15's run of FLA's model beside ours on the other
+GPU of the same machine (decode_h200_fla.json), or from the spec's anchor when that file is missing, its Llama points
+and "products unfused" line from session 16's run (decode_h200_v5.json).
 """
 
 from __future__ import annotations
@@ -76,20 +76,17 @@ def plot_train(data):
     fig.savefig(IMAGES / "train_h200.png", dpi=120)
 
 
-def with_fla(data, fla):
-    """The decoding run with the fla@ cells of FLA's run (bench_decode.py --models ours fla) added to each table."""
-    for table in ("ms_per_token", "batch64", "long"):
-        cells = {k: v for k, v in fla.get(table, {}).items() if k.startswith("fla@")}
-        if cells and table in data:
-            data[table].update(cells)
-    return data
-
-
-def with_fused(data, fused):
-    """The decoding run with a batch-1 run of the fused products (gsa/layers/fused_gemv.py) added as `fused@`."""
-    for key, value in fused.get("ms_per_token", {}).items():
-        if key.startswith("ours@"):
-            data["ms_per_token"][key.replace("ours@", "fused@")] = value
+def with_cells(data, other, tables, kinds, rename=None):
+    """data with another run's cells of these kinds (keys "kind@...") added to each of the tables they both have,
+    a kind renamed where rename says (e.g. an earlier run's "ours" drawn as "unfused")."""
+    rename = rename or {}
+    for table in tables:
+        if table not in data or table not in other:
+            continue
+        for key, value in other[table].items():
+            kind, at, rest = key.partition("@")
+            if at and kind in kinds:
+                data[table][f"{rename.get(kind, kind)}@{rest}"] = value
     return data
 
 
@@ -104,18 +101,16 @@ def plot_decode(data):
     axes = list(axes[0])
     kinds = (("ours", "gsa, CUDA graph"), ("llama", "Llama SDPA, generate()"), ("fla", "FLA GSA, generate()"))
     # one colour a series in every panel
-    colors = {"ours": "C0", "ours-hf": "C1", "llama": "C2", "fla": "C3", "fused": "C4"}
+    colors = {"ours": "C0", "ours-hf": "C1", "llama": "C2", "fla": "C3", "unfused": "C4"}
 
     def cells(table, kind, key):  # (prompt, value) where the run has the cell (not out of memory, not skipped)
         found = [(p, table.get(f"{kind}@{p}", {}).get(key)) for p in prompts]
         return [(p, v) for p, v in found if v is not None]
 
     ax = axes[0]
-    fused = cells(rows, "fused", "cuda_graph")
-    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", color=colors["ours"],
-            label="gsa, CUDA graph" + (", products unfused" if fused else ""))
-    if fused:
-        ax.plot(*zip(*fused), "o-", color=colors["fused"], label="gsa, CUDA graph, products fused")
+    ax.plot(*zip(*cells(rows, "ours", "cuda_graph")), "o-", color=colors["ours"], label="gsa, CUDA graph")
+    if unfused := cells(rows, "unfused", "cuda_graph"):
+        ax.plot(*zip(*unfused), "o--", color=colors["unfused"], label="gsa, CUDA graph, products unfused (earlier)")
     ax.plot(*zip(*cells(rows, "ours", "hf_generate")), "o-", color=colors["ours-hf"], label="gsa, HF generate()")
     for kind, label in kinds[1:]:
         if found := cells(rows, kind, "hf_generate"):
@@ -173,15 +168,22 @@ def main():
                 ops["shapes"].setdefault(name, shape)
         plot_ops(ops)
         print("plotted the operator")
-    if (train := read("train_h200_fla.json")) is not None:
+    # session 17's run (ours, ours with features kept, FLA's model in one process), Transformer++ from session 14's
+    # (the same benchmark; nothing of Llama's changed since)
+    if (train := read("train_h200_fla_v2.json")) is not None:
+        if (earlier := read("train_h200_fla.json")) is not None:
+            train = with_cells(train, earlier, ["runs"], {"llama"})
         plot_train(train)
         print("plotted training")
-    # session 16's full run (the products unfused), its batch-1 run with them fused, and FLA's model from session 15
-    if (decode := read("decode_h200_v5.json")) is not None:
-        if (fused := read("decode_h200_gemv_v2.json")) is not None:
-            decode = with_fused(decode, fused)
+    # session 17's run (batch 1, 64 and the long generation, every product fused at batch 1), Llama's generate() and
+    # the unfused products from session 16's (decode_h200_v5.json), FLA's model from session 15's
+    if (decode := read("decode_h200_v6.json")) is not None:
+        tables = ("ms_per_token", "batch64", "long")
+        if (earlier := read("decode_h200_v5.json")) is not None:
+            decode = with_cells(decode, earlier, tables, {"llama"})
+            decode = with_cells(decode, earlier, ["ms_per_token"], {"ours"}, {"ours": "unfused"})
         if (fla := read("decode_h200_fla.json")) is not None:
-            decode = with_fla(decode, fla)
+            decode = with_cells(decode, fla, tables, {"fla"})
         plot_decode(decode)
         print("plotted decoding")
 
