@@ -83,13 +83,6 @@ class SavedTensorCounter:
         self.keep: list[torch.Tensor] = []  # saved tensors stay alive, so addresses are not reused
         self.functions = _CurrentTorchFunction()
 
-    def _pre(self, module, args):
-        self.module_stack.append(self.names.get(module, type(module).__name__))
-
-    def _post(self, module, args, output):
-        if self.module_stack:
-            self.module_stack.pop()
-
     def _who(self):
         """(location, op) of the innermost project frame, and the autograd.Function applying, if any."""
         frame = inspect.currentframe().f_back.f_back
@@ -134,15 +127,24 @@ class SavedTensorCounter:
 
     @contextlib.contextmanager
     def counting(self):
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+        # The module stack comes from a wrapper around Module.__call__, not from forward hooks: with any forward hook
+        # registered the layers run their plain compositions (gsa.layers.fused.must_call: hooks must be called),
+        # which is not what a model runs.
+        original = torch.nn.Module.__call__
 
-        handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        def call(module, *args, **kwargs):
+            self.module_stack.append(self.names.get(module, type(module).__name__))
+            try:
+                return original(module, *args, **kwargs)
+            finally:
+                self.module_stack.pop()
+
+        torch.nn.Module.__call__ = call
         try:
             with self.functions, torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
                 yield self
         finally:
-            for h in handles:
-                h.remove()
+            torch.nn.Module.__call__ = original
 
 
 def _short_path(filename: str) -> str:

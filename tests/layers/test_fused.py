@@ -584,3 +584,18 @@ def test_layers_call_modules_that_have_hooks_or_wrap_linear():
     want_mlp = mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
     got_layer, got_mlp = outputs()
     assert torch.allclose(got_layer, want_layer, atol=1e-6) and torch.allclose(got_mlp, want_mlp, atol=1e-6)
+    # with a residual addition too (the pre-norm block's): the hooked or wrapped modules are called on the sum
+    residual = torch.randn(2, 7, 16)
+    hooked = norm.register_forward_hook(lambda m, i, o: seen.append("norm"))
+    seen.clear()
+    got_layer, _, h_layer = layer(x, norm=norm, residual=residual)
+    got_mlp, h_mlp = mlp(x, norm=norm, residual=residual)
+    hooked.remove()
+    assert seen == ["norm", "norm"] and torch.equal(h_layer, residual + x) and torch.equal(h_mlp, residual + x)
+    h = norm(residual + x)
+    want_mlp = mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+    assert torch.allclose(got_layer, layer(h)[0], atol=1e-6) and torch.allclose(got_mlp, want_mlp, atol=1e-6)
+    with pytest.raises(ValueError, match="pass norm with it"):
+        layer(x, residual=residual)
+    with pytest.raises(ValueError, match="pass norm with it"):
+        mlp(x, residual=residual)

@@ -126,6 +126,19 @@ def test_rms_norm_kernel_rounds_the_residual_sum_as_torch_does():
     assert h32.dtype == torch.float32 and torch.equal(h32, wide + x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []), ids=str)
+def test_rms_norm_backward_adds_the_residual_gradient_as_autograd_sums_it(dtype):
+    """The residual stream's gradient added inside the norm's backward: bitwise the norm's dx rounded to its dtype
+    plus that gradient, as autograd sums the two (float16 on the CPU, whose interpreter rounds it as the GPU does;
+    bf16 too on a GPU). A sum formed in float32 and rounded once differs in ~4 % of the elements."""
+    h, dy = randn(37, 96, seed=61, dtype=dtype, scale=2.0), randn(37, 96, seed=62, dtype=dtype)
+    d_h, w = randn(37, 96, seed=63, dtype=dtype, scale=0.5), 1 + randn(96, seed=64, scale=0.3)
+    _, rstd = fused_triton.rms_norm_rows_fwd(h, w, 1e-6, False)
+    dx, dw = fused_triton.rms_norm_rows_bwd(h, w, rstd, dy, False)
+    summed, dw_summed = fused_triton.rms_norm_rows_bwd(h, w, rstd, dy, False, d_h)
+    assert torch.equal(summed, dx + d_h) and torch.equal(dw_summed, dw)
+
+
 def test_rms_norm_kernels_with_float32_residual_under_autocast():
     """The trainer's one-process mode: a float32 residual stream, a bf16 branch, float32 norm and weights."""
     x, residual = randn(2, 33, 48, seed=54, dtype=torch.bfloat16), randn(2, 33, 48, seed=55, scale=2.0)

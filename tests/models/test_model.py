@@ -138,6 +138,41 @@ def test_packed_training_step_reads_nothing_back_per_layer(monkeypatch):
     assert counts[0] == counts[1] and len(counts[0]) <= 2, counts
 
 
+@pytest.mark.parametrize("variant", ["gsa", "hybrid"])
+def test_hidden_states_are_each_layers_input_and_the_normed_output(variant):
+    """output_hidden_states: entry i is what layer i computes on (the residual stream, whose last addition each
+    block leaves to the next norm), the last entry the final norm's output; the same in training and inference."""
+    model = build(variant)
+    x = ids(2, 40)
+    inputs = []
+
+    def record(module, args):
+        residual, branch = args[0], args[6] if len(args) > 6 else None
+        inputs.append(residual if branch is None else residual + branch)
+
+    handles = [layer.register_forward_pre_hook(record) for layer in model.model.layers]
+    for training in (False, True):
+        inputs.clear()
+        model.train(training)
+        out = model(x, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states
+        assert len(hidden) == len(model.model.layers) + 1
+        for i, (got, want) in enumerate(zip(hidden, inputs)):
+            assert torch.equal(got, want), (training, i)
+        assert torch.equal(hidden[0], model.model.embeddings(x))
+        assert torch.equal(model.lm_head(hidden[-1]), out.logits)
+    for handle in handles:
+        handle.remove()
+
+
+def test_packed_sequences_with_bad_cu_seqlens_are_a_clear_error():
+    """cu_seqlens that do not end at T are refused before positions are built from them (on a GPU a sized
+    repeat_interleave would otherwise trip a device-side assert)."""
+    model = build("short_conv")
+    with pytest.raises(ValueError, match="cu_seqlens must end at T=90"):
+        model(ids(1, 90), cu_seqlens=torch.tensor([0, 30, 80]), use_cache=False)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_decoding_equals_full_forward_with_left_padding(variant):
     model = build(variant)

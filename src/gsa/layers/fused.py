@@ -8,7 +8,9 @@ cannot be recomputed cheaply and recompute the rest in backward:
 
     rms_norm_linear   RMSNorm (optionally after a swish) followed by any number of linear maps: saves the input
                       and the float32 1/rms per row; the normalised rows are rebuilt in backward for the weight
-                      gradients. Without linear maps it is a plain RMSNorm that saves the same two things.
+                      gradients (or kept, keep_normed). Without linear maps it is a plain RMSNorm that saves the
+                      same two things. With a residual it adds it to the input in the same pass (a pre-norm block's
+                      residual addition) and its backward adds the residual stream's gradient into the norm's.
     swiglu_linear     down(silu(gate) * up): saves gate and up; the product is rebuilt in backward.
     slot_gates        (s, g) from the gate logits f: saves f only.
     recompute_saved   a context for the operator call: tensors it saves that are swish(a) (its q, k, v) or the
@@ -313,7 +315,8 @@ def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, pre_silu: bool = False,
              residual: torch.Tensor | None = None):
     """RMSNorm(silu(x) if pre_silu else x) * weight; saves x and 1/rms (float32) for backward. With a residual
-    (pre_silu False): (h, RMSNorm(h) * weight), h = residual + x, the addition formed in the norm's pass."""
+    (pre_silu False): (h, RMSNorm(h) * weight), h = residual + x, the addition formed in the norm's pass; h is
+    saved then, not x."""
     _check_residual(x, residual, pre_silu)
     if not fused_enabled():
         h = _residual_sum(x, residual)
@@ -388,6 +391,14 @@ def norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], pre_s
         return outputs if residual is None else (h, *outputs)
     return rms_norm_linear(x, norm.weight, norm.eps, [m.weight for m in linears], [m.bias for m in linears], pre_silu,
                            residual, keep_normed)
+
+
+def pre_norm_linear(x: torch.Tensor, norm, linears: Sequence[torch.nn.Linear], residual: torch.Tensor | None = None,
+                    keep_normed: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(h, outputs) of norm_linear: the rows normalised, h = residual + x (x itself without a residual), and the
+    outputs of `linears` applied to norm(h)."""
+    outputs = norm_linear(x, norm, linears, residual=residual, keep_normed=keep_normed)
+    return (outputs[0], outputs[1:]) if residual is not None else (x, outputs)
 
 
 def add_norm(branch: torch.Tensor | None, residual: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
     rms_norm_rows_fwd(x, w, eps, pre_silu)          -> (y, rstd): y = RMSNorm(silu(x) or x) * w in x's dtype
     rms_norm_rows_fwd(x, w, eps, False, residual)   -> (y, rstd, h): the same of h = residual + x, h written too
     rms_norm_rows_bwd(x, w, rstd, dy, pre_silu)     -> (dx, dw)
-    rms_norm_rows_bwd(h, w, rstd, dy, False, dh)    -> (dh + dx, dw): the residual stream's gradient added in
+    rms_norm_rows_bwd(h, w, rstd, dy, False, dh)    -> (dx + dh, dw): the residual stream's gradient added in
     swiglu_rows_fwd(gate, up)                       -> silu(gate) * up
     swiglu_rows_bwd(gate, up, dh)                   -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
     slot_gates_fwd(f, tau, clamp_min, mask, dtype)  -> (s, g) of the GSA layer from its gate logits f
@@ -76,7 +76,7 @@ if KERNELS_AVAILABLE:
                              ROWS: tl.constexpr, STAGES: tl.constexpr):
         """rows_per_program (a multiple of ROWS) rows from pid * rows_per_program, ROWS at a time (the loads of
         STAGES tiles in flight); each program writes its partial dw row. HAS_DRES: DRES (the gradient that reached
-        the normalised rows by the residual stream) is added to dx before its one rounding."""
+        the normalised rows by the residual stream) is added to dx, in the same pass."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         col_ok = cols < D
@@ -103,8 +103,9 @@ if KERNELS_AVAILABLE:
             if PRE_SILU:
                 du = du.to(DX.dtype.element_ty).to(tl.float32)  # the composition's grad of silu(x) is rounded
                 du = swish_grad(du, x_in)
-            if HAS_DRES:
-                du += tl.load(DRES + offs, mask=valid, other=0.0).to(tl.float32)
+            if HAS_DRES:  # rounded as autograd sums the two: the norm's dx in its dtype, then the addition
+                du = du.to(DX.dtype.element_ty).to(tl.float32) + tl.load(DRES + offs, mask=valid, other=0.0).to(
+                    tl.float32)
             tl.store(DX + offs, du.to(DX.dtype.element_ty), mask=valid)
         if HAS_W:
             tl.store(DW + pid.to(tl.int64) * D + cols, tl.sum(dw, 0), mask=col_ok)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
+from ..ops.checks import check_cu_seqlens
 from .conv import ShortConvolution
-from .fused import norm_linear, recompute_saved, slot_gate_recipes, slot_gates
+from .fused import norm_linear, pre_norm_linear, recompute_saved, slot_gate_recipes, slot_gates
 from .norm import RMSNorm
 
 
@@ -32,8 +33,11 @@ class SlotState:
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """[1, T] step index of each token within its packed sequence. No read back from the device (the output size
-    is given): a layer that waited for the GPU here would leave it idle while the host queued the next kernels."""
+    """[1, T] step index of each token within its packed sequence. cu_seqlens is checked on the host copy of its
+    offsets that the operator reads anyway (once per tensor: `host_offsets`); the positions themselves need no
+    read back (the output size is given): a layer that waited for the GPU here would leave it idle while the host
+    queued the next kernels."""
+    check_cu_seqlens(cu_seqlens, 1, T, cu_seqlens.device)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=T)
     return (torch.arange(T, device=cu_seqlens.device) - starts).unsqueeze(0)
@@ -125,11 +129,9 @@ class GatedSlotAttention(nn.Module):
         h = residual + x is the layer's input (x itself without a residual)."""
         projections = (self.q_proj, self.k_proj, self.v_proj, self.f_proj)
         if norm is not None:
-            outputs = norm_linear(x, norm, projections, residual=residual, keep_normed=not self.recompute_features)
-            h, (q, k, v, f) = (outputs[0], outputs[1:]) if residual is not None else (x, outputs)
+            h, (q, k, v, f) = pre_norm_linear(x, norm, projections, residual, keep_normed=not self.recompute_features)
         else:
-            h = x if residual is None else residual + x
-            q, k, v, f = (p(h) for p in projections)
+            h, (q, k, v, f) = x, (p(x) for p in projections)
         q, k, v, f, conv_windows = self._convolve(q, k, v, f, mask, positions, state, use_cache)
         return h, q, k, v, f, conv_windows
 
@@ -162,9 +164,12 @@ class GatedSlotAttention(nn.Module):
         neither writes to nor decays the slots. cu_seqlens: packed sequences (B = 1). state: from the previous
         call (decoding); returns (y [B, T, D], the new state when use_cache or state is given). norm: the
         block's pre-norm (an RMSNorm), applied to x here, fused with the projections so that backward keeps x
-        only (not norm(x) as well). residual: the layer's input is residual + x (a pre-norm block's residual
-        addition, formed in the norm's pass over the rows); the sum is then returned third, (y, state, h)."""
+        (not norm(x) as well, unless recompute_features is off). residual (with norm): the layer's input is
+        residual + x (a pre-norm block's residual addition, formed in the norm's pass over the rows); the sum is
+        then returned third, (y, state, h)."""
         B, T, _ = x.shape
+        if residual is not None and norm is None:
+            raise ValueError("a residual is added in the pre-norm's pass: pass norm with it")
         mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:

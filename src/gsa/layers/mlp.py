@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import must_call, norm_linear, swiglu_linear
+from .fused import must_call, pre_norm_linear, swiglu_linear
 
 
 def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -26,19 +26,19 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None):
         """down(silu(gate(x')) * up(x')), x' = norm(x) when a norm (RMSNorm) is given: the pre-norm block's
-        norm, fused with the projections so that only x is saved for backward, not x'. Saves gate and up.
-        residual: the input is h = residual + x (the block's residual addition, formed in the norm's pass);
-        returns (h, output) then."""
+        norm, fused with the projections so that x is saved for backward, not x' (unless recompute_features is
+        off). Saves gate and up. residual (with norm): the input is h = residual + x (the block's residual
+        addition, formed in the norm's pass); returns (output, h) then."""
         if norm is not None:
-            outputs = norm_linear(x, norm, (self.gate_proj, self.up_proj), residual=residual,
-                                  keep_normed=not self.recompute_features)
-            h, (gate, up) = (outputs[0], outputs[1:]) if residual is not None else (x, outputs)
+            h, (gate, up) = pre_norm_linear(x, norm, (self.gate_proj, self.up_proj), residual,
+                                            keep_normed=not self.recompute_features)
+        elif residual is not None:
+            raise ValueError("a residual is added in the pre-norm's pass: pass norm with it")
         else:
-            h = x if residual is None else residual + x
-            gate, up = self.gate_proj(h), self.up_proj(h)
+            gate, up = self.gate_proj(x), self.up_proj(x)
         down = self.down_proj
         if down.bias is not None or must_call(down):
             out = down(torch.nn.functional.silu(gate) * up)
         else:
             out = swiglu_linear(gate, up, down.weight)
-        return out if residual is None else (h, out)
+        return out if residual is None else (out, h)

@@ -25,7 +25,7 @@ class GSAConfig(PretrainedConfig):
         norm_first: the authors' older exports put the pre-norms inside the mixers; loading converts them.
         recompute_features: training memory against speed. True: backward recomputes the operator's inputs φ(q),
             φ(k), swish(v) from the projections and the norms' outputs before the products from their inputs;
-            False: keeps them (5 x width more values a token and block; docs/performance.md has the 1.3B model's
+            False: keeps them (6 x width more values a token and block; docs/performance.md has the 1.3B model's
             memory and tokens/s either way).
     """
 

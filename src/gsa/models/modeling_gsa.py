@@ -83,7 +83,7 @@ class GSABlock(GradientCheckpointingLayer):
         else:
             mixed, state, hidden_states = self.attn(branch, attention_mask, cu_seqlens, state, use_cache,
                                                     norm=self.attn_norm, residual=hidden_states)
-        hidden_states, out = self.mlp(mixed, norm=self.mlp_norm, residual=hidden_states)
+        out, hidden_states = self.mlp(mixed, norm=self.mlp_norm, residual=hidden_states)
         return hidden_states, out, state
 
 

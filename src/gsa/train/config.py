@@ -30,7 +30,7 @@ class TrainConfig:
     init_from: str | None = _field(None, "model", "start from the weights in this model folder (e.g. for T2R)")
     activation_checkpointing: bool = _field(False, "model", "recompute each block's activations in backward")
     keep_features: bool = _field(False, "model", "keep the GSA layers' φ(q), φ(k), swish(v) and the norms' outputs "
-                                 "for backward instead of recomputing them: a little faster, 5 x width more values a "
+                                 "for backward instead of recomputing them: a little faster, 6 x width more values a "
                                  "token and block (false leaves the model's own recompute_features setting as it is)")
     # [data]
     data: list = _field(["shakespeare"], "data", "corpus names (shakespeare, bible-kjv, gcide), files or folders")
