@@ -208,8 +208,7 @@ class _RMSNormLinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         outputs, rstd, y, h = _rms_norm_linear_values(x, norm_weight, eps, pre_silu, weights, biases, ctx.triton,
                                                       residual)
-        ctx.keep_normed = keep_normed and count > 0
-        ctx.save_for_backward(h, norm_weight, rstd, y if ctx.keep_normed else None, *weights)
+        ctx.save_for_backward(h, norm_weight, rstd, y if keep_normed and count else None, *weights)
         outputs = outputs if count else (outputs,)
         return (h, *outputs) if residual is not None else outputs
 
@@ -341,8 +340,9 @@ def rms_norm_linear(
 ) -> tuple[torch.Tensor, ...]:
     """(F.linear(y, W_i, b_i) for each i), y = RMSNorm(silu(x) if pre_silu else x) * norm_weight.
 
-    Saves x, 1/rms (float32) and nothing per output: y is rebuilt in backward for the weight gradients, unless
-    keep_normed (then y is saved too: one pass over the rows fewer in backward for one more [rows, width] tensor).
+    Saves x (h with a residual), 1/rms (float32) and nothing per output: y is rebuilt in backward for the weight
+    gradients, unless keep_normed (then y is saved too: one pass over the rows fewer in backward for one more
+    [rows, width] tensor).
     With a residual (pre_silu False) the rows normalised are h = residual + x, formed in the norm's pass, and the
     result is (h, *outputs): a pre-norm block's residual addition without a pass of its own either way."""
     biases = list(biases) if biases is not None else [None] * len(weights)
