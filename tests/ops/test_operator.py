@@ -132,31 +132,6 @@ def test_varlen_equals_separate_sequences(backend):
     assert_close_all(outputs_and_grads(packed, tensors), outputs_and_grads(separate, tensors), 1e-10)
 
 
-@pytest.mark.parametrize("feature_map", ["swish", "relu", "identity"])
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_feature_map_equals_activations_before_the_operator(feature_map, backend):
-    """feature_map: the operator takes the projections and runs on φ(q), φ(k), swish(v); outputs, final states and
-    the projections' gradients equal those of the activations applied first."""
-    tensors = gsa_inputs(2, 37, 4, 2, 5, 7, 3, dtype=torch.float64, seed=43)
-    tensors[:3] = [3 * t for t in tensors[:3]]
-    tensors += list(random_state(2, 2, 5, 7, 3, seed=44))
-    phi = {"swish": torch.nn.functional.silu, "relu": torch.relu, "identity": lambda x: x}[feature_map]
-
-    def inside(q, k, v, s, g, hk, hv):
-        return gated_slot_attention(q, k, v, s, g, None, (hk, hv), True, backend=backend, feature_map=feature_map)
-
-    def before(q, k, v, s, g, hk, hv):
-        return _reference(phi(q), phi(k), torch.nn.functional.silu(v), s, g, hk, hv)
-
-    assert_close_all(outputs_and_grads(inside, tensors), outputs_and_grads(before, tensors), 1e-12)
-
-
-def test_unknown_feature_map_is_refused():
-    q, k, v, s, g = gsa_inputs(1, 4, 1, 1, 4, 4, 4, dtype=torch.float32, seed=45)
-    with pytest.raises(ValueError, match="unknown feature_map 'gelu'"):
-        gated_slot_attention(q, k, v, s, g, feature_map="gelu")
-
-
 def test_decode_from_projections_equals_step_on_prepared_inputs():
     """gated_slot_attention_decode = the layer's activations and gates, then gated_slot_attention_step."""
     B, HQ, H, K, V, M = 2, 4, 2, 6, 5, 7

@@ -66,35 +66,6 @@ def test_chunk_kernels_match_reference(shape, state_pass):
     assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
 
 
-# GQA, odd widths and several K / V blocks, T off the chunk grid
-SWISH_SHAPES = [(2, 37, 4, 2, 5, 7, 3), (1, 200, 2, 1, 70, 130, 20)]
-
-
-@pytest.mark.parametrize("shape", SWISH_SHAPES, ids=str)
-def test_swish_inside_the_kernels_matches_swish_before_them(shape, state_pass):
-    """swish (the operator's feature_map="swish" on the GPU): the kernels take the projections and apply swish to q, k, v as they load them; the
-    output, final states and every gradient (the projections', through swish) are the reference's on swish(q),
-    swish(k), swish(v) formed beforehand."""
-    B, T, HQ, H, K, V, M = shape
-    tensors = gsa_inputs(*shape, dtype=torch.float32, seed=sum(shape) + 1, device=DEVICE)
-    tensors[:3] = [3 * t for t in tensors[:3]]  # projections reach well into swish's curved part
-    tensors += list(random_state(B, H, K, V, M, dtype=torch.float32, seed=5, device=DEVICE))
-    silu = torch.nn.functional.silu
-
-    def inside(q, k, v, s, g, hk, hv):
-        return triton_ops.chunk_gsa_triton(q, k, v, s, g, K**-0.5, (hk, hv), True, None, swish=True)
-
-    def before(q, k, v, s, g, hk, hv):
-        return reference(silu(q), silu(k), silu(v), s, g, hk, hv)
-
-    got = outputs_and_grads(inside, tensors)
-    want = outputs_and_grads(before, tensors)
-    assert_close_all([t.cpu() for t in got], want, 2e-5, context=str(shape))
-    # the gradients differ from those taken without swish: the derivative is applied
-    plain = outputs_and_grads(lambda *a: reference(*a[:5], *a[5:]), tensors)
-    assert rel_err(got[3].cpu(), plain[3]) > 1e-2
-
-
 def test_chunk_kernels_without_initial_state(state_pass):
     tensors = gsa_inputs(2, 90, 2, 2, 8, 8, 16, dtype=torch.float32, seed=4, device=DEVICE)
     got = outputs_and_grads(triton_call, tensors)
@@ -406,28 +377,6 @@ def test_gpu_real_shapes(shape, dtype, tol):
         lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, backend="torch"), [t.double() for t in tensors]
     )
     assert_close_all([t.float() for t in got], want, tol, context=f"{shape} {dtype}")
-
-
-@gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)], ids=str)
-def test_gpu_swish_inside_the_kernels(dtype, tol):
-    """The paper's layer shape, packed: feature_map="swish" on the Triton backend (swish inside the kernels)
-    against the torch backend in float64 with swish applied first; output, final states, every gradient."""
-    B, T, HQ, H, K, V, M = 1, 4096, 4, 4, 512, 512, 64
-    cu = torch.tensor([0, 1000, 1001, 4096], device="cuda")
-    tensors = [t.to(dtype) for t in gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=15, device="cuda")]
-    tensors[:3] = [2 * t for t in tensors[:3]]
-    tensors += list(random_state(3, H, K, V, M, dtype=torch.float32, seed=16, device="cuda"))
-    silu = torch.nn.functional.silu
-    got = outputs_and_grads(
-        lambda *a: gated_slot_attention(*a[:5], None, a[5:], True, cu, backend="triton", feature_map="swish"), tensors
-    )
-    want = outputs_and_grads(
-        lambda *a: gated_slot_attention(silu(a[0]), silu(a[1]), silu(a[2]), *a[3:5], None, a[5:], True, cu,
-                                        backend="torch"),
-        [t.double() for t in tensors],
-    )
-    assert_close_all([t.float() for t in got], want, tol, context=str(dtype))
 
 
 @gpu

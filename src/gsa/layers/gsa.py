@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode, resolve_backend
+from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
 from ..ops.checks import check_cu_seqlens
 from .conv import ShortConvolution
 from .fused import norm_linear, pre_norm_linear, recompute_saved, slot_gate_recipes, slot_gates
@@ -103,10 +103,10 @@ class GatedSlotAttention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
         self.backend = backend
-        # Training memory against speed: the two norms' outputs are recomputed in backward from their inputs when
-        # True, kept when False (two passes over [tokens, width] fewer, 2 x tokens x width more values kept). Where
-        # the activations run outside the operator (not the Triton kernels with swish), its inputs φ(q), φ(k),
-        # swish(v) are recomputed from the projections likewise, or kept (three more of each).
+        # Training memory against speed: the operator's inputs φ(q), φ(k), swish(v) are recomputed in backward from
+        # the projections (which swish keeps anyway), and the two norms' outputs from their inputs, when True; kept
+        # when False, which saves backward five passes over [tokens, width] and keeps 5 x tokens x width more
+        # values per layer.
         self.recompute_features = recompute_features
 
         kv_key_dim = num_kv_heads * self.head_k_dim
@@ -223,22 +223,17 @@ class GatedSlotAttention(nn.Module):
     def _chunk(self, q, k, v, f, mask, state: SlotState | None, use_cache, cu_seqlens, conv_windows):
         """The operator over whole sequences (training, prefill); returns (o, the new state or None)."""
         B, T = q.shape[:2]
-        q = q.view(B, T, self.num_heads, self.head_k_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_k_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_v_dim)
+        q_in = q.view(B, T, self.num_heads, self.head_k_dim)
+        k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
+        v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
+        q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
+        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
+        # (unless recompute_features is off)
         recipes = []
-        # The Triton kernels apply swish to the projections as they load them (the activated q, k, v are never
-        # written nor kept); elsewhere the activations run here.
-        inside = self.feature_map is F.silu and resolve_backend(self.backend, q.device) == "triton"
-        if not inside:
-            q_in, k_in, v_in = q, k, v
-            q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
-            # swish saves its input for backward; the operator saves its output as well: let it recompute that
-            # instead (unless recompute_features is off)
-            if self.recompute_features:
-                recipes.append((v, F.silu, v_in))
-                if self.feature_map is F.silu:
-                    recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+        if self.recompute_features:
+            recipes.append((v, F.silu, v_in))
+            if self.feature_map is F.silu:
+                recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
         f = f.view(B, T, self.num_kv_heads, self.num_slots)
         # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
         gate_mask = None if mask is None else mask[:, :, None, None]
@@ -251,7 +246,7 @@ class GatedSlotAttention(nn.Module):
         with recompute_saved(recipes):
             o, final = gated_slot_attention(
                 q, k, v, s, g, self.scale, initial, use_cache or state is not None, cu_seqlens,
-                backend=self.backend, check_gate_values=False, feature_map="swish" if inside else None,
+                backend=self.backend, check_gate_values=False,
             )
         if final is not None:
             new_state = SlotState(final[0], final[1], conv_windows)

@@ -46,7 +46,6 @@ def gated_slot_attention(
     *,
     backend: str = "auto",
     check_gate_values: bool = True,
-    feature_map: str | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Gated Slot Attention over whole sequences.
 
@@ -62,10 +61,6 @@ def gated_slot_attention(
         backend: "reference" (step by step), "torch" (chunked, CPU and fallback), "triton" (GPU), or
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
-        feature_map: None, or q, k, v are a layer's projections before their activations (one of FEATURE_MAPS):
-            the operator then runs on φ(q), φ(k), swish(v) and returns the projections' gradients. With "swish"
-            on the Triton backend the activations are formed inside the kernels as they load each tile, so the
-            activated tensors are never written nor kept (a layer's three activation passes each way saved).
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).
@@ -73,21 +68,15 @@ def gated_slot_attention(
     shapes = check_inputs(q, k, v, s, g, initial_state, cu_seqlens, check_gate_values)
     if scale is None:
         scale = shapes.K**-0.5
-    if feature_map is not None and feature_map not in FEATURE_MAPS:
-        raise ValueError(f"unknown feature_map {feature_map!r}; expected None or one of {sorted(FEATURE_MAPS)}")
     chosen = resolve_backend(backend, q.device)
-    inside = chosen == "triton" and FEATURE_MAPS.get(feature_map) is F.silu
+    args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
     # The operator fixes its own precision (float32 accumulation and softmax whatever the input dtype), so an
     # enclosing autocast region must not recast its internal matmuls.
     with torch.autocast(q.device.type, enabled=False):
-        if feature_map is not None and not inside:
-            phi = FEATURE_MAPS[feature_map]
-            q, k, v = phi(q), phi(k), F.silu(v)
-        args = (q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
-        return _run(chosen, args, swish=inside)
+        return _run(chosen, args)
 
 
-def _run(chosen: str, args: tuple, swish: bool = False):
+def _run(chosen: str, args: tuple):
     q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)
@@ -98,7 +87,7 @@ def _run(chosen: str, args: tuple, swish: bool = False):
         raise RuntimeError(f"backend='triton' needs CUDA tensors and an importable triton; q is on {q.device}")
     from .triton import triton_gsa
 
-    return triton_gsa(*args, swish=swish)
+    return triton_gsa(*args)
 
 
 def gated_slot_attention_step(

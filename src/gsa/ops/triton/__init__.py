@@ -6,7 +6,6 @@ Importable without a GPU (the kernels then run only under TRITON_INTERPRET=1, in
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton  # noqa: F401
@@ -22,14 +21,11 @@ except ImportError:  # triton missing (e.g. macOS): the torch backend serves eve
 RECURRENT_MAX_STEPS = 8
 
 
-def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, swish=False):
-    """swish: q, k, v are projections, the operator's inputs are swish(q), swish(k), swish(v) (see chunk_gsa_triton)."""
+def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, s, g, *(initial_state or ()))
     )
     if not needs_grad and cu_seqlens is None and q.shape[1] <= RECURRENT_MAX_STEPS:
-        if swish:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
         B, _, _, K = q.shape
         H, V, M = k.shape[2], v.shape[3], s.shape[3]
         if initial_state is None:
@@ -41,7 +37,7 @@ def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=Fals
             [gsa_step_triton(q[:, t], k[:, t], v[:, t], s[:, t], g[:, t], hk, hv, scale) for t in range(q.shape[1])], 1
         )
         return o, ((hk, hv) if output_final_state else None)
-    return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens, swish)
+    return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def _check_inplace_state(hk, hv):

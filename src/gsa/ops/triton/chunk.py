@@ -41,7 +41,6 @@ from .common import (
     chunk_span,
     dot_config,
     key_grad_exact,
-    load_features,
     load_rows,
     next_power_of_2,
     key_grad_sub,
@@ -52,8 +51,6 @@ from .common import (
     state_offsets,
     store_rows,
     sub_span,
-    swish,
-    swish_grad,
 )
 
 CHUNK = 64
@@ -64,8 +61,7 @@ SUB_CHUNK = 16  # rows of a sub-chunk in the steep-gate form (see common.py)
 def _local_states(
     x_ptr, factors_ptr, states_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, W, M, KV, row0,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """What chunk c adds to rows row0 + [d0, d0 + BD) of S: xᵀ (s * exp(G_C - G)) (the factor from
     `_gate_factors`), written to the slot after the chunk (the scan turns it into the state there)."""
@@ -80,7 +76,7 @@ def _local_states(
     dd = tl.arange(0, BD)
     ms = tl.arange(0, BM)
     d0 = i_d * BD
-    x = load_features(x_ptr, t0, eos, i_h, H, W, d0, rows, dd, SWISH).to(DOT_DT)
+    x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
     factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
     local = tl.dot(tl.trans(x), factors, input_precision=PRECISION)
     base, offs, mask = state_offsets(slot + 1, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
@@ -91,8 +87,7 @@ def _local_states(
 def _local_dstates(
     x_ptr, y_ptr, dstates_ptr, chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, x_scale,
     H, HQ, W, M, KV, row0, GROUP,
-    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """What chunk c adds to the gradient of the state before it: x_scale Σ_group xᵀ y, where (x, y) is
     (q, dlogits exp(G)) for key rows and (do, p exp(G)) for value rows; written to the chunk's own slot."""
@@ -110,7 +105,7 @@ def _local_dstates(
     local = tl.zeros([BD, BM], dtype=tl.float32)
     for i_g in range(GROUP):
         i_hq = i_h * GROUP + i_g
-        x = load_features(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd, SWISH).to(DOT_DT)
+        x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
         y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
         local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
     base, offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + d0, row0 + W, dd, ms)
@@ -255,7 +250,7 @@ def _walk_states(
     H, K, V, M, KV,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
     STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr, SPLIT_END: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """States of one span (sequence or segment) and head, rows of one block, at every chunk boundary:
     S_n+1 = S_n exp(G_C) + xᵀ (s * exp(G_C - G)) over chunk n, with S held in float32 registers; both gate factors
@@ -278,7 +273,7 @@ def _walk_states(
         t0 = bos + n * BT
         if STORE_SLOTS:
             _store_slot(states_ptr, slot0 + n, i_h, H, KV, M, offs, state, mask)
-        x = load_features(x_ptr, t0, eos, i_h, H, W, d0, rows, dd, SWISH).to(DOT_DT)
+        x = load_rows(x_ptr, t0, eos, i_h, H, W, d0, rows, dd).to(DOT_DT)
         factors = load_rows(factors_ptr, t0, eos, i_h, H, M, 0, rows, ms).to(DOT_DT)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
         state = state * decay[None, :] + tl.dot(tl.trans(x), factors, input_precision=PRECISION)
@@ -295,7 +290,7 @@ def _walk_dstates(
     scale, H, HQ, K, V, M, KV, GROUP,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
     STORE_SLOTS: tl.constexpr, STORE_EDGE: tl.constexpr, STORE_END: tl.constexpr, SPLIT_END: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The state gradient, walking one span's chunks backwards: dS_n = dS_n+1 exp(G_C) + x_scale Σ_group xᵀ y
     over chunk n, (x, y) = (q, dlogits exp(G)) for key rows (x_scale = scale) and (do, p exp(G)) for value rows.
@@ -324,10 +319,7 @@ def _walk_dstates(
         local = tl.zeros([BD, BM], dtype=tl.float32)
         for i_g in range(GROUP):
             i_hq = i_h * GROUP + i_g
-            x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd)
-            if SWISH:  # q on the key rows; the value rows read do
-                x = tl.where(is_key, swish(x), x.to(tl.float32))
-            x = x.to(DOT_DT)
+            x = load_rows(x_ptr, t0, eos, i_hq, HQ, W, d0, rows, dd).to(DOT_DT)
             y = load_rows(y_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
             local += tl.dot(tl.trans(x), y, input_precision=PRECISION)
         decay = tl.load(decay_ptr + ((chunk0 + n) * H + i_h) * M + ms, mask=ms < M, other=0.0)
@@ -404,8 +396,7 @@ def _output_fwd(
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
@@ -429,8 +420,8 @@ def _output_fwd(
     q_state = tl.zeros([BT, BM], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        q = load_features(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk, SWISH).to(DOT_DT)
-        k = load_features(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk, SWISH).to(DOT_DT)
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         q_state += tl.dot(q, hk, input_precision=PRECISION)
@@ -463,7 +454,7 @@ def _output_fwd(
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)  # [BV, BM] = Hvᵀ rows
-        v = load_features(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv, SWISH).to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         o = tl.dot(p_decayed.to(DOT_DT), tl.trans(hv_t), input_precision=PRECISION)
         o += tl.dot(probs.to(DOT_DT), v, input_precision=PRECISION)
         store_rows(o_ptr, o, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv)
@@ -476,12 +467,12 @@ def _intra_bwd(
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, SWISH: tl.constexpr, DOT_DT: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per chunk and query head: dq (through swish when SWISH); the within-chunk parts of dk, dv, ds (per query
-    head: [tokens, HQ, ...], summed over the group later); the query-side gate gradient dlogits*logits + dp*p;
-    and dlogits*exp(G), p*exp(G) for the reverse scan."""
+    """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
+    summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
+    p*exp(G) for the reverse scan."""
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
     i_h = i_hq // GROUP
@@ -510,7 +501,7 @@ def _intra_bwd(
     d_pv = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
-        v = load_features(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv, SWISH).to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         do_state += tl.dot(do, hv_t, input_precision=PRECISION)
@@ -549,20 +540,14 @@ def _intra_bwd(
     dl_dec = (dlogits * decay_start).to(DOT_DT)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        q_in = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
-        q = q_in
-        if SWISH:
-            q = swish(q_in)
-        q = q.to(DOT_DT)
-        k = load_features(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk, SWISH).to(DOT_DT)
+        q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(DOT_DT)
         scores += tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dq = tl.dot(dl_dec, tl.trans(hk), input_precision=PRECISION)
         dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
         dq = scale * dq
-        if SWISH:
-            dq = swish_grad(dq, q_in)
         store_rows(dq_ptr, dq, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
         dk = tl.dot(tl.trans(d_scores.to(DOT_DT)), q, input_precision=PRECISION)
         store_rows(dk_ptr, scale * dk, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
@@ -587,10 +572,9 @@ def _state_grads_bwd(
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
     H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
-    SWISH: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per chunk and key/value head: add the state parts to dk, dv (in place; then through swish when SWISH), and
-    finish ds and dg.
+    """Per chunk and key/value head: add the state parts to dk, dv (in place), and finish ds and dg.
 
     dk_j += (s_j exp(G_C - G_j)) dHk_afterᵀ; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
     dG = dgq - s ds (+ Σ dS_after S_after at the chunk's last step); dg = reverse cumulative sum of dG."""
@@ -613,32 +597,20 @@ def _state_grads_bwd(
         dhk = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhk * hk, axis=0)
-        k_in = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk)
-        k = k_in
-        if SWISH:
-            k = swish(k_in)
-        k = k.to(DOT_DT)
+        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         ds_state += tl.dot(k, dhk.to(DOT_DT), input_precision=PRECISION)
         dk = load_rows(dk_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(tl.float32)
         dk += tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
-        if SWISH:
-            dk = swish_grad(dk, k_in)
         store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         dhv_t = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         end_term += tl.sum(dhv_t * hv_t, axis=0)
-        v_in = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv)
-        v = v_in
-        if SWISH:
-            v = swish(v_in)
-        v = v.to(DOT_DT)
+        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         ds_state += tl.dot(v, dhv_t.to(DOT_DT), input_precision=PRECISION)
         dv = load_rows(dv_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(tl.float32)
         dv += tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
-        if SWISH:
-            dv = swish_grad(dv, v_in)
         store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
     # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
     # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
@@ -911,11 +883,10 @@ def _walk_spans(launch, layout: ChunkLayout, length: int | None, slots, decay, s
            STORE_END=False, SPLIT_END=False)
 
 
-def _scan_states(k, v, s, g, start, layout, final=None, gates=None, swish=False):
+def _scan_states(k, v, s, g, start, layout, final=None, gates=None):
     """Joint states at every chunk boundary (in `_state_dtype`), the chunk decays and the gate factors, from the
     joint initial states `start` (float32) or zeros; the final states go to the halves `final` (float32 (Hk, Hv))
-    when given. gates: (factors, decay) an earlier call formed (the forward's, kept for the backward). swish: k, v
-    are projections, swish applied as they are loaded."""
+    when given. gates: (factors, decay) an earlier call formed (the forward's, kept for the backward)."""
     _, H, K = k.shape
     V, M = v.shape[-1], s.shape[-1]
     BM = next_power_of_2(M)
@@ -942,7 +913,7 @@ def _scan_states(k, v, s, g, start, layout, final=None, gates=None, swish=False)
             _launch(
                 _walk_states, (count * H, cdiv(K, BD) + cdiv(V, BD)),
                 k, v, factors, decay, states, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
-                spans.chunk_base, H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **flags, **dot
+                spans.chunk_base, H, K, V, M, K + V, BT=CHUNK, BD=BD, BM=BM, **flags, **dot
             )
 
         _walk_spans(launch, layout, length, states, decay, start, final, K, reverse=False)
@@ -952,7 +923,7 @@ def _scan_states(k, v, s, g, start, layout, final=None, gates=None, swish=False)
         _launch(
             _local_states, (layout.num_chunks, cdiv(width, BD), H),
             x, factors, states, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, SWISH=swish, **dot
+            H, width, M, K + V, row0, BT=CHUNK, BD=BD, BM=BM, **dot
         )
     _scan(states, decay, start, layout, reverse=False, end=final, K=K)
     return states, decay, factors
@@ -973,12 +944,12 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, swish):
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
         final = _halves(layout.num_sequences, H, K, V, M, q.device) if output_final_state else None
-        states, decay, factors = _scan_states(k, v, s, g, start, layout, final, swish=swish)
+        states, decay, factors = _scan_states(k, v, s, g, start, layout, final)
         final_k, final_v = final if final is not None else (None, None)
         o = torch.empty(TT, HQ, V, device=q.device, dtype=q.dtype)
         logits = torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32)
@@ -989,11 +960,11 @@ class ChunkGSAFunction(torch.autograd.Function):
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, HQ // H,
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
-            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, SWISH=swish, **_dot_args(q.dtype)
+            FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
         kept = (factors, decay) if KEEP_GATE_FACTORS else (None, None)
         ctx.save_for_backward(q, k, v, s, g, start, logits, *kept)
-        ctx.scale, ctx.layout, ctx.swish = scale, layout, swish
+        ctx.scale, ctx.layout = scale, layout
         # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
         # the final states are returned but not trained through)
         ctx.set_materialize_grads(False)
@@ -1003,14 +974,14 @@ class ChunkGSAFunction(torch.autograd.Function):
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
         q, k, v, s, g, start, logits, factors, decay = ctx.saved_tensors
-        scale, layout, swish = ctx.scale, ctx.layout, ctx.swish
+        scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
         # the states are recomputed, not kept (as the paper does); the gate factors too unless KEEP_GATE_FACTORS
         gates = (factors, decay) if factors is not None else None
-        states, decay, _ = _scan_states(k, v, s, g, start, layout, gates=gates, swish=swish)
+        states, decay, _ = _scan_states(k, v, s, g, start, layout, gates=gates)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -1026,8 +997,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK,
-            SWISH=swish, **dot
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **dot
         )
         if group > 1:
             dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
@@ -1052,17 +1022,17 @@ class ChunkGSAFunction(torch.autograd.Function):
                     _walk_dstates, (count * H, cdiv(K, walk) + cdiv(V, walk)),
                     q, do, dl_dec, p_dec, dstates, decay, start_, end, end_v, spans.cu_seqlens, spans.slot_base,
                     spans.chunk_base, scale, H, HQ, K, V, M, K + V, group,
-                    BT=CHUNK, BD=walk, BM=BM, SWISH=swish, **flags, **dot
+                    BT=CHUNK, BD=walk, BM=BM, **flags, **dot
                 )
 
             _walk_spans(launch, layout, length, dstates, decay, dfinal, dh0, K, reverse=True)
         else:
-            for x, y, x_scale, width, row0, x_swish in ((q, dl_dec, scale, K, 0, swish), (do, p_dec, 1.0, V, K, False)):
+            for x, y, x_scale, width, row0 in ((q, dl_dec, scale, K, 0), (do, p_dec, 1.0, V, K)):
                 BD = min(64, next_power_of_2(width))
                 _launch(
                     _local_dstates, (layout.num_chunks, cdiv(width, BD), H),
                     x, y, dstates, layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, SWISH=x_swish, **dot
+                    x_scale, H, HQ, width, M, K + V, row0, group, BT=CHUNK, BD=BD, BM=BM, **dot
                 )
             _scan(dstates, decay, dfinal, layout, reverse=True, end=dh0, K=K)
         # float32: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
@@ -1075,16 +1045,13 @@ class ChunkGSAFunction(torch.autograd.Function):
             k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
             H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SWISH=swish, **dot
+            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot
         )
-        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None, None
+        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None
 
 
-def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     swish=False):
-    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention). swish:
-    q, k, v are projections; the kernels use swish(q), swish(k), swish(v), formed as they load each tile (never
-    written), and return the projections' gradients."""
+def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention)."""
     B, T, HQ = q.shape[:3]
     V = v.shape[3]
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
@@ -1095,8 +1062,6 @@ def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_stat
     hk0 = hv0 = None
     if initial_state is not None:
         hk0, hv0 = initial_state  # converted to float32 as the operator joins them
-    o, final_k, final_v = ChunkGSAFunction.apply(
-        q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state, bool(swish)
-    )
+    o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state)
     o = o.view(B, T, HQ, V)
     return o, ((final_k, final_v) if output_final_state else None)

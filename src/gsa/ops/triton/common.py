@@ -36,23 +36,6 @@ def load_rows(ptr, t0, eos, head, n_heads, width, d0, rows, cols):
 
 
 @triton.jit
-def swish(x):
-    """x * sigmoid(x) in float32, as torch's silu forms it (its result is then rounded to the operand dtype)."""
-    xf = x.to(tl.float32)
-    return xf / (1.0 + tl.exp(-xf))
-
-
-@triton.jit
-def load_features(ptr, t0, eos, head, n_heads, width, d0, rows, cols, SWISH: tl.constexpr):
-    """`load_rows`, through swish when SWISH (the operator given a layer's projections before their activations:
-    the activated tensors are formed tile by tile here, never written)."""
-    x = load_rows(ptr, t0, eos, head, n_heads, width, d0, rows, cols)
-    if SWISH:
-        x = swish(x)
-    return x
-
-
-@triton.jit
 def swish_grad(dx, x):
     """The gradient through swish at the projection x of a feature's gradient dx (float32)."""
     xf = x.to(tl.float32)
