@@ -30,8 +30,10 @@ TOKENS_PER_STEP = 16384
 
 def build(kind: str):
     if kind.startswith("ours"):
-        # ours-kept: φ(q), φ(k), swish(v) kept for backward, three elementwise passes fewer for more memory
-        return GSAForCausalLM(preset_config("gsa-1.3b", recompute_features=kind != "ours-kept"))
+        # ours-kept: φ(q), φ(k), swish(v) and the norms' outputs kept for backward (fewer row passes, more memory);
+        # -states: the operator's chunk states kept too (no state walk in backward)
+        return GSAForCausalLM(preset_config("gsa-1.3b", recompute_features="kept" not in kind,
+                                            recompute_states="states" not in kind))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -65,3 +65,21 @@ def test_short_conv_under_autocast_hands_the_operator_the_autocast_dtype(monkeyp
     assert seen[0] == {torch.float32} and seen[1] == {torch.bfloat16}
     assert got.dtype == torch.bfloat16
     assert rel_err(got.float(), want) < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_layer_keeping_its_states_trains_bitwise_the_same():
+    """recompute_states=False: the operator keeps the forward's chunk states for backward; the layer's output and
+    every gradient are bitwise the default's (the states it would compute again are the same numbers)."""
+    torch.manual_seed(8)
+    layer = GatedSlotAttention(hidden_size=256, num_heads=2, num_slots=32).cuda().bfloat16()
+    x = torch.randn(2, 700, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for recompute in (True, False):
+        layer.recompute_states = recompute
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        y, _ = layer(inputs)
+        y.backward(torch.ones_like(y))
+        results.append([y, inputs.grad, *(p.grad for p in layer.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -482,6 +482,7 @@ def test_paper_preset_sizes():
         (dict(attn={"layers": [0], "window_size": 64}), "sliding-window"),
         (dict(gate_logit_normalizer=0), "gate_logit_normalizer must be > 0"),
         (dict(recompute_features="no"), "recompute_features must be true or false, got 'no'"),
+        (dict(recompute_states=0), "recompute_states must be true or false, got 0"),
     ],
 )
 def test_invalid_configs(overrides, message):

@@ -6,6 +6,8 @@ GPU-only tests below at real shapes in bf16 / fp16 / fp32.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -88,6 +90,32 @@ def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, m
     want = outputs_and_grads(reference, tensors)
     assert_close_all([t.cpu() for t in got], want, 2e-5)
     assert launched.count("_gate_factors") == (1 if keep else 2)
+
+
+def test_kept_states_give_the_same_gradients_without_a_state_pass_in_backward(state_pass, monkeypatch):
+    """keep_states: the backward takes the forward's chunk states instead of computing them again: the output,
+    final states and every gradient are bitwise those of the default, and the backward launches no state pass."""
+    launched = []
+    real = chunk_kernels._try
+    monkeypatch.setattr(chunk_kernels, "_try",
+                        lambda kernel, *args: (launched.append(kernel.fn.__name__), real(kernel, *args)))
+    tensors = gsa_inputs(2, 150, 4, 2, 70, 24, 20, dtype=torch.float32, seed=24, device=DEVICE)
+    tensors += list(random_state(2, 2, 70, 24, 20, dtype=torch.float32, seed=25, device=DEVICE))
+
+    def run(keep):
+        def call(q, k, v, s, g, hk, hv):
+            return triton_ops.chunk_gsa_triton(q, k, v, s, g, 70**-0.5, (hk, hv), True, None, keep_states=keep)
+        launched.clear()
+        results = outputs_and_grads(call, tensors)
+        return results, list(launched)
+
+    (recomputed, recomputing), (kept, keeping) = run(False), run(True)
+    for name, a, b in zip(NAMES, kept, recomputed):
+        assert torch.equal(a, b), name
+    # what the default's backward launches more is exactly the forward's state pass (the gate factors are kept)
+    forward_states = [n for n in keeping[:keeping.index("_output_fwd")] if n != "_gate_factors"]
+    assert forward_states and Counter(recomputing) - Counter(keeping) == Counter(forward_states)
+    assert not Counter(keeping) - Counter(recomputing)
 
 
 def test_without_final_states_the_output_and_all_gradients_match(state_pass):

@@ -27,6 +27,8 @@ class GSAConfig(PretrainedConfig):
             φ(k), swish(v) from the projections and the norms' outputs before the products from their inputs;
             False: keeps them (6 x width more values a token and block; docs/performance.md has the 1.3B model's
             memory and tokens/s either way).
+        recompute_states: True: the GSA operator computes its chunk states again in backward (the paper's
+            choice); False: keeps the forward's ((T / 64 + 1) x H x (K + V) x M values a sequence and layer).
     """
 
     model_type = "gsa"
@@ -63,6 +65,7 @@ class GSAConfig(PretrainedConfig):
         eos_token_id: int | None = 2,
         norm_first: bool = False,
         recompute_features: bool = True,
+        recompute_states: bool = True,
         **kwargs,
     ):
         kwargs.pop("exapnd_k", None)  # a misspelt alias some released configs carry next to expand_k
@@ -92,6 +95,7 @@ class GSAConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.norm_first = norm_first
         self.recompute_features = recompute_features
+        self.recompute_states = recompute_states
         self.validate_gsa()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -137,6 +141,8 @@ class GSAConfig(PretrainedConfig):
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         need(isinstance(self.recompute_features, bool),
              f"recompute_features must be true or false, got {self.recompute_features!r}")
+        need(isinstance(self.recompute_states, bool),
+             f"recompute_states must be true or false, got {self.recompute_states!r}")
         if self.attn is not None:
             need(isinstance(self.attn, dict) and "layers" in self.attn, "attn must be a dict with a 'layers' list")
             unknown = set(self.attn) - ATTENTION_KEYS

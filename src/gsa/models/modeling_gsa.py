@@ -61,6 +61,7 @@ class GSABlock(GradientCheckpointingLayer):
                 norm_eps=config.norm_eps,
                 layer_idx=layer_idx,
                 recompute_features=config.recompute_features,
+                recompute_states=config.recompute_states,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size, config.recompute_features)

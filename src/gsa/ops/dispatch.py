@@ -46,6 +46,7 @@ def gated_slot_attention(
     *,
     backend: str = "auto",
     check_gate_values: bool = True,
+    keep_states: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Gated Slot Attention over whole sequences.
 
@@ -61,6 +62,10 @@ def gated_slot_attention(
         backend: "reference" (step by step), "torch" (chunked, CPU and fallback), "triton" (GPU), or
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
+        keep_states: training memory against speed on the Triton backend: keep the chunk states the forward
+            computes ([chunks + sequences, H, K + V, M] in the operand dtype) for the backward instead of
+            computing them again there (the paper's choice, and the default). The torch backend keeps what
+            autograd keeps either way.
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).
@@ -73,10 +78,10 @@ def gated_slot_attention(
     # The operator fixes its own precision (float32 accumulation and softmax whatever the input dtype), so an
     # enclosing autocast region must not recast its internal matmuls.
     with torch.autocast(q.device.type, enabled=False):
-        return _run(chosen, args)
+        return _run(chosen, args, keep_states)
 
 
-def _run(chosen: str, args: tuple):
+def _run(chosen: str, args: tuple, keep_states: bool = False):
     q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)
@@ -87,7 +92,7 @@ def _run(chosen: str, args: tuple):
         raise RuntimeError(f"backend='triton' needs CUDA tensors and an importable triton; q is on {q.device}")
     from .triton import triton_gsa
 
-    return triton_gsa(*args)
+    return triton_gsa(*args, keep_states=keep_states)
 
 
 def gated_slot_attention_step(

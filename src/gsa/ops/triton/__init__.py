@@ -21,7 +21,8 @@ except ImportError:  # triton missing (e.g. macOS): the torch backend serves eve
 RECURRENT_MAX_STEPS = 8
 
 
-def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+               keep_states=False):
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, s, g, *(initial_state or ()))
     )
@@ -37,7 +38,7 @@ def triton_gsa(q, k, v, s, g, scale, initial_state=None, output_final_state=Fals
             [gsa_step_triton(q[:, t], k[:, t], v[:, t], s[:, t], g[:, t], hk, hv, scale) for t in range(q.shape[1])], 1
         )
         return o, ((hk, hv) if output_final_state else None)
-    return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_gsa_triton(q, k, v, s, g, scale, initial_state, output_final_state, cu_seqlens, keep_states)
 
 
 def _check_inplace_state(hk, hv):

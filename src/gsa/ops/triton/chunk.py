@@ -944,7 +944,7 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state):
+    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, keep_states):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
@@ -962,8 +962,8 @@ class ChunkGSAFunction(torch.autograd.Function):
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
-        kept = (factors, decay) if KEEP_GATE_FACTORS else (None, None)
-        ctx.save_for_backward(q, k, v, s, g, start, logits, *kept)
+        kept = (factors, decay) if KEEP_GATE_FACTORS or keep_states else (None, None)
+        ctx.save_for_backward(q, k, v, s, g, start, logits, *kept, states if keep_states else None)
         ctx.scale, ctx.layout = scale, layout
         # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
         # the final states are returned but not trained through)
@@ -973,15 +973,17 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, start, logits, factors, decay = ctx.saved_tensors
+        q, k, v, s, g, start, logits, factors, decay, states = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
         group = HQ // H
         do = do.contiguous() if do is not None else torch.zeros(TT, HQ, V, device=q.device, dtype=q.dtype)
-        # the states are recomputed, not kept (as the paper does); the gate factors too unless KEEP_GATE_FACTORS
-        gates = (factors, decay) if factors is not None else None
-        states, decay, _ = _scan_states(k, v, s, g, start, layout, gates=gates)
+        # the states are recomputed (as the paper does) unless the caller kept them; the gate factors too unless
+        # KEEP_GATE_FACTORS
+        if states is None:
+            gates = (factors, decay) if factors is not None else None
+            states, decay, _ = _scan_states(k, v, s, g, start, layout, gates=gates)
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
@@ -1047,11 +1049,13 @@ class ChunkGSAFunction(torch.autograd.Function):
             H, K, V, M, K + V, group,
             BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot
         )
-        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None
+        return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None, None
 
 
-def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention)."""
+def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     keep_states=False):
+    """The chunked Triton operator over validated [B, T, H, D] inputs (see gsa.ops.gated_slot_attention).
+    keep_states: the forward's chunk states are kept for the backward instead of computed again there."""
     B, T, HQ = q.shape[:3]
     V = v.shape[3]
     q, k, v, s, g = (t.reshape(B * T, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v, s, g))
@@ -1062,6 +1066,8 @@ def chunk_gsa_triton(q, k, v, s, g, scale, initial_state=None, output_final_stat
     hk0 = hv0 = None
     if initial_state is not None:
         hk0, hv0 = initial_state  # converted to float32 as the operator joins them
-    o, final_k, final_v = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state)
+    o, final_k, final_v = ChunkGSAFunction.apply(
+        q, k, v, s, g, hk0, hv0, float(scale), layout, output_final_state, bool(keep_states)
+    )
     o = o.view(B, T, HQ, V)
     return o, ((final_k, final_v) if output_final_state else None)
