@@ -60,10 +60,10 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
         assert b == pytest.approx(a, rel=1e-6)
 
 
-def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
+def test_kept_features_and_states_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
     """--keep-features: every GSA layer and MLP of the trained model keeps its features (and normalised rows) for
-    backward, training is the same as with recomputation, and the saved model's config keeps its own setting (a
-    training-time choice)."""
+    backward; --keep-states: every GSA layer keeps its chunk states; training is the same as with recomputation,
+    and the saved model's config keeps its own settings (training-time choices)."""
     from gsa.layers import GatedSlotAttention, SwiGLU
     from gsa.train import trainer as trainer_module
 
@@ -72,14 +72,19 @@ def test_kept_features_train_the_same_and_are_the_layers_setting(tmp_path, monke
 
     def build_and_record(self):
         build(self)
-        flags.append({m.recompute_features for m in self.model.modules() if isinstance(m, (GatedSlotAttention, SwiGLU))})
+        modules = list(self.model.modules())
+        flags.append(({m.recompute_features for m in modules if isinstance(m, (GatedSlotAttention, SwiGLU))},
+                      {m.recompute_states for m in modules if isinstance(m, GatedSlotAttention)}))
 
     monkeypatch.setattr(trainer_module.Trainer, "_build_model", build_and_record)
     plain = train(tiny_config(tmp_path / "a", steps=3, save_every=100))
     kept = train(tiny_config(tmp_path / "b", steps=3, save_every=100, keep_features=True))
-    assert flags == [{True}, {False}]
-    assert train_losses(kept.run_dir) == train_losses(plain.run_dir)
-    assert json.loads((kept.model_dir / "config.json").read_text())["recompute_features"] is True
+    states = train(tiny_config(tmp_path / "c", steps=3, save_every=100, keep_states=True))
+    assert flags == [({True}, {True}), ({False}, {True}), ({True}, {False})]
+    assert train_losses(kept.run_dir) == train_losses(plain.run_dir) == train_losses(states.run_dir)
+    saved = json.loads((kept.model_dir / "config.json").read_text())
+    assert saved["recompute_features"] is True and saved["recompute_states"] is True
+    assert json.loads((states.model_dir / "config.json").read_text())["recompute_states"] is True
 
 
 def test_resume_continues_exactly(tmp_path):

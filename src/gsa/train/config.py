@@ -32,6 +32,9 @@ class TrainConfig:
     keep_features: bool = _field(False, "model", "keep the GSA layers' φ(q), φ(k), swish(v) and the norms' outputs "
                                  "for backward instead of recomputing them: a little faster, 6 x width more values a "
                                  "token and block (false leaves the model's own recompute_features setting as it is)")
+    keep_states: bool = _field(False, "model", "keep the GSA operator's chunk states from forward for backward "
+                               "instead of computing them again (GPU): one state pass fewer a step for (T / 64 + 1) x "
+                               "heads x (K + V) x slots more values a sequence and layer")
     # [data]
     data: list = _field(["shakespeare"], "data", "corpus names (shakespeare, bible-kjv, gcide), files or folders")
     text_field: str = _field("text", "data", "the text field of JSON-lines files and saved datasets")

@@ -320,6 +320,10 @@ class Trainer:
             for module in model.modules():
                 if isinstance(module, (GatedSlotAttention, SwiGLU)):
                     module.recompute_features = False
+        if config.keep_states:  # a training-time choice too
+            for module in model.modules():
+                if isinstance(module, GatedSlotAttention):
+                    module.recompute_states = False
         if config.activation_checkpointing:
             options = {"use_reentrant": False}  # the non-reentrant form works under FSDP and with frozen inputs
             if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
