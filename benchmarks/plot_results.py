@@ -49,12 +49,13 @@ def plot_ops(data):
 
 
 def plot_train(data):
-    """Every model of one bench_train.py run (train_h200_fla.json: ours, ours with features kept, Llama and FLA's
-    GSA in one process); FLA's anchors from the spec where the run has no FLA."""
+    """Every model of one bench_train.py run (ours in its variants and FLA's GSA in one process, Llama added from
+    another run of the same benchmark); FLA's anchors from the spec where the run has no FLA."""
     runs = data["runs"]
     contexts = sorted({int(k.split("@")[1]) for k in runs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    kinds = [("ours", "gsa"), ("ours-kept", "gsa, features kept"), ("ours-plain", "gsa, plain layers"),
+    kinds = [("ours", "gsa"), ("ours-kept", "gsa, features kept"),
+             ("ours-kept-states", "gsa, features and chunk states kept"), ("ours-plain", "gsa, plain layers"),
              ("llama", "Transformer++ (HF Llama, SDPA)"), ("fla", "FLA GSA")]
     for kind, label in kinds:
         if not all(f"{kind}@{c}" in runs for c in contexts):
@@ -168,9 +169,9 @@ def main():
                 ops["shapes"].setdefault(name, shape)
         plot_ops(ops)
         print("plotted the operator")
-    # session 17's run (ours, ours with features kept, FLA's model in one process), Transformer++ from session 14's
-    # (the same benchmark; nothing of Llama's changed since)
-    if (train := read("train_h200_fla_v2.json")) is not None:
+    # session 18's run (ours with features kept, and with the chunk states kept too, FLA's model in one process),
+    # Transformer++ from session 14's (the same benchmark; nothing of Llama's changed since)
+    if (train := read("train_h200_fla_v3.json")) is not None:
         if (earlier := read("train_h200_fla.json")) is not None:
             train = with_cells(train, earlier, ["runs"], {"llama"})
         plot_train(train)
