@@ -34,6 +34,16 @@ def state_pass(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def launched(monkeypatch):
+    """The names of the chunk kernels launched, in order."""
+    names = []
+    real = chunk_kernels._try
+    monkeypatch.setattr(chunk_kernels, "_try", lambda kernel, *args: (names.append(kernel.fn.__name__),
+                                                                      real(kernel, *args)))
+    return names
+
+
 def reference(q, k, v, s, g, hk=None, hv=None, cu_seqlens=None, scale=None):
     state = (hk, hv) if hk is not None else None
     args = [t.double().cpu() for t in (q, k, v, s, g)]
@@ -76,14 +86,10 @@ def test_chunk_kernels_without_initial_state(state_pass):
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["kept", "formed-again"])
-def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, monkeypatch, keep):
+def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, monkeypatch, launched, keep):
     """KEEP_GATE_FACTORS (the default): the backward takes the forward's gate factors and decays, launching no
     _gate_factors of its own; off, it forms them again. Outputs and every gradient are the reference's either way."""
     monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", keep)
-    launched = []
-    real = chunk_kernels._try
-    monkeypatch.setattr(chunk_kernels, "_try",
-                        lambda kernel, *args: (launched.append(kernel.fn.__name__), real(kernel, *args)))
     tensors = gsa_inputs(2, 150, 4, 2, 70, 24, 20, dtype=torch.float32, seed=21, device=DEVICE)
     tensors += list(random_state(2, 2, 70, 24, 20, dtype=torch.float32, seed=22, device=DEVICE))
     got = outputs_and_grads(triton_call, tensors)
@@ -92,13 +98,9 @@ def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, m
     assert launched.count("_gate_factors") == (1 if keep else 2)
 
 
-def test_kept_states_give_the_same_gradients_without_a_state_pass_in_backward(state_pass, monkeypatch):
+def test_kept_states_give_the_same_gradients_without_a_state_pass_in_backward(state_pass, launched):
     """keep_states: the backward takes the forward's chunk states instead of computing them again: the output,
     final states and every gradient are bitwise those of the default, and the backward launches no state pass."""
-    launched = []
-    real = chunk_kernels._try
-    monkeypatch.setattr(chunk_kernels, "_try",
-                        lambda kernel, *args: (launched.append(kernel.fn.__name__), real(kernel, *args)))
     tensors = gsa_inputs(2, 150, 4, 2, 70, 24, 20, dtype=torch.float32, seed=24, device=DEVICE)
     tensors += list(random_state(2, 2, 70, 24, 20, dtype=torch.float32, seed=25, device=DEVICE))
 
