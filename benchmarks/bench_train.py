@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --models ours ours-graph   # eager against the whole step in one CUDA graph
     python benchmarks/bench_train.py --models ours ours-autocast ours-packed   # what `gsa train` does differently
     python benchmarks/bench_train.py --models ours ours-kept   # GSA features kept for backward, not recomputed
+    python benchmarks/bench_train.py --models ours-kept ours-kept-states   # the chunk states kept too (ours-states: alone)
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).

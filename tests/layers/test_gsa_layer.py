@@ -68,13 +68,20 @@ def test_short_conv_under_autocast_hands_the_operator_the_autocast_dtype(monkeyp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_layer_keeping_its_states_trains_bitwise_the_same():
-    """recompute_states=False: the operator keeps the forward's chunk states for backward; the layer's output and
-    every gradient are bitwise the default's (the states it would compute again are the same numbers)."""
+def test_gpu_layer_keeping_its_states_trains_bitwise_the_same(monkeypatch):
+    """recompute_states=False: the operator keeps the forward's chunk states for backward (its backward launches
+    no state walk); the layer's output and every gradient are bitwise the default's (the states it would compute
+    again are the same numbers)."""
+    from gsa.ops.triton import chunk as chunk_kernels
+
+    launched = []
+    real = chunk_kernels._try
+    monkeypatch.setattr(chunk_kernels, "_try", lambda kernel, *args: (launched.append(kernel.fn.__name__),
+                                                                      real(kernel, *args)))
     torch.manual_seed(8)
     layer = GatedSlotAttention(hidden_size=256, num_heads=2, num_slots=32).cuda().bfloat16()
     x = torch.randn(2, 700, 256, device="cuda", dtype=torch.bfloat16)
-    results = []
+    results, walks = [], []
     for recompute in (True, False):
         layer.recompute_states = recompute
         layer.zero_grad(set_to_none=True)
@@ -82,4 +89,7 @@ def test_gpu_layer_keeping_its_states_trains_bitwise_the_same():
         y, _ = layer(inputs)
         y.backward(torch.ones_like(y))
         results.append([y, inputs.grad, *(p.grad for p in layer.parameters())])
+        walks.append(launched.count("_walk_states"))
+        launched.clear()
     assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert walks[0] == 2 * walks[1] > 0  # forward and backward, then the forward's only

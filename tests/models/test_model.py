@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -530,6 +532,21 @@ def test_kept_features_config_reaches_every_gsa_layer_and_trains_the_same(tmp_pa
     assert rel_err(grads[False], grads[True]) < 1e-12
     model.save_pretrained(tmp_path)
     assert GSAForCausalLM.from_pretrained(tmp_path).config.recompute_features is False
+
+
+def test_kept_states_config_reaches_every_gsa_layer_and_survives_save_load(tmp_path):
+    """GSAConfig.recompute_states=False is each GSA layer's setting (not the attention layers'), and comes back
+    from save/load, in config.json and in the loaded layers."""
+    model = build("hybrid", recompute_states=False)
+    gsa_layers = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_states")]
+    assert gsa_layers and len(gsa_layers) < len(model.model.layers)
+    assert all(layer.recompute_states is False for layer in gsa_layers)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["recompute_states"] is False
+    loaded = GSAForCausalLM.from_pretrained(tmp_path)
+    assert all(block.attn.recompute_states is False for block in loaded.model.layers
+               if hasattr(block.attn, "recompute_states"))
+    assert build("gsa").model.layers[0].attn.recompute_states is True  # the default
 
 
 def test_cache_object_is_returned_under_transformers_name():

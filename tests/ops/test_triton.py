@@ -98,25 +98,40 @@ def test_gate_factors_kept_or_formed_again_give_the_same_gradients(state_pass, m
     assert launched.count("_gate_factors") == (1 if keep else 2)
 
 
-def test_kept_states_give_the_same_gradients_without_a_state_pass_in_backward(state_pass, launched):
+@pytest.mark.parametrize("case", ["batch", "packed"])
+def test_kept_states_give_the_same_gradients_without_a_state_pass_in_backward(state_pass, launched, monkeypatch,
+                                                                             case):
     """keep_states: the backward takes the forward's chunk states instead of computing them again: the output,
-    final states and every gradient are bitwise those of the default, and the backward launches no state pass."""
-    tensors = gsa_inputs(2, 150, 4, 2, 70, 24, 20, dtype=torch.float32, seed=24, device=DEVICE)
-    tensors += list(random_state(2, 2, 70, 24, 20, dtype=torch.float32, seed=25, device=DEVICE))
+    final states and every gradient are bitwise those of the default, and the backward launches no state pass.
+    batch: two sequences with initial and final states; packed: three sequences (one of a single step) by cu_seqlens
+    with initial states, no final states, and the gate factors formed again (KEEP_GATE_FACTORS off)."""
+    gates_kept = case == "batch"
+    monkeypatch.setattr(chunk_kernels, "KEEP_GATE_FACTORS", gates_kept)
+    if case == "batch":
+        B, T, N, cu, final = 2, 150, 2, None, True
+    else:
+        B, T, N, cu, final = 1, 220, 3, torch.tensor([0, 70, 71, 220], device=DEVICE), False
+    tensors = gsa_inputs(B, T, 4, 2, 70, 24, 20, dtype=torch.float32, seed=24, device=DEVICE)
+    tensors += list(random_state(N, 2, 70, 24, 20, dtype=torch.float32, seed=25, device=DEVICE))
 
     def run(keep):
-        def call(q, k, v, s, g, hk, hv):
-            return triton_ops.chunk_gsa_triton(q, k, v, s, g, 70**-0.5, (hk, hv), True, None, keep_states=keep)
         launched.clear()
-        results = outputs_and_grads(call, tensors)
-        return results, list(launched)
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        o, states = triton_ops.chunk_gsa_triton(*leaves[:5], 70**-0.5, tuple(leaves[5:]), final, cu, keep_states=keep)
+        outputs = [o, *(states or ())]
+        gen = torch.Generator().manual_seed(26)
+        loss = sum((x.double() * torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)).sum()
+                   for x in outputs)
+        return [x.detach() for x in outputs] + list(torch.autograd.grad(loss, leaves)), list(launched)
 
     (recomputed, recomputing), (kept, keeping) = run(False), run(True)
-    for name, a, b in zip(NAMES, kept, recomputed):
-        assert torch.equal(a, b), name
-    # what the default's backward launches more is exactly the forward's state pass (the gate factors are kept)
-    forward_states = [n for n in keeping[:keeping.index("_output_fwd")] if n != "_gate_factors"]
-    assert forward_states and Counter(recomputing) - Counter(keeping) == Counter(forward_states)
+    for i, (a, b) in enumerate(zip(kept, recomputed)):
+        assert torch.equal(a, b), i
+    # what the default's backward launches more is exactly the forward's state pass (and the gate factors, when
+    # those are formed again)
+    forward_states = [n for n in keeping[:keeping.index("_output_fwd")] if n != "_gate_factors" or not gates_kept]
+    assert any(n != "_gate_factors" for n in forward_states) and ("_gate_factors" in forward_states) != gates_kept
+    assert Counter(recomputing) - Counter(keeping) == Counter(forward_states)
     assert not Counter(keeping) - Counter(recomputing)
 
 

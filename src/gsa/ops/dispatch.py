@@ -63,9 +63,9 @@ def gated_slot_attention(
             "auto": triton on CUDA tensors when available, else torch.
         check_gate_values: verify g <= 0 (one device sync); callers that build g as a log-sigmoid skip it.
         keep_states: training memory against speed on the Triton backend: keep the chunk states the forward
-            computes ([chunks + sequences, H, K + V, M] in the operand dtype) for the backward instead of
-            computing them again there (the paper's choice, and the default). The torch backend keeps what
-            autograd keeps either way.
+            computes ([Σ ceil(T_i / 64) + N, H, K + V, M] in the operand dtype) for the backward instead of
+            computing them again there (False, the default, recomputes them as the paper does). The torch backend
+            keeps what autograd keeps either way.
 
     Returns:
         (o [B, T, HQ, V] in the dtype of q, final_state or None).

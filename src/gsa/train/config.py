@@ -34,7 +34,8 @@ class TrainConfig:
                                  "token and block (false leaves the model's own recompute_features setting as it is)")
     keep_states: bool = _field(False, "model", "keep the GSA operator's chunk states from forward for backward "
                                "instead of computing them again (GPU): one state pass fewer a step for (T / 64 + 1) x "
-                               "heads x (K + V) x slots more values a sequence and layer")
+                               "heads x (K + V) x slots more values a sequence and layer; no effect on the CPU's torch "
+                               "backend (false leaves the model's own recompute_states setting as it is)")
     # [data]
     data: list = _field(["shakespeare"], "data", "corpus names (shakespeare, bible-kjv, gcide), files or folders")
     text_field: str = _field("text", "data", "the text field of JSON-lines files and saved datasets")

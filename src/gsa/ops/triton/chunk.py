@@ -947,7 +947,7 @@ class ChunkGSAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, s, g, hk0, hv0, scale, layout, output_final_state, keep_states):
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
-        start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation
+        start = _joint(hk0, hv0) if hk0 is not None else None  # kept for the backward's recomputation (if any)
         final = _halves(layout.num_sequences, H, K, V, M, q.device) if output_final_state else None
         states, decay, factors = _scan_states(k, v, s, g, start, layout, final)
         final_k, final_v = final if final is not None else (None, None)
@@ -962,9 +962,13 @@ class ChunkGSAFunction(torch.autograd.Function):
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
-        kept = (factors, decay) if KEEP_GATE_FACTORS or keep_states else (None, None)
-        ctx.save_for_backward(q, k, v, s, g, start, logits, *kept, states if keep_states else None)
-        ctx.scale, ctx.layout = scale, layout
+        # with the states kept the backward needs only the chunk decays of the state pass's products
+        if keep_states:
+            kept = (None, decay, states, None)
+        else:
+            kept = ((factors, decay) if KEEP_GATE_FACTORS else (None, None)) + (None, start)
+        ctx.save_for_backward(q, k, v, s, g, logits, *kept)
+        ctx.scale, ctx.layout, ctx.has_start = scale, layout, start is not None
         # gradients of unused outputs arrive as None, not as zeros to fill and join (16 us at the paper shape when
         # the final states are returned but not trained through)
         ctx.set_materialize_grads(False)
@@ -973,7 +977,7 @@ class ChunkGSAFunction(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, dfinal_k, dfinal_v):
-        q, k, v, s, g, start, logits, factors, decay, states = ctx.saved_tensors
+        q, k, v, s, g, logits, factors, decay, states, start = ctx.saved_tensors
         scale, layout = ctx.scale, ctx.layout
         TT, HQ, K = q.shape
         H, V, M = k.shape[1], v.shape[-1], s.shape[-1]
@@ -1013,7 +1017,7 @@ class ChunkGSAFunction(torch.autograd.Function):
                 dfinal_v if dfinal_v is not None else torch.zeros(layout.num_sequences, H, M, V, device=q.device),
             )
         # the initial states' gradient, when they were given and need one, straight into their halves' layout
-        wanted = start is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+        wanted = ctx.has_start and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         dh0 = _halves(layout.num_sequences, H, K, V, M, q.device) if wanted else None
         plan = state_plan(layout, H, K, V)
         if plan is not None:
