@@ -962,7 +962,7 @@ class ChunkGSAFunction(torch.autograd.Function):
             BT=CHUNK, BK=min(64, next_power_of_2(K)), BV=min(64, next_power_of_2(V)), BM=BM,
             FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **_dot_args(q.dtype)
         )
-        # with the states kept the backward needs only the chunk decays of the state pass's products
+        # with the states kept, the backward needs of the state pass only its chunk decays (for the gradients' walk)
         if keep_states:
             kept = (None, decay, states, None)
         else:
