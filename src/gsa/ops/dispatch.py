@@ -81,7 +81,7 @@ def gated_slot_attention(
         return _run(chosen, args, keep_states)
 
 
-def _run(chosen: str, args: tuple, keep_states: bool = False):
+def _run(chosen: str, args: tuple, keep_states: bool):
     q = args[0]
     if chosen == "reference":
         o, final_state = reference_gsa(*args)

@@ -316,14 +316,12 @@ class Trainer:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{model.config.vocab_size}; pick the model's tokenizer with --tokenizer")
         model.train()
-        if config.keep_features:  # a training-time choice, not the saved model's (its config.json keeps its own)
-            for module in model.modules():
-                if isinstance(module, (GatedSlotAttention, SwiGLU)):
-                    module.recompute_features = False
-        if config.keep_states:  # a training-time choice too
-            for module in model.modules():
-                if isinstance(module, GatedSlotAttention):
-                    module.recompute_states = False
+        # training-time choices, not the saved model's (its config.json keeps its own settings)
+        for module in model.modules():
+            if config.keep_features and isinstance(module, (GatedSlotAttention, SwiGLU)):
+                module.recompute_features = False
+            if config.keep_states and isinstance(module, GatedSlotAttention):
+                module.recompute_states = False
         if config.activation_checkpointing:
             options = {"use_reentrant": False}  # the non-reentrant form works under FSDP and with frozen inputs
             if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
