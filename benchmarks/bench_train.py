@@ -6,6 +6,7 @@
     python benchmarks/bench_train.py --models ours ours-autocast ours-packed   # what `gsa train` does differently
     python benchmarks/bench_train.py --models ours ours-kept   # GSA features kept for backward, not recomputed
     python benchmarks/bench_train.py --models ours-kept ours-kept-states   # the chunk states kept too (ours-states: alone)
+    python benchmarks/bench_train.py --models ours-kept-states ours-norms-states   # norms' outputs and states kept
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
 Prints one table; writes JSON (--out).
@@ -32,9 +33,10 @@ TOKENS_PER_STEP = 16384
 def build(kind: str):
     if kind.startswith("ours"):
         # ours-kept: φ(q), φ(k), swish(v) and the norms' outputs kept for backward (fewer row passes, more memory);
-        # -states: the operator's chunk states kept too (no state walk in backward)
+        # -norms: the norms' outputs only; -states: the operator's chunk states kept too (no state walk in backward)
         return GSAForCausalLM(preset_config("gsa-1.3b", recompute_features="kept" not in kind,
-                                            recompute_states="states" not in kind))
+                                            recompute_states="states" not in kind,
+                                            recompute_norms=False if "norms" in kind else None))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

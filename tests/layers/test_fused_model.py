@@ -191,9 +191,10 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, monke
 
 def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(triton_operator):
     """recompute_features=False: the operator's inputs φ(q), φ(k), swish(v) and the two norms' outputs (the input
-    norm's before q, k, v, f and g_norm's before o_proj) are kept instead of recomputed in backward; the output and
-    every gradient are bitwise those of the recomputing layer, and the saved bytes grow by exactly those five
-    [tokens, width] tensors."""
+    norm's before q, k, v, f and g_norm's before o_proj) are kept instead of recomputed in backward;
+    recompute_norms, when set, decides the norms' outputs alone. The output and every gradient are bitwise those of
+    the recomputing layer, and the saved bytes grow by exactly the [tokens, width] tensors kept: five, the two
+    normalised rows alone, or the three features alone."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(device)
@@ -201,9 +202,10 @@ def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(trito
     x = torch.randn(1, 70, 32, device=device)
     cotangent = torch.randn(1, 70, 32, device=device)
     params = {p.untyped_storage().data_ptr() for p in [*layer.parameters(), *norm.parameters()]}
+    settings = {(True, None): 0, (False, None): 5, (True, False): 2, (False, True): 3, (True, True): 0}
     results = {}
-    for recompute in (True, False):
-        layer.recompute_features = recompute
+    for features, norms in settings:
+        layer.recompute_features, layer.recompute_norms = features, norms
         xl = x.clone().requires_grad_()
         saved = {}
 
@@ -217,10 +219,12 @@ def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(trito
         norm.zero_grad(set_to_none=True)
         (y * cotangent).sum().backward()
         grads = [xl.grad, *(p.grad for p in [*layer.parameters(), *norm.parameters()])]
-        results[recompute] = y.detach(), grads, sum(v for k, v in saved.items() if k not in params)
-    (y_re, grads_re, bytes_re), (y_kept, grads_kept, bytes_kept) = results[True], results[False]
-    assert torch.equal(y_re, y_kept) and all(torch.equal(a, b) for a, b in zip(grads_re, grads_kept))
-    assert bytes_kept - bytes_re == 4 * 70 * 5 * 32
+        results[features, norms] = y.detach(), grads, sum(v for k, v in saved.items() if k not in params)
+    y_re, grads_re, bytes_re = results[True, None]
+    for setting, kept in settings.items():
+        y_kept, grads_kept, bytes_kept = results[setting]
+        assert torch.equal(y_re, y_kept) and all(torch.equal(a, b) for a, b in zip(grads_re, grads_kept)), setting
+        assert bytes_kept - bytes_re == 4 * 70 * kept * 32, setting
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -157,6 +157,45 @@ def test_swiglu_kernels_match_torch(dtype):
     assert_close(got, want, dtype, "swiglu_linear")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, monkeypatch):
+    """The MLP with its pre-norm and a residual on the kernels: SwiGLU's backward writes dgate and dup as halves of
+    one buffer, and the projections' backward runs one product for dy and one for both weight gradients; every
+    output and gradient agrees with the torch path (separate products), and the joined form is what ran. (float16,
+    not bf16: the CPU's interpreter truncates float32 to bf16 where the GPU rounds.)"""
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3}[dtype]
+    from gsa.layers import RMSNorm, SwiGLU
+    from gsa.layers import fused
+
+    found = []
+    real = fused.joined_columns
+    monkeypatch.setattr(fused, "joined_columns", lambda grads: found.append(real(grads)) or found[-1])
+    torch.manual_seed(3)
+    mlp, norm = SwiGLU(48, 96).to(DEVICE, dtype), RMSNorm(48).to(DEVICE, dtype)
+    x, residual = randn(2, 7, 48, seed=40, dtype=dtype), randn(2, 7, 48, seed=41, dtype=dtype)
+    params = [*mlp.parameters(), *norm.parameters()]
+
+    def run(x, residual, *weights):
+        return mlp(x, norm=norm, residual=residual)
+
+    (got_out, got_grads), (want_out, want_grads) = both_paths(run, [x, residual])
+    for a, b in zip(got_out + got_grads, want_out + want_grads):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol
+    kinds = [None if j is None else tuple(j.shape) for j in found]
+    assert kinds == [(2, 7, 192), None], kinds  # the kernels' run joined them; the torch run's are separate
+    # the weight gradients too, on both paths
+    grads = {}
+    for kernels in (True, False):
+        for p in params:
+            p.grad = None
+        with use_triton_kernels(kernels):
+            out, h = mlp(x, norm=norm, residual=residual)
+            ((out.float() ** 2).sum() + h.float().sum()).backward()
+        grads[kernels] = [p.grad.clone() for p in params]
+    for a, b in zip(grads[True], grads[False]):
+        assert rel_err(a, b) < tol
+
+
 def test_kernel_outputs_directly():
     """The kernels alone: forward values equal the torch operations they stand for."""
     x = randn(5, 64, seed=13, scale=3.0)

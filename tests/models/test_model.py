@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from gsa.models import GSACache, GSAConfig, GSAForCausalLM, GSAModel, preset_config
+from gsa.layers.fused import keeps_normed
 from gsa.models.loss import linear_cross_entropy
 from tests.helpers import rel_err
 
@@ -485,6 +486,7 @@ def test_paper_preset_sizes():
         (dict(gate_logit_normalizer=0), "gate_logit_normalizer must be > 0"),
         (dict(recompute_features="no"), "recompute_features must be true or false, got 'no'"),
         (dict(recompute_states=0), "recompute_states must be true or false, got 0"),
+        (dict(recompute_norms="no"), "recompute_norms must be true, false or null, got 'no'"),
     ],
 )
 def test_invalid_configs(overrides, message):
@@ -547,6 +549,28 @@ def test_kept_states_config_reaches_every_gsa_layer_and_survives_save_load(tmp_p
     assert all(block.attn.recompute_states is False for block in loaded.model.layers
                if hasattr(block.attn, "recompute_states"))
     assert build("gsa").model.layers[0].attn.recompute_states is True  # the default
+
+
+def test_kept_norms_config_reaches_every_gsa_layer_and_mlp_and_survives_save_load(tmp_path):
+    """GSAConfig.recompute_norms=False (the norms' outputs kept, the features recomputed) is each GSA layer's and
+    MLP's setting, comes back from save/load, and trains as the default; None (the default) follows
+    recompute_features."""
+    x = ids(2, 40)
+    grads = {}
+    for norms in (None, False):
+        torch.manual_seed(0)
+        model = build("hybrid", recompute_norms=norms).train()
+        modules = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_norms")]
+        modules += [block.mlp for block in model.model.layers]
+        assert len(modules) > len(model.model.layers) and all(m.recompute_norms is norms for m in modules)
+        assert all(keeps_normed(m) is (norms is False) for m in modules)
+        model(x, labels=x).loss.backward()
+        grads[norms] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel_err(grads[False], grads[None]) < 1e-12
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["recompute_norms"] is False
+    loaded = GSAForCausalLM.from_pretrained(tmp_path)
+    assert all(keeps_normed(block.mlp) for block in loaded.model.layers)
 
 
 def test_cache_object_is_returned_under_transformers_name():

@@ -62,7 +62,7 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
 
 def test_kept_features_and_states_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
     """--keep-features: every GSA layer and MLP of the trained model keeps its features (and normalised rows) for
-    backward; --keep-states: every GSA layer is set to keep its chunk states (on the GPU; the CPU's torch backend
+    backward; --keep-norms: the normalised rows alone; --keep-states: every GSA layer is set to keep its chunk states (on the GPU; the CPU's torch backend
     keeps what autograd keeps either way); training is the same as with recomputation, and the saved model's config
     keeps its own settings (training-time choices)."""
     from gsa.layers import GatedSlotAttention, SwiGLU
@@ -75,16 +75,21 @@ def test_kept_features_and_states_train_the_same_and_are_the_layers_setting(tmp_
         build(self)
         modules = list(self.model.modules())
         flags.append(({m.recompute_features for m in modules if isinstance(m, (GatedSlotAttention, SwiGLU))},
-                      {m.recompute_states for m in modules if isinstance(m, GatedSlotAttention)}))
+                      {m.recompute_states for m in modules if isinstance(m, GatedSlotAttention)},
+                      {m.recompute_norms for m in modules if isinstance(m, (GatedSlotAttention, SwiGLU))}))
 
     monkeypatch.setattr(trainer_module.Trainer, "_build_model", build_and_record)
     plain = train(tiny_config(tmp_path / "a", steps=3, save_every=100))
     kept = train(tiny_config(tmp_path / "b", steps=3, save_every=100, keep_features=True))
     states = train(tiny_config(tmp_path / "c", steps=3, save_every=100, keep_states=True))
-    assert flags == [({True}, {True}), ({False}, {True}), ({True}, {False})]
-    assert train_losses(kept.run_dir) == train_losses(plain.run_dir) == train_losses(states.run_dir)
+    norms = train(tiny_config(tmp_path / "d", steps=3, save_every=100, keep_norms=True))
+    assert flags == [({True}, {True}, {None}), ({False}, {True}, {None}), ({True}, {False}, {None}),
+                     ({True}, {True}, {False})]
+    assert (train_losses(kept.run_dir) == train_losses(plain.run_dir) == train_losses(states.run_dir)
+            == train_losses(norms.run_dir))
     saved = json.loads((kept.model_dir / "config.json").read_text())
     assert saved["recompute_features"] is True and saved["recompute_states"] is True
+    assert json.loads((norms.model_dir / "config.json").read_text())["recompute_norms"] is None
     assert json.loads((states.model_dir / "config.json").read_text())["recompute_states"] is True
 
 

@@ -5,7 +5,7 @@
     rms_norm_rows_bwd(x, w, rstd, dy, pre_silu)     -> (dx, dw)
     rms_norm_rows_bwd(h, w, rstd, dy, False, dh)    -> (dx + dh, dw): the residual stream's gradient added in
     swiglu_rows_fwd(gate, up)                       -> silu(gate) * up
-    swiglu_rows_bwd(gate, up, dh)                   -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
+    swiglu_rows_bwd(gate, up, dh, joined)           -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
     slot_gates_fwd(f, tau, clamp_min, mask, dtype)  -> (s, g) of the GSA layer from its gate logits f
     slot_gates_bwd(f, tau, clamp_min, mask, ds, dg) -> df
 
@@ -120,17 +120,22 @@ if KERNELS_AVAILABLE:
         tl.store(H + offs, h.to(H.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _swiglu_bwd_kernel(G, U, DH, H, DG, DU, numel, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < numel
+    def _swiglu_bwd_kernel(G, U, DH, H, DG, DU, width, d_stride, BLOCK: tl.constexpr):
+        # one row's block of columns a program: the gradients' rows are d_stride apart (2 x width when dgate and
+        # dup are the two halves of one buffer, which the next product reads as one matrix)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < width
+        offs = row * width + cols
         g = tl.load(G + offs, mask=valid, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=valid, other=0.0).to(tl.float32)
         dh = tl.load(DH + offs, mask=valid, other=0.0).to(tl.float32)
         s = _silu_rounded(g, G.dtype.element_ty)
         tl.store(H + offs, (s * u).to(H.dtype.element_ty), mask=valid)
-        tl.store(DU + offs, (dh * s).to(DU.dtype.element_ty), mask=valid)
+        d_offs = row * d_stride + cols
+        tl.store(DU + d_offs, (dh * s).to(DU.dtype.element_ty), mask=valid)
         ds = (dh * u).to(G.dtype.element_ty).to(tl.float32)  # torch rounds grad * up to the dtype first
-        tl.store(DG + offs, swish_grad(ds, g).to(DG.dtype.element_ty), mask=valid)
+        tl.store(DG + d_offs, swish_grad(ds, g).to(DG.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _log_sigmoid(x):
@@ -342,12 +347,21 @@ def swiglu_rows_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor):
+def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, joined: bool = False):
+    """(h, dgate, dup); joined (gate and up of one dtype): dgate and dup are the two halves of one [..., 2 x width]
+    buffer (`joined_columns` gives it back as one tensor)."""
     gate, up, dh = gate.contiguous(), up.contiguous(), dh.contiguous()
-    h, dg, du = torch.empty_like(gate), torch.empty_like(gate), torch.empty_like(up)
-    n = gate.numel()
-    if n:
-        _swiglu_bwd_kernel[(cdiv(n, SWIGLU_BLOCK),)](gate, up, dh, h, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4)
+    width = gate.shape[-1]
+    h = torch.empty_like(gate)
+    if joined:
+        d = torch.empty(*gate.shape[:-1], 2 * width, device=gate.device, dtype=gate.dtype)
+        dg, du = d[..., :width], d[..., width:]
+    else:
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+    if gate.numel():
+        grid = (gate.numel() // width, cdiv(width, SWIGLU_BLOCK))
+        _swiglu_bwd_kernel[grid](gate, up, dh, h, dg, du, width, dg.stride(-2) if gate.dim() > 1 else width,
+                                 BLOCK=SWIGLU_BLOCK, num_warps=4)
     return h, dg, du
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
 from ..ops.checks import check_cu_seqlens
 from .conv import ShortConvolution
-from .fused import norm_linear, pre_norm_linear, recompute_saved, slot_gate_recipes, slot_gates
+from .fused import keeps_normed, norm_linear, pre_norm_linear, recompute_saved, slot_gate_recipes, slot_gates
 from .norm import RMSNorm
 
 
@@ -72,6 +72,7 @@ class GatedSlotAttention(nn.Module):
         backend: str = "auto",
         recompute_features: bool = True,
         recompute_states: bool = True,
+        recompute_norms: bool | None = None,
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -109,6 +110,10 @@ class GatedSlotAttention(nn.Module):
         # when False, which saves backward five passes over [tokens, width] and keeps 5 x tokens x width more
         # values per layer.
         self.recompute_features = recompute_features
+        # The norms' outputs alone: None follows recompute_features; False with recompute_features True keeps
+        # 3 x tokens x width a layer and block (the norms' passes) but not the features (recomputed by swish's
+        # cheaper pass), the setting that fits the chunk states too under FLA's memory at the 1.3B shape.
+        self.recompute_norms = recompute_norms
         # The operator's chunk states are computed again in backward (the paper's choice) when True; kept from the
         # forward when False (Triton backend): one state pass a step fewer for [chunks + sequences, heads, K + V,
         # slots] more values kept a layer (135 MB for one 16K-token sequence of the 1.3B layer, 138 MB for 8 x 2K).
@@ -134,7 +139,8 @@ class GatedSlotAttention(nn.Module):
         h = residual + x is the layer's input (x itself without a residual)."""
         projections = (self.q_proj, self.k_proj, self.v_proj, self.f_proj)
         if norm is not None:
-            h, (q, k, v, f) = pre_norm_linear(x, norm, projections, residual, keep_normed=not self.recompute_features)
+            h, (q, k, v, f) = pre_norm_linear(x, norm, projections, residual,
+                                            keep_normed=keeps_normed(self))
         else:
             h, (q, k, v, f) = x, (p(x) for p in projections)
         q, k, v, f, conv_windows = self._convolve(q, k, v, f, mask, positions, state, use_cache)
@@ -199,7 +205,7 @@ class GatedSlotAttention(nn.Module):
         o = o.reshape(B, T, -1)
         if self.g_norm is not None:
             # o_proj(g_norm(swish(o))) in one Function: backward keeps o only (and the normed rows when they are kept)
-            (y,) = norm_linear(o, self.g_norm, (self.o_proj,), pre_silu=True, keep_normed=not self.recompute_features)
+            (y,) = norm_linear(o, self.g_norm, (self.o_proj,), pre_silu=True, keep_normed=keeps_normed(self))
         else:
             y = self.o_proj(F.silu(o))
         return (y, new_state) if residual is None else (y, new_state, h)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import must_call, pre_norm_linear, swiglu_linear
+from .fused import keeps_normed, must_call, pre_norm_linear, swiglu_linear
 
 
 def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
@@ -15,11 +15,13 @@ def swiglu_intermediate_size(hidden_size: int, hidden_ratio: float = 4) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, recompute_features: bool = True):
+    def __init__(self, hidden_size: int, intermediate_size: int, recompute_features: bool = True,
+                 recompute_norms: bool | None = None):
         super().__init__()
         # with a norm given: its output is rebuilt in backward when True (less memory), kept when False (one pass
-        # over the rows fewer)
+        # over the rows fewer); recompute_norms, when not None, decides instead (as in GatedSlotAttention)
         self.recompute_features = recompute_features
+        self.recompute_norms = recompute_norms
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -31,7 +33,7 @@ class SwiGLU(nn.Module):
         addition, formed in the norm's pass); returns (output, h) then."""
         if norm is not None:
             h, (gate, up) = pre_norm_linear(x, norm, (self.gate_proj, self.up_proj), residual,
-                                            keep_normed=not self.recompute_features)
+                                            keep_normed=keeps_normed(self))
         elif residual is not None:
             raise ValueError("a residual is added in the pre-norm's pass: pass norm with it")
         else:

@@ -29,6 +29,9 @@ class GSAConfig(PretrainedConfig):
             memory and tokens/s either way).
         recompute_states: True: the GSA operator computes its chunk states again in backward (the paper's
             choice); False: keeps the forward's ((T / 64 + 1) x H x (K + V) x M values a sequence and layer).
+        recompute_norms: the norms' outputs alone (3 x width a token and block); None (the default) follows
+            recompute_features. recompute_norms=False with recompute_states=False keeps the norms' outputs and
+            the chunk states but recomputes the features: at the 1.3B shape the fastest setting under FLA's memory.
     """
 
     model_type = "gsa"
@@ -66,6 +69,7 @@ class GSAConfig(PretrainedConfig):
         norm_first: bool = False,
         recompute_features: bool = True,
         recompute_states: bool = True,
+        recompute_norms: bool | None = None,
         **kwargs,
     ):
         kwargs.pop("exapnd_k", None)  # a misspelt alias some released configs carry next to expand_k
@@ -96,6 +100,7 @@ class GSAConfig(PretrainedConfig):
         self.norm_first = norm_first
         self.recompute_features = recompute_features
         self.recompute_states = recompute_states
+        self.recompute_norms = recompute_norms
         self.validate_gsa()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -143,6 +148,8 @@ class GSAConfig(PretrainedConfig):
              f"recompute_features must be true or false, got {self.recompute_features!r}")
         need(isinstance(self.recompute_states, bool),
              f"recompute_states must be true or false, got {self.recompute_states!r}")
+        need(self.recompute_norms is None or isinstance(self.recompute_norms, bool),
+             f"recompute_norms must be true, false or null, got {self.recompute_norms!r}")
         if self.attn is not None:
             need(isinstance(self.attn, dict) and "layers" in self.attn, "attn must be a dict with a 'layers' list")
             unknown = set(self.attn) - ATTENTION_KEYS

@@ -62,9 +62,11 @@ class GSABlock(GradientCheckpointingLayer):
                 layer_idx=layer_idx,
                 recompute_features=config.recompute_features,
                 recompute_states=config.recompute_states,
+                recompute_norms=config.recompute_norms,
             )
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size, config.recompute_features)
+        self.mlp = SwiGLU(config.hidden_size, config.mlp_intermediate_size, config.recompute_features,
+                          config.recompute_norms)
 
     def forward(self, hidden_states, attention_mask=None, cu_seqlens=None, positions=None, state=None, use_cache=False,
                 branch=None):

@@ -322,6 +322,8 @@ class Trainer:
                 module.recompute_features = False
             if config.keep_states and isinstance(module, GatedSlotAttention):
                 module.recompute_states = False
+            if config.keep_norms and isinstance(module, (GatedSlotAttention, SwiGLU)):
+                module.recompute_norms = False
         if config.activation_checkpointing:
             options = {"use_reentrant": False}  # the non-reentrant form works under FSDP and with frozen inputs
             if hasattr(model, "activation_checkpointing_enable"):  # newer transformers; the old name warns there
