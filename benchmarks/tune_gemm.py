@@ -10,6 +10,7 @@ Two questions for issue 8 (training at 1.25x FLA), each answered in GPU time:
    timed too.
 2. The operator's backward leaves multiprocessors idle in its walks over chunks: how much of a weight-gradient
    product (which no later kernel of the layer's backward needs) hides behind it on a second stream?
+3. Why the long products run at fewer TFLOP/s than the short ones: the SM clock nvidia-smi reports under each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import time
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +71,13 @@ def products(gen) -> list[dict]:
                 fwd=gpu_ms(lambda: F.linear(y, wcat)), dx=gpu_ms(lambda: gcat @ wcat),
                 dw=gpu_ms(lambda: gcat.t() @ y), join=gpu_ms(lambda: torch.cat(ws)),
             ))
+            # what rms_norm_linear's backward does with a joined gradient of blocks of unequal widths: one dy
+            # product, the weight gradients per block over the joined gradient's column views
+            widths_ = list(widths)
+            rows.append(dict(
+                name=name, form="blocks", flops=flops, fwd=float("nan"), dx=rows[-1]["dx"],
+                dw=gpu_ms(lambda: [g.t() @ y for g in gcat.split(widths_, -1)]),
+            ))
     for row in rows:
         row["tflops"] = {k: row["flops"] / row[k] / 1e9 for k in ("fwd", "dx", "dw")}
     return rows
@@ -111,6 +121,32 @@ def overlap(gen, batch: int) -> dict:
     return result
 
 
+def clocks_under_load(gen) -> list[dict]:
+    """The SM clock and power nvidia-smi reports while one product runs back to back (~1 s queued ahead): whether
+    the long products' lower TFLOP/s is the clock falling under the power limit (read only; nothing is set)."""
+    y = torch.randn(T, D, device="cuda", generator=gen).bfloat16()
+    readings = []
+    for name, width in (("q (N = 2048)", D), ("gate / up (N = 11264)", 2 * INTER)):
+        w = torch.randn(width, D, device="cuda", generator=gen).bfloat16()
+        ms = gpu_ms(lambda: F.linear(y, w))
+        for _ in range(int(1500 / ms)):  # ~1.5 s of GPU work queued
+            F.linear(y, w)
+        time.sleep(0.5)
+        samples = []
+        for _ in range(4):
+            try:
+                line = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks.max.sm",
+                                       "--format=csv,noheader,nounits", "-i", str(torch.cuda.current_device())],
+                                      capture_output=True, text=True, timeout=10).stdout.strip()
+                samples.append([float(x) for x in line.split(",")])
+            except (OSError, ValueError, subprocess.SubprocessError):
+                break
+            time.sleep(0.2)
+        torch.cuda.synchronize()
+        readings.append(dict(product=name, ms=ms, tflops=2 * T * D * width / ms / 1e9, samples=samples))
+    return readings
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
@@ -119,8 +155,9 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = products(gen)
     overlaps = [overlap(gen, batch) for batch in (8, 2)]
+    loaded = clocks_under_load(gen)
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, tokens=T, products=rows,
-                  overlap=overlaps)
+                  overlap=overlaps, clocks=loaded)
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=1)
     print(f"{'product':9} {'form':9} {'fwd ms':>7} {'dx ms':>7} {'dw ms':>7} {'join':>6}  TFLOP/s fwd / dx / dw")
@@ -132,6 +169,8 @@ def main():
         parts = "  ".join(f"{n}: alone {o[n]['alone']:.3f} both {o[n]['together']:.3f} saved {o[n]['saved']:.3f}"
                           for n in ("down dW", "o dW"))
         print(f"operator bwd {o['batch']} x {T // o['batch']}: {o['operator_bwd']:.3f} ms  {parts}")
+    for c in loaded:
+        print(f"{c['product']}: {c['tflops']:.0f} TFLOP/s; SM MHz, W, max MHz under load: {c['samples']}")
 
 
 if __name__ == "__main__":

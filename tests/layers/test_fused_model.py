@@ -189,12 +189,14 @@ def test_layer_with_triton_operator_recomputes_its_inputs(triton_operator, monke
     assert bytes1 == want, (bytes1, want, bytes0)
 
 
-def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(triton_operator):
+@pytest.mark.parametrize("row_kernels", [False, True], ids=["torch-rows", "kernel-rows"])
+def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(triton_operator, row_kernels):
     """recompute_features=False: the operator's inputs φ(q), φ(k), swish(v) and the two norms' outputs (the input
     norm's before q, k, v, f and g_norm's before o_proj) are kept instead of recomputed in backward;
     recompute_norms, when set, decides the norms' outputs alone. The output and every gradient are bitwise those of
     the recomputing layer, and the saved bytes grow by exactly the [tokens, width] tensors kept: five, the two
-    normalised rows alone, or the three features alone."""
+    normalised rows alone, or the three features alone. With the row kernels too (the features then come from one
+    Function, and are rebuilt by its kernel)."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(device)
@@ -213,11 +215,11 @@ def test_layer_keeping_its_features_trains_the_same_and_saves_exactly_them(trito
             saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
             return t
 
-        with use_triton_kernels(False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with use_triton_kernels(row_kernels), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, _ = layer(xl, norm=norm)
-        layer.zero_grad(set_to_none=True)
-        norm.zero_grad(set_to_none=True)
-        (y * cotangent).sum().backward()
+            layer.zero_grad(set_to_none=True)
+            norm.zero_grad(set_to_none=True)
+            (y * cotangent).sum().backward()
         grads = [xl.grad, *(p.grad for p in [*layer.parameters(), *norm.parameters()])]
         results[features, norms] = y.detach(), grads, sum(v for k, v in saved.items() if k not in params)
     y_re, grads_re, bytes_re = results[True, None]

@@ -196,6 +196,41 @@ def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, monkey
         assert rel_err(a, b) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gsa_layer_features_are_one_function_with_one_gradient_matrix(dtype, monkeypatch):
+    """The GSA layer (pre-norm, residual) on the row kernels: swish(q), swish(k), swish(v) and the slot gates come
+    from one Function whose backward writes dq, dk, dv, df as column blocks of one gradient, which the projections'
+    backward reads as one matrix; outputs and every gradient agree with the torch path (separate swishes and
+    gates), and the joined form is what ran. (float16, not bf16: the interpreter truncates to bf16.)"""
+    from gsa.layers import GatedSlotAttention, RMSNorm
+    from gsa.layers import fused
+
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
+    found = []
+    real = fused.joined_columns
+    monkeypatch.setattr(fused, "joined_columns", lambda grads: found.append(real(grads)) or found[-1])
+    torch.manual_seed(4)
+    layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(DEVICE, dtype)
+    norm = RMSNorm(32).to(DEVICE, dtype)
+    params = [*layer.parameters(), *norm.parameters()]
+    x, residual = randn(2, 70, 32, seed=42, dtype=dtype), randn(2, 70, 32, seed=43, dtype=dtype)
+    cot = randn(2, 70, 32, seed=44, dtype=dtype)
+    results = {}
+    for kernels in (True, False):
+        for p in params:
+            p.grad = None
+        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        with use_triton_kernels(kernels):
+            y, _, h = layer(xl, norm=norm, residual=rl)
+            ((y.float() * cot.float()).sum() + (h.float() * cot.float()).sum()).backward()
+        results[kernels] = [y.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
+    # q / k / v / f: 3 x 32 + 2 x 8 columns joined on the kernels' run; o_proj alone; nothing joined on torch's
+    kinds = [None if j is None else tuple(j.shape) for j in found]
+    assert kinds == [None, (2, 70, 112), None, None], kinds
+
+
 def test_kernel_outputs_directly():
     """The kernels alone: forward values equal the torch operations they stand for."""
     x = randn(5, 64, seed=13, scale=3.0)

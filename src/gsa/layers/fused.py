@@ -247,15 +247,21 @@ class _RMSNormLinear(torch.autograd.Function):
             sum_in_products = ctx.mm_dtype in (None, h.dtype)
             joined = joined_columns(grads) if sum_in_products and not any(ctx.bias_dtypes) else None
             if joined is not None:
-                # the gradients are column blocks of one buffer (SwiGLU's backward writes them so): one product for
-                # all the weight gradients and one for dy, instead of one each and beta = 1 accumulations (H200,
-                # 16K x 2048 -> 2 x 5632: 2.27 -> 2.16 ms with the weights' join; results/tune_gemm_h200.json)
+                # the gradients are column blocks of one buffer (SwiGLU's and the GSA features' backward write them
+                # so): one product for dy instead of one a block and beta = 1 accumulations, and the weight
+                # gradients in one product where the blocks are of one width (H200, 16K rows: gate / up 1.129 ->
+                # 1.061 ms for dy, 1.140 -> 1.101 for the weights; q / k / v / f 0.650 -> 0.595 for dy, but one
+                # weight product of N = 6400 was slower than four, 0.546 -> 0.629; results/tune_gemm_h200.json)
                 grad_rows = _rows(joined)
-                if any(needs[_NORM_ARGS:_NORM_ARGS + count]):
-                    d_joined = grad_rows.t() @ y_rows
-                    parts = d_joined.split([w.shape[0] for w in weights])
-                    d_weights = [part.to(w.dtype) if needs[_NORM_ARGS + i] else None
-                                 for i, (part, w) in enumerate(zip(parts, weights))]
+                widths = [w.shape[0] for w in weights]
+                wanted = needs[_NORM_ARGS:_NORM_ARGS + count]
+                if any(wanted):
+                    if len(set(widths)) == 1:
+                        parts = (grad_rows.t() @ y_rows).split(widths)
+                    else:
+                        parts = [g.t() @ y_rows if want else None
+                                 for g, want in zip(grad_rows.split(widths, -1), wanted)]
+                    d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
                 if needs[0] or needs[1] or needs[2]:
                     dy = grad_rows @ _cast(torch.cat(weights), ctx.mm_dtype)
                 grads = ()
@@ -609,6 +615,62 @@ def slot_gates(
     if not (torch.is_grad_enabled() and f.requires_grad):
         return _slot_gate_values(f, tau, clamp_min, mask, dtype, _gate_rows(f, mask))
     return _SlotGates.apply(f, tau, clamp_min, mask, dtype)
+
+
+class _Features(torch.autograd.Function):
+    """The GSA layer's operator inputs from its projections on the Triton kernels: (silu(q), silu(k), silu(v), s,
+    g), the three swishes in one launch and the gates in one. Backward writes dq, dk, dv and df as the column
+    blocks of one [tokens, Σ widths] gradient, which the projections' backward (rms_norm_linear's) then reads as
+    one matrix for its dy product. Saves q, k, v, f (what swish and the gates save anyway)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, f, tau, clamp_min, mask, dtype, rows):
+        from .fused_triton import swish_rows_fwd
+
+        ctx.tau, ctx.clamp_min, ctx.rows = tau, clamp_min, rows
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, f, mask)
+        return (*swish_rows_fwd(q, k, v), *_slot_gate_values(f, tau, clamp_min, mask, dtype, rows))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, ds, dg):
+        from .fused_triton import slot_gates_bwd, swish_rows_bwd
+
+        q, k, v, f, mask = ctx.saved_tensors
+        xs = (q, k, v)
+        dys = tuple(torch.zeros_like(x) if d is None else d.contiguous() for x, d in zip(xs, (dq, dk, dv)))
+        widths = [t.shape[-1] * t.shape[-2] for t in (q, k, v, f)]
+        lead = q.shape[:-2]
+        joined = torch.empty(*lead, sum(widths), device=q.device, dtype=q.dtype)
+        blocks = joined.split(widths, -1)
+        swish_rows_bwd(tuple(x.view(*lead, w) for x, w in zip(xs, widths)),
+                       tuple(d.view(*lead, w) for d, w in zip(dys, widths)), joined)
+        slot_gates_bwd(f, ctx.tau, ctx.clamp_min, *ctx.rows, ds, dg, out=blocks[3])
+        return (*(block.view(t.shape) for block, t in zip(blocks, (q, k, v, f))), None, None, None, None, None)
+
+
+def swish_features(q, k, v, f, tau, clamp_min=None, mask=None, dtype=None):
+    """(silu(q), silu(k), silu(v), s, g) of `slot_gates(f, ...)` as one Function on the Triton kernels (see
+    `_Features`): q, k, v, f [..., heads, width] contiguous of one dtype with gradients recorded; None where that
+    path does not apply (the caller then forms them one by one). With it, `swish_recipes` rebuild the swishes."""
+    if not (fused_enabled() and torch.is_grad_enabled() and _triton(q, k, v, f)):
+        return None
+    if not all(t.requires_grad and t.is_contiguous() and t.dim() >= 2 for t in (q, k, v, f)):
+        return None
+    if len({t.shape[:-2] for t in (q, k, v, f)}) != 1:
+        return None
+    rows = _gate_rows(f, mask)
+    if rows is None:
+        return None
+    return _Features.apply(q, k, v, f, tau, clamp_min, mask, dtype or f.dtype, rows)
+
+
+def swish_recipes(pairs):
+    """`recompute_saved` recipes that rebuild each (output, input) pair's silu(input) with the kernel
+    `swish_features` formed it with (bitwise the same tensor)."""
+    from .fused_triton import swish_rows_fwd
+
+    return [(out, lambda x: swish_rows_fwd(x)[0], inp) for out, inp in pairs]
 
 
 def slot_gate_recipes(f, s, g, tau, clamp_min=None, mask=None, dtype=None):

@@ -7,7 +7,9 @@
     swiglu_rows_fwd(gate, up)                       -> silu(gate) * up
     swiglu_rows_bwd(gate, up, dh, joined)           -> (h, dgate, dup), h = silu(gate) * up rebuilt for dW
     slot_gates_fwd(f, tau, clamp_min, mask, dtype)  -> (s, g) of the GSA layer from its gate logits f
-    slot_gates_bwd(f, tau, clamp_min, mask, ds, dg) -> df
+    slot_gates_bwd(f, tau, clamp_min, mask, ds, dg) -> df (into a joined gradient's block when given one)
+    swish_rows_fwd(q, k, v)                         -> silu of each, one launch
+    swish_rows_bwd((q, k, v), (dq, dk, dv), out)    -> the three gradients through silu as blocks of out
 
 One pass over the rows each, float32 inside, the same roundings as the torch operations they stand for (silu is
 rounded to the input dtype before it is used, as torch computes it in that dtype); they agree with the torch path
@@ -178,9 +180,10 @@ if KERNELS_AVAILABLE:
             tl.store(G + offs, g.to(G.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, HAS_CLAMP: tl.constexpr,
-                               HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr, HAS_DG: tl.constexpr,
-                               BLOCK: tl.constexpr):
+    def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, row_width, df_stride,
+                               HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr,
+                               HAS_DG: tl.constexpr, BLOCK: tl.constexpr):
+        """df's rows (of row_width values) are df_stride apart: the gate logits' block of a joined gradient."""
         offs, valid, f, mask, g0, g = _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP, HAS_MASK,
                                                   BLOCK)
         d = tl.zeros([BLOCK], dtype=tl.float32)
@@ -196,7 +199,44 @@ if KERNELS_AVAILABLE:
         # d logsigmoid(f) / df = sigmoid(-f), formed from z = exp(-|f|) as torch's log_sigmoid_backward does
         z = tl.exp(-tl.abs(f))
         d = d * tl.where(f < 0, 1.0 / (1.0 + z), z / (1.0 + z))
-        tl.store(DF + offs, d.to(DF.dtype.element_ty), mask=valid)
+        df_offs = (offs // row_width) * df_stride + offs % row_width
+        tl.store(DF + df_offs, d.to(DF.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _swish_part(pid, X0, X1, X2, n0, n1, n2):
+        """The tensor (0, 1 or 2) a program of the three-tensor swish kernels works on, and its size."""
+        if pid == 0:
+            X, n = X0, n0
+        elif pid == 1:
+            X, n = X1, n1
+        else:
+            X, n = X2, n2
+        return X, n
+
+    @triton.jit
+    def _swish_fwd_kernel(X0, X1, X2, Y0, Y1, Y2, n0, n1, n2, BLOCK: tl.constexpr):
+        """Y_i = silu(X_i) for up to three tensors in one launch (program axis 1 picks the tensor)."""
+        X, n = _swish_part(tl.program_id(1), X0, X1, X2, n0, n1, n2)
+        Y, _ = _swish_part(tl.program_id(1), Y0, Y1, Y2, n0, n1, n2)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n
+        x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(Y + offs, (x * tl.sigmoid(x)).to(Y.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _swish_bwd_kernel(X0, X1, X2, DY0, DY1, DY2, DX, w0, w1, w2, c1, c2, dx_stride, BLOCK: tl.constexpr):
+        """DX[:, c_i : c_i + w_i] = silu'(X_i) * DY_i for three [rows, w_i] tensors, DX's rows dx_stride apart
+        (the blocks of one joined gradient; c0 = 0); program axes: row, column block, tensor."""
+        which = tl.program_id(2)
+        X, width = _swish_part(which, X0, X1, X2, w0, w1, w2)
+        DY, col0 = _swish_part(which, DY0, DY1, DY2, 0, c1, c2)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < width
+        offs = row * width + cols
+        x = tl.load(X + offs, mask=valid, other=0.0)
+        dy = tl.load(DY + offs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(DX + row * dx_stride + col0 + cols, swish_grad(dy, x).to(DX.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _cross_entropy_kernel(LOGITS, LABELS, LOSS, COUNT, V, ignore_index, GRAD: tl.constexpr,
@@ -404,17 +444,47 @@ def slot_gates_fwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_ro
 
 
 def slot_gates_bwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_rows, width: int,
-                   ds: torch.Tensor | None, dg: torch.Tensor | None) -> torch.Tensor:
-    """df (f's dtype) from the gradients of s and g (either may be None)."""
-    df = torch.empty_like(f)
+                   ds: torch.Tensor | None, dg: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """df (f's dtype) from the gradients of s and g (either may be None); written into out when given (rows of
+    f's last two dimensions, any row stride: a column block of a joined gradient)."""
+    row_width = f.shape[-1] * f.shape[-2] if f.dim() > 1 else f.numel()
+    df = torch.empty_like(f) if out is None else out
+    df_stride = row_width if out is None else out.stride(-2)
     n = f.numel()
     ds = ds.contiguous() if ds is not None else None
     dg = dg.contiguous() if dg is not None else None
     if n:
         _slot_gates_bwd_kernel[(cdiv(n, GATE_BLOCK),)](
             f, mask_rows if mask_rows is not None else f, ds if ds is not None else f, dg if dg is not None else f,
-            df, n, width, tau, clamp_min if clamp_min is not None else 0.0, HAS_CLAMP=clamp_min is not None,
-            HAS_MASK=mask_rows is not None, HAS_DS=ds is not None, HAS_DG=dg is not None, BLOCK=GATE_BLOCK,
-            num_warps=4,
+            df, n, width, tau, clamp_min if clamp_min is not None else 0.0, row_width, df_stride,
+            HAS_CLAMP=clamp_min is not None, HAS_MASK=mask_rows is not None, HAS_DS=ds is not None,
+            HAS_DG=dg is not None, BLOCK=GATE_BLOCK, num_warps=4,
         )
     return df
+
+
+SWISH_BLOCK = 1024
+
+
+def swish_rows_fwd(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """silu of each of up to three contiguous tensors, one launch."""
+    ys = tuple(torch.empty_like(x) for x in xs)
+    n = max(x.numel() for x in xs)
+    if n:
+        pad = (xs[0],) * (3 - len(xs))
+        _swish_fwd_kernel[(cdiv(n, SWISH_BLOCK), len(xs))](
+            *xs, *pad, *ys, *(ys[0],) * (3 - len(xs)), *(x.numel() for x in xs), *(0,) * (3 - len(xs)),
+            BLOCK=SWISH_BLOCK, num_warps=4,
+        )
+    return ys
+
+
+def swish_rows_bwd(xs: tuple[torch.Tensor, ...], dys: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    """out[:, c_i : c_i + w_i] = silu'(x_i) * dy_i for three contiguous [rows, w_i] pairs (x_i, dy_i), c_i the
+    widths before; out [rows, >= Σ w_i] with unit column stride."""
+    widths = [x.shape[-1] for x in xs]
+    rows = xs[0].numel() // widths[0]
+    if rows:
+        grid = (rows, cdiv(max(widths), SWISH_BLOCK), 3)
+        _swish_bwd_kernel[grid](*xs, *dys, out, *widths, widths[0], widths[0] + widths[1], out.stride(-2),
+                                BLOCK=SWISH_BLOCK, num_warps=4)

@@ -11,7 +11,16 @@ from torch import nn
 from ..ops import FEATURE_MAPS, gated_slot_attention, gated_slot_attention_decode
 from ..ops.checks import check_cu_seqlens
 from .conv import ShortConvolution
-from .fused import keeps_normed, norm_linear, pre_norm_linear, recompute_saved, slot_gate_recipes, slot_gates
+from .fused import (
+    keeps_normed,
+    norm_linear,
+    pre_norm_linear,
+    recompute_saved,
+    slot_gate_recipes,
+    slot_gates,
+    swish_features,
+    swish_recipes,
+)
 from .norm import RMSNorm
 
 
@@ -237,19 +246,24 @@ class GatedSlotAttention(nn.Module):
         q_in = q.view(B, T, self.num_heads, self.head_k_dim)
         k_in = k.view(B, T, self.num_kv_heads, self.head_k_dim)
         v_in = v.view(B, T, self.num_kv_heads, self.head_v_dim)
-        q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
-        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
-        # (unless recompute_features is off)
-        recipes = []
-        if self.recompute_features:
-            recipes.append((v, F.silu, v_in))
-            if self.feature_map is F.silu:
-                recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
         f = f.view(B, T, self.num_kv_heads, self.num_slots)
         # g = logsigmoid(f) / τ in float32, s = 1 - exp(g), in q's dtype; backward keeps f only
         gate_mask = None if mask is None else mask[:, :, None, None]
-        gate_args = (self.gate_logit_normalizer, self.clamp_min, gate_mask, q.dtype)
-        s, g = slot_gates(f, *gate_args)
+        gate_args = (self.gate_logit_normalizer, self.clamp_min, gate_mask, q_in.dtype)
+        # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
+        # (unless recompute_features is off)
+        features = swish_features(q_in, k_in, v_in, f, *gate_args) if self.feature_map is F.silu else None
+        if features is not None:  # training on the GPU: one Function, its gradient one matrix (see _Features)
+            q, k, v, s, g = features
+            recipes = swish_recipes([(q, q_in), (k, k_in), (v, v_in)]) if self.recompute_features else []
+        else:
+            q, k, v = self.feature_map(q_in), self.feature_map(k_in), F.silu(v_in)
+            recipes = []
+            if self.recompute_features:
+                recipes.append((v, F.silu, v_in))
+                if self.feature_map is F.silu:
+                    recipes += [(q, F.silu, q_in), (k, F.silu, k_in)]
+            s, g = slot_gates(f, *gate_args)
         recipes += slot_gate_recipes(f, s, g, *gate_args)
 
         new_state = None
