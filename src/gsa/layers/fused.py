@@ -248,20 +248,16 @@ class _RMSNormLinear(torch.autograd.Function):
             joined = joined_columns(grads) if sum_in_products and not any(ctx.bias_dtypes) else None
             if joined is not None:
                 # the gradients are column blocks of one buffer (SwiGLU's and the GSA features' backward write them
-                # so): one product for dy instead of one a block and beta = 1 accumulations, and the weight
-                # gradients in one product where the blocks are of one width (H200, 16K rows: gate / up 1.129 ->
-                # 1.061 ms for dy, 1.140 -> 1.101 for the weights; q / k / v / f 0.650 -> 0.595 for dy, but one
-                # weight product of N = 6400 was slower than four, 0.546 -> 0.629; results/tune_gemm_h200.json)
+                # so): one product for dy instead of one a block and beta = 1 accumulations; the weight gradients
+                # one product a block over the buffer's column views, which cuBLAS ran faster than one product over
+                # the whole (H200, 16K rows, ms: gate / up dy 1.095 -> 1.072, weights 1.117 whole / 0.997 by block;
+                # q / k / v / f dy 0.645 -> 0.605, weights 0.640 whole / 0.596 by block, 0.540 from separate
+                # contiguous gradients; results/tune_gemm_h200.json)
                 grad_rows = _rows(joined)
                 widths = [w.shape[0] for w in weights]
-                wanted = needs[_NORM_ARGS:_NORM_ARGS + count]
-                if any(wanted):
-                    if len(set(widths)) == 1:
-                        parts = (grad_rows.t() @ y_rows).split(widths)
-                    else:
-                        parts = [g.t() @ y_rows if want else None
-                                 for g, want in zip(grad_rows.split(widths, -1), wanted)]
-                    d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
+                for i, (grad, w) in enumerate(zip(grad_rows.split(widths, -1), weights)):
+                    if needs[_NORM_ARGS + i]:
+                        d_weights[i] = (grad.t() @ y_rows).to(w.dtype)
                 if needs[0] or needs[1] or needs[2]:
                     dy = grad_rows @ _cast(torch.cat(weights), ctx.mm_dtype)
                 grads = ()
