@@ -248,16 +248,21 @@ class _RMSNormLinear(torch.autograd.Function):
             joined = joined_columns(grads) if sum_in_products and not any(ctx.bias_dtypes) else None
             if joined is not None:
                 # the gradients are column blocks of one buffer (SwiGLU's and the GSA features' backward write them
-                # so): one product for dy instead of one a block and beta = 1 accumulations; the weight gradients
-                # one product a block over the buffer's column views, which cuBLAS ran faster than one product over
-                # the whole (H200, 16K rows, ms: gate / up dy 1.095 -> 1.072, weights 1.117 whole / 0.997 by block;
-                # q / k / v / f dy 0.645 -> 0.605, weights 0.640 whole / 0.596 by block, 0.540 from separate
-                # contiguous gradients; results/tune_gemm_h200.json)
+                # so): one product for dy instead of one a block and beta = 1 accumulations (H200, 16K rows, ms: gate
+                # / up 1.10-1.13 -> 1.06-1.08, q / k / v / f 0.65 -> 0.60). The weight gradients: one product where
+                # the blocks are of one width (gate / up: by block over the columns measured 0.997 and 1.097 against
+                # 1.10-1.12 whole, and the whole step ran 0.5 % slower by block), else one a block over the column
+                # views (q / k / v / f: 0.59-0.60 against 0.62-0.64 whole). results/tune_gemm_h200*.json, NOTES.md.
                 grad_rows = _rows(joined)
                 widths = [w.shape[0] for w in weights]
-                for i, (grad, w) in enumerate(zip(grad_rows.split(widths, -1), weights)):
-                    if needs[_NORM_ARGS + i]:
-                        d_weights[i] = (grad.t() @ y_rows).to(w.dtype)
+                wanted = needs[_NORM_ARGS:_NORM_ARGS + count]
+                if any(wanted):
+                    if len(set(widths)) == 1:
+                        parts = (grad_rows.t() @ y_rows).split(widths)
+                    else:
+                        parts = [g.t() @ y_rows if want else None
+                                 for g, want in zip(grad_rows.split(widths, -1), wanted)]
+                    d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
                 if needs[0] or needs[1] or needs[2]:
                     dy = grad_rows @ _cast(torch.cat(weights), ctx.mm_dtype)
                 grads = ()
