@@ -2,8 +2,7 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator and training plots have FLA from the same process (training's Transformer++ from session 14's run of the
-same benchmark); the decoding plot's FLA points come from session 15's run of FLA's model beside ours on the other
+The operator and training plots have FLA from the same process (training's Transformer++ too); the decoding plot's FLA points come from session 15's run of FLA's model beside ours on the other
 GPU of the same machine (decode_h200_fla.json), or from the spec's anchor when that file is missing, its Llama points
 and "products unfused" line from session 16's run (decode_h200_v5.json).
 """
@@ -53,9 +52,10 @@ def plot_train(data):
     another run of the same benchmark); FLA's anchors from the spec where the run has no FLA."""
     runs = data["runs"]
     contexts = sorted({int(k.split("@")[1]) for k in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     kinds = [("ours", "gsa"), ("ours-kept", "gsa, features kept"),
-             ("ours-kept-states", "gsa, features and chunk states kept"), ("ours-plain", "gsa, plain layers"),
+             ("ours-kept-states", "gsa, features and chunk states kept"),
+             ("ours-norms-states", "gsa, norms' outputs and chunk states kept"), ("ours-plain", "gsa, plain layers"),
              ("llama", "Transformer++ (HF Llama, SDPA)"), ("fla", "FLA GSA")]
     for kind, label in kinds:
         if not all(f"{kind}@{c}" in runs for c in contexts):
@@ -72,8 +72,8 @@ def plot_train(data):
         ax.set_ylabel(ylabel)
     axes[0].set_title("1.3B training throughput, H200")
     axes[1].set_title("1.3B training peak memory")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3)  # below: no line hidden
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(IMAGES / "train_h200.png", dpi=120)
 
 
@@ -169,11 +169,8 @@ def main():
                 ops["shapes"].setdefault(name, shape)
         plot_ops(ops)
         print("plotted the operator")
-    # session 18's run (ours with features kept, and with the chunk states kept too, FLA's model in one process),
-    # Transformer++ from session 14's (the same benchmark; nothing of Llama's changed since)
-    if (train := read("train_h200_fla_v3.json")) is not None:
-        if (earlier := read("train_h200_fla.json")) is not None:
-            train = with_cells(train, earlier, ["runs"], {"llama"})
+    # session 19's run: ours in four settings, FLA's model and Transformer++ in one process
+    if (train := read("train_h200_fla_v5.json")) is not None:
         plot_train(train)
         print("plotted training")
     # session 17's run (batch 1, 64 and the long generation, every product fused at batch 1), Llama's generate() and
