@@ -518,22 +518,28 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert rel_err(grads[1], grads[0]) < 1e-12
 
 
-def test_kept_features_config_reaches_every_gsa_layer_and_trains_the_same(tmp_path):
-    """GSAConfig.recompute_features=False (features and normalised rows kept for backward) is each GSA layer's and
-    MLP's setting, survives save/load, and gives the recomputing model's loss and gradients."""
+@pytest.mark.parametrize("field, default", [("recompute_features", True), ("recompute_norms", None)])
+def test_kept_config_reaches_every_gsa_layer_and_mlp_trains_the_same_and_survives_save_load(tmp_path, field, default):
+    """GSAConfig.recompute_features=False (features and normalised rows kept for backward) and
+    recompute_norms=False (the normalised rows alone; None, the default, follows recompute_features) are each GSA
+    layer's and MLP's setting, give the recomputing model's loss and gradients, and come back from save/load (in
+    config.json and in the loaded modules)."""
     x = ids(2, 40)
     grads = {}
-    for recompute in (True, False):
+    for value in (default, False):
         torch.manual_seed(0)
-        model = build("hybrid", recompute_features=recompute).train()
-        gsa_layers = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_features")]
-        assert gsa_layers and all(layer.recompute_features is recompute for layer in gsa_layers)
-        assert all(block.mlp.recompute_features is recompute for block in model.model.layers)
+        model = build("hybrid", **{field: value}).train()
+        modules = [block.attn for block in model.model.layers if hasattr(block.attn, field)]
+        modules += [block.mlp for block in model.model.layers]
+        assert len(modules) > len(model.model.layers) and all(getattr(m, field) is value for m in modules)
+        assert all(keeps_normed(m) is (value is False) for m in modules)
         model(x, labels=x).loss.backward()
-        grads[recompute] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert rel_err(grads[False], grads[True]) < 1e-12
+        grads[value] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel_err(grads[False], grads[default]) < 1e-12
     model.save_pretrained(tmp_path)
-    assert GSAForCausalLM.from_pretrained(tmp_path).config.recompute_features is False
+    assert json.loads((tmp_path / "config.json").read_text())[field] is False
+    loaded = GSAForCausalLM.from_pretrained(tmp_path)
+    assert all(getattr(block.mlp, field) is False and keeps_normed(block.mlp) for block in loaded.model.layers)
 
 
 def test_kept_states_config_reaches_every_gsa_layer_and_survives_save_load(tmp_path):
@@ -549,28 +555,6 @@ def test_kept_states_config_reaches_every_gsa_layer_and_survives_save_load(tmp_p
     assert all(block.attn.recompute_states is False for block in loaded.model.layers
                if hasattr(block.attn, "recompute_states"))
     assert build("gsa").model.layers[0].attn.recompute_states is True  # the default
-
-
-def test_kept_norms_config_reaches_every_gsa_layer_and_mlp_and_survives_save_load(tmp_path):
-    """GSAConfig.recompute_norms=False (the norms' outputs kept, the features recomputed) is each GSA layer's and
-    MLP's setting, comes back from save/load, and trains as the default; None (the default) follows
-    recompute_features."""
-    x = ids(2, 40)
-    grads = {}
-    for norms in (None, False):
-        torch.manual_seed(0)
-        model = build("hybrid", recompute_norms=norms).train()
-        modules = [block.attn for block in model.model.layers if hasattr(block.attn, "recompute_norms")]
-        modules += [block.mlp for block in model.model.layers]
-        assert len(modules) > len(model.model.layers) and all(m.recompute_norms is norms for m in modules)
-        assert all(keeps_normed(m) is (norms is False) for m in modules)
-        model(x, labels=x).loss.backward()
-        grads[norms] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert rel_err(grads[False], grads[None]) < 1e-12
-    model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["recompute_norms"] is False
-    loaded = GSAForCausalLM.from_pretrained(tmp_path)
-    assert all(keeps_normed(block.mlp) for block in loaded.model.layers)
 
 
 def test_cache_object_is_returned_under_transformers_name():
