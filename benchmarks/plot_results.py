@@ -2,9 +2,10 @@
 
     python benchmarks/plot_results.py        # writes docs/img/*.png
 
-The operator and training plots have FLA from the same process (training's Transformer++ too); the decoding plot's FLA points come from session 15's run of FLA's model beside ours on the other
-GPU of the same machine (decode_h200_fla.json), or from the spec's anchor when that file is missing, its Llama points
-and "products unfused" line from session 16's run (decode_h200_v5.json).
+The operator and training plots have FLA from the same process (training's Transformer++ too); the decoding plot's
+FLA points come from session 15's run of FLA's model beside ours on the other GPU of the same machine
+(decode_h200_fla.json), or from the spec's anchor when that file is missing, its Llama points and "products unfused"
+line from session 16's run (decode_h200_v5.json).
 """
 
 from __future__ import annotations

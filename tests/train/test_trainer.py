@@ -60,11 +60,11 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
         assert b == pytest.approx(a, rel=1e-6)
 
 
-def test_kept_features_and_states_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
+def test_kept_features_norms_and_states_train_the_same_and_are_the_layers_setting(tmp_path, monkeypatch):
     """--keep-features: every GSA layer and MLP of the trained model keeps its features (and normalised rows) for
-    backward; --keep-norms: the normalised rows alone; --keep-states: every GSA layer is set to keep its chunk states (on the GPU; the CPU's torch backend
-    keeps what autograd keeps either way); training is the same as with recomputation, and the saved model's config
-    keeps its own settings (training-time choices)."""
+    backward; --keep-norms: the normalised rows alone; --keep-states: every GSA layer is set to keep its chunk
+    states (on the GPU; the CPU's torch backend keeps what autograd keeps either way); training is the same as with
+    recomputation, and the saved model's config keeps its own settings (training-time choices)."""
     from gsa.layers import GatedSlotAttention, SwiGLU
     from gsa.train import trainer as trainer_module
 
