@@ -5,7 +5,7 @@
     python benchmarks/bench_train.py --models ours ours-graph   # eager against the whole step in one CUDA graph
     python benchmarks/bench_train.py --models ours ours-autocast ours-packed   # what `gsa train` does differently
     python benchmarks/bench_train.py --models ours ours-kept   # GSA features kept for backward, not recomputed
-    python benchmarks/bench_train.py --models ours-kept ours-kept-states   # the chunk states kept too (ours-states: alone)
+    python benchmarks/bench_train.py --models ours-kept ours-kept-states   # chunk states kept too (ours-states: alone)
     python benchmarks/bench_train.py --models ours-kept-states ours-norms-states   # norms' outputs and states kept
 
 Forward + backward + fused AdamW step, bf16 weights, random tokens, contexts 2K x 8, 4K x 4, 8K x 2, 16K x 1.
@@ -28,6 +28,10 @@ from gsa.models import GSAForCausalLM, preset_config
 
 CONTEXTS = (2048, 4096, 8192, 16384)
 TOKENS_PER_STEP = 16384
+
+
+KINDS = ("ours", "ours-plain", "ours-graph", "ours-autocast", "ours-packed", "ours-kept", "ours-states",
+         "ours-kept-states", "ours-norms-states", "llama", "fla")
 
 
 def build(kind: str):
@@ -181,7 +185,8 @@ def count_saved(kind: str, context: int) -> dict:
 OPERATOR_KERNELS = ("_local_states", "_local_dstates", "_scan_slots", "_gate_factors", "_walk_states", "_walk_dstates",
                     "_join_segments", "_output_fwd", "_intra_bwd", "_state_grads_bwd")
 ROW_KERNELS = ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
-               "_slot_gates_fwd_kernel", "_slot_gates_bwd_kernel", "_cross_entropy_kernel")
+               "_slot_gates_fwd_kernel", "_slot_gates_bwd_kernel", "_swish_fwd_kernel", "_swish_bwd_kernel",
+               "_cross_entropy_kernel")
 
 
 def kernel_group(name: str) -> str:
@@ -189,7 +194,7 @@ def kernel_group(name: str) -> str:
     if any(k in name for k in OPERATOR_KERNELS):
         return "GSA operator (Triton)"
     if any(k in name for k in ROW_KERNELS):
-        return "norm / SwiGLU / gate / loss rows (Triton)"
+        return "norm / SwiGLU / swish / gate / loss rows (Triton)"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")):
         return "matrix products"
     if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
@@ -271,6 +276,9 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "train_h200.json"))
     args = parser.parse_args()
     models = args.models + (["fla"] if args.with_fla else [])
+    unknown = [m for m in models if m not in KINDS]
+    if unknown:  # the ours-* settings are read off the name: a misspelt one would run another setting
+        parser.error(f"unknown model kinds {unknown}; expected some of {list(KINDS)}")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens_per_step": TOKENS_PER_STEP,
                "runs": {}}
     for kind in models:

@@ -49,8 +49,8 @@ def plot_ops(data):
 
 
 def plot_train(data):
-    """Every model of one bench_train.py run (ours in its variants and FLA's GSA in one process, Llama added from
-    another run of the same benchmark); FLA's anchors from the spec where the run has no FLA."""
+    """Every model of one bench_train.py run (ours in its variants, FLA's GSA and Llama in one process); FLA's
+    anchors from the spec where the run has no FLA."""
     runs = data["runs"]
     contexts = sorted({int(k.split("@")[1]) for k in runs})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))

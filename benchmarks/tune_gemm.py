@@ -3,7 +3,7 @@ backward beside a weight-gradient product on a second stream.
 
     python benchmarks/tune_gemm.py        # ~1 minute on an H200; prints one table, writes JSON (--out)
 
-Two questions for issue 8 (training at 1.25x FLA), each answered in GPU time:
+Three questions for issue 8 (training at 1.25x FLA):
 1. Do the q / k / v / f projections (N = 2048, 2048, 2048, 256) and SwiGLU's gate / up (N = 5632 twice) run faster
    as one product each (N = 6400, 11264), forward, input gradient (one product over the joined gradients instead of
    a product and beta = 1 accumulations) and weight gradient? The merged forms need the weights joined: that copy is
@@ -75,11 +75,11 @@ def products(gen) -> list[dict]:
             # product, the weight gradients per block over the joined gradient's column views
             widths_ = list(widths)
             rows.append(dict(
-                name=name, form="blocks", flops=flops, fwd=float("nan"), dx=rows[-1]["dx"],
+                name=name, form="blocks", flops=flops, fwd=None, dx=rows[-1]["dx"],
                 dw=gpu_ms(lambda: [g.t() @ y for g in gcat.split(widths_, -1)]),
             ))
     for row in rows:
-        row["tflops"] = {k: row["flops"] / row[k] / 1e9 for k in ("fwd", "dx", "dw")}
+        row["tflops"] = {k: row["flops"] / row[k] / 1e9 if row[k] else None for k in ("fwd", "dx", "dw")}
     return rows
 
 
@@ -163,8 +163,9 @@ def main():
     print(f"{'product':9} {'form':9} {'fwd ms':>7} {'dx ms':>7} {'dw ms':>7} {'join':>6}  TFLOP/s fwd / dx / dw")
     for r in rows:
         t = r["tflops"]
-        print(f"{r['name']:9} {r['form']:9} {r['fwd']:7.3f} {r['dx']:7.3f} {r['dw']:7.3f} {r.get('join', 0):6.3f}  "
-              f"{t['fwd']:.0f} / {t['dx']:.0f} / {t['dw']:.0f}")
+        ms = " ".join(f"{r[k]:7.3f}" if r[k] else "      -" for k in ("fwd", "dx", "dw"))
+        rates = " / ".join(f"{t[k]:.0f}" if t[k] else "-" for k in ("fwd", "dx", "dw"))
+        print(f"{r['name']:9} {r['form']:9} {ms} {r.get('join', 0):6.3f}  {rates}")
     for o in overlaps:
         parts = "  ".join(f"{n}: alone {o[n]['alone']:.3f} both {o[n]['together']:.3f} saved {o[n]['saved']:.3f}"
                           for n in ("down dW", "o dW"))

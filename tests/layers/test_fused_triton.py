@@ -18,6 +18,7 @@ from gsa.layers.fused import (  # noqa: E402
     slot_gate_recipes,
     slot_gates,
     swiglu_linear,
+    swish_features,
     use_triton_kernels,
 )
 from tests.helpers import rel_err  # noqa: E402
@@ -157,78 +158,123 @@ def test_swiglu_kernels_match_torch(dtype):
     assert_close(got, want, dtype, "swiglu_linear")
 
 
+@pytest.fixture
+def joined(monkeypatch):
+    """What `fused.joined_columns` found at each call, in order: the joined tensor's shape, or None."""
+    from gsa.layers import fused
+
+    found = []
+    real = fused.joined_columns
+
+    def record(grads):
+        result = real(grads)
+        found.append(None if result is None else tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(fused, "joined_columns", record)
+    return found
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, monkeypatch):
+def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, joined):
     """The MLP with its pre-norm and a residual on the kernels: SwiGLU's backward writes dgate and dup as halves of
     one buffer, and the projections' backward runs one product for dy and one for both weight gradients; every
-    output and gradient agrees with the torch path (separate products), and the joined form is what ran. (float16,
-    not bf16: the CPU's interpreter truncates float32 to bf16 where the GPU rounds.)"""
-    tol = {torch.float32: 2e-6, torch.float16: 2e-3}[dtype]
+    output and gradient agrees with the torch path (separate products), and the joined form is what ran. 1100
+    hidden columns: two of the kernel's column blocks. (float16, not bf16: the CPU's interpreter truncates float32
+    to bf16 where the GPU rounds.)"""
     from gsa.layers import RMSNorm, SwiGLU
-    from gsa.layers import fused
 
-    found = []
-    real = fused.joined_columns
-    monkeypatch.setattr(fused, "joined_columns", lambda grads: found.append(real(grads)) or found[-1])
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3}[dtype]
     torch.manual_seed(3)
-    mlp, norm = SwiGLU(48, 96).to(DEVICE, dtype), RMSNorm(48).to(DEVICE, dtype)
+    mlp, norm = SwiGLU(48, 1100).to(DEVICE, dtype), RMSNorm(48).to(DEVICE, dtype)
     x, residual = randn(2, 7, 48, seed=40, dtype=dtype), randn(2, 7, 48, seed=41, dtype=dtype)
     params = [*mlp.parameters(), *norm.parameters()]
-
-    def run(x, residual, *weights):
-        return mlp(x, norm=norm, residual=residual)
-
-    (got_out, got_grads), (want_out, want_grads) = both_paths(run, [x, residual])
-    for a, b in zip(got_out + got_grads, want_out + want_grads):
-        assert a.dtype == b.dtype and rel_err(a, b) < tol
-    kinds = [None if j is None else tuple(j.shape) for j in found]
-    assert kinds == [(2, 7, 192), None], kinds  # the kernels' run joined them; the torch run's are separate
-    # the weight gradients too, on both paths
-    grads = {}
-    for kernels in (True, False):
-        for p in params:
-            p.grad = None
-        with use_triton_kernels(kernels):
-            out, h = mlp(x, norm=norm, residual=residual)
-            ((out.float() ** 2).sum() + h.float().sum()).backward()
-        grads[kernels] = [p.grad.clone() for p in params]
-    for a, b in zip(grads[True], grads[False]):
-        assert rel_err(a, b) < tol
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_gsa_layer_features_are_one_function_with_one_gradient_matrix(dtype, monkeypatch):
-    """The GSA layer (pre-norm, residual) on the row kernels: swish(q), swish(k), swish(v) and the slot gates come
-    from one Function whose backward writes dq, dk, dv, df as column blocks of one gradient, which the projections'
-    backward reads as one matrix; outputs and every gradient agree with the torch path (separate swishes and
-    gates), and the joined form is what ran. (float16, not bf16: the interpreter truncates to bf16.)"""
-    from gsa.layers import GatedSlotAttention, RMSNorm
-    from gsa.layers import fused
-
-    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
-    found = []
-    real = fused.joined_columns
-    monkeypatch.setattr(fused, "joined_columns", lambda grads: found.append(real(grads)) or found[-1])
-    torch.manual_seed(4)
-    layer = GatedSlotAttention(32, num_heads=2, num_slots=8, layer_idx=0).to(DEVICE, dtype)
-    norm = RMSNorm(32).to(DEVICE, dtype)
-    params = [*layer.parameters(), *norm.parameters()]
-    x, residual = randn(2, 70, 32, seed=42, dtype=dtype), randn(2, 70, 32, seed=43, dtype=dtype)
-    cot = randn(2, 70, 32, seed=44, dtype=dtype)
     results = {}
     for kernels in (True, False):
         for p in params:
             p.grad = None
         xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
         with use_triton_kernels(kernels):
-            y, _, h = layer(xl, norm=norm, residual=rl)
+            out, h = mlp(xl, norm=norm, residual=rl)
+            ((out.float() ** 2).sum() + h.float().sum()).backward()
+        results[kernels] = [out.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
+    assert joined == [(2, 7, 2200), None], joined  # the kernels' run joined them; the torch run's are separate
+
+
+GSA_LAYER_CASES = {  # (layer arguments, attention mask, the joined q / k / v / f gradient's width or None)
+    "plain": (dict(num_heads=2, num_slots=8), False, 3 * 32 + 2 * 8),
+    "gqa": (dict(num_heads=4, num_kv_heads=2, num_slots=8), False, 32 + 2 * 16 + 2 * 8),
+    "padding": (dict(num_heads=2, num_slots=8), True, 3 * 32 + 2 * 8),
+    # the short convolutions' gradients arrive apart: the four products stay
+    "short-conv": (dict(num_heads=2, num_slots=8, use_short_conv=True), False, None),
+}
+
+
+@pytest.mark.parametrize("dtype, case", [(torch.float32, case) for case in GSA_LAYER_CASES]
+                         + [(torch.float16, "plain"), (torch.float16, "gqa")], ids=str)
+def test_gsa_layer_features_are_one_function_with_one_gradient_matrix(dtype, case, joined):
+    """The GSA layer (pre-norm, residual) on the row kernels: swish(q), swish(k), swish(v) and the slot gates come
+    from one Function whose backward writes dq, dk, dv, df as column blocks of one gradient, which the projections'
+    backward reads as one matrix; outputs and every gradient agree with the torch path (separate swishes and
+    gates), and the joined form is what ran (with grouped-query heads, padding, and not with short convolutions).
+    (float16, not bf16: the interpreter truncates to bf16.)"""
+    from gsa.layers import GatedSlotAttention, RMSNorm
+
+    arguments, padded, width = GSA_LAYER_CASES[case]
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
+    torch.manual_seed(4)
+    layer = GatedSlotAttention(32, layer_idx=0, **arguments).to(DEVICE, dtype)
+    norm = RMSNorm(32).to(DEVICE, dtype)
+    params = [*layer.parameters(), *norm.parameters()]
+    x, residual = randn(2, 70, 32, seed=42, dtype=dtype), randn(2, 70, 32, seed=43, dtype=dtype)
+    cot = randn(2, 70, 32, seed=44, dtype=dtype)
+    mask = None
+    if padded:  # the first sequence left-padded by 9 tokens
+        mask = torch.ones(2, 70, device=DEVICE, dtype=torch.long)
+        mask[0, :9] = 0
+    results = {}
+    for kernels in (True, False):
+        for p in params:
+            p.grad = None
+        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        with use_triton_kernels(kernels):
+            y, _, h = layer(xl, attention_mask=mask, norm=norm, residual=rl)
             ((y.float() * cot.float()).sum() + (h.float() * cot.float()).sum()).backward()
         results[kernels] = [y.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
     for i, (a, b) in enumerate(zip(results[True], results[False])):
         assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
-    # q / k / v / f: 3 x 32 + 2 x 8 columns joined on the kernels' run; o_proj alone; nothing joined on torch's
-    kinds = [None if j is None else tuple(j.shape) for j in found]
-    assert kinds == [None, (2, 70, 112), None, None], kinds
+    # the kernels' run: o_proj alone, then q / k / v / f; the torch run's: nothing joined
+    assert joined == [None, None if width is None else (2, 70, width), None, None], joined
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_swish_features_match_swish_and_the_gates(dtype, joined):
+    """`swish_features` alone, widths over one column block (1200 / 600 / 1080 / 48), grouped-query heads, a
+    padding mask and a clamp: outputs and gradients equal swish and the slot gates formed one by one, and the four
+    input gradients are the column blocks of one tensor."""
+    from gsa.layers.fused import joined_columns, plain_slot_gates, swish_features
+
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3}[dtype]
+    q, k = randn(2, 9, 6, 200, seed=50, dtype=dtype, scale=3.0), randn(2, 9, 3, 200, seed=51, dtype=dtype)
+    v, f = randn(2, 9, 3, 360, seed=52, dtype=dtype), randn(2, 9, 3, 16, seed=53, dtype=dtype, scale=4.0)
+    mask = torch.ones(2, 9, 1, 1, device=DEVICE)
+    mask[1, :3] = 0
+    args = (8.0, -0.5, mask, dtype)
+
+    def composed(q, k, v, f):
+        return (torch.nn.functional.silu(q), torch.nn.functional.silu(k), torch.nn.functional.silu(v),
+                *plain_slot_gates(f, *args))
+
+    with use_triton_kernels(True):
+        got = grads_of(lambda q, k, v, f: swish_features(q, k, v, f, *args), [q, k, v, f])
+        assert swish_features(q, k, v, f, *args) is None  # no gradient recorded: not this path
+    want = grads_of(composed, [q, k, v, f])
+    for i, (a, b) in enumerate(zip(got[0] + got[1], want[0] + want[1])):
+        assert a.dtype == b.dtype and a.shape == b.shape and rel_err(a, b) < tol, (i, rel_err(a, b))
+    whole = joined_columns([g.reshape(2, 9, -1) for g in got[1]])
+    assert whole is not None and whole.shape == (2, 9, 1200 + 600 + 1080 + 48)
 
 
 def test_kernel_outputs_directly():
@@ -241,13 +287,43 @@ def test_kernel_outputs_directly():
     gate, up = randn(300, seed=15), randn(300, seed=16)  # numel off the block grid
     h = fused_triton.swiglu_rows_fwd(gate, up)
     assert rel_err(h, torch.nn.functional.silu(gate) * up) < 1e-6
+    (y,) = fused_triton.swish_rows_fwd(gate)
+    assert rel_err(y, torch.nn.functional.silu(gate)) < 1e-6
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["apart", "joined"])
+def test_swiglu_backward_kernel_directly(joined):
+    """swiglu_rows_bwd on rows of 1100 (two column blocks), the input contiguous with a size-1 dimension's odd
+    stride (its outputs must not copy that stride), apart or as halves of one buffer."""
+    gate = randn(1, 4, 1100, seed=60, scale=2.0).transpose(0, 1)  # [4, 1, 1100], contiguous, stride 4400 on dim 1
+    up, dh = randn(4, 1, 1100, seed=61), randn(4, 1, 1100, seed=62)
+    assert gate.is_contiguous() and gate.stride(1) != 1100
+    h, dg, du = fused_triton.swiglu_rows_bwd(gate, up, dh, joined=joined)
+    s = torch.nn.functional.silu(gate)
+    sig = torch.sigmoid(gate)
+    assert rel_err(h, s * up) < 1e-6 and rel_err(du, dh * s) < 1e-6
+    assert rel_err(dg, dh * up * sig * (1 + gate * (1 - sig))) < 1e-6
+    if joined:
+        assert dg.untyped_storage().data_ptr() == du.untyped_storage().data_ptr()
+
+
+def test_slot_gates_backward_into_a_joined_gradient():
+    """slot_gates_bwd(out=): df written as a column block of a wider matrix, equal to the plain df, the other
+    columns untouched."""
+    f = randn(2, 5, 3, 16, seed=63, scale=4.0)
+    ds, dg = randn(2, 5, 3, 16, seed=64), randn(2, 5, 3, 16, seed=65)
+    want = fused_triton.slot_gates_bwd(f, 8.0, None, None, 1, ds, dg)
+    wide = torch.full((2, 5, 100), 7.0, device=DEVICE)
+    fused_triton.slot_gates_bwd(f, 8.0, None, None, 1, ds, dg, out=wide[..., 30:78])
+    assert torch.equal(wide[..., 30:78].reshape(f.shape), want)
+    assert (wide[..., :30] == 7).all() and (wide[..., 78:] == 7).all()
 
 
 def test_functions_call_the_kernels(monkeypatch):
     """use_triton_kernels(True) routes the Functions' row-wise work to the kernels (forward and backward)."""
     calls = []
     for name in ("rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd", "swiglu_rows_bwd", "slot_gates_fwd",
-                 "slot_gates_bwd"):
+                 "slot_gates_bwd", "swish_rows_fwd", "swish_rows_bwd"):
         kernel = getattr(fused_triton, name)
         monkeypatch.setattr(fused_triton, name, lambda *a, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*a, **kw))
     x, w, W = randn(2, 5, 48, seed=20), 1 + randn(48, seed=21), randn(8, 48, seed=22)
@@ -255,10 +331,14 @@ def test_functions_call_the_kernels(monkeypatch):
     both_paths(lambda x, w, W: rms_norm_linear(x, w, 1e-6, [W], pre_silu=True), [x, w, W])
     both_paths(swiglu_linear, [gate, up, D])
     both_paths(lambda f: slot_gates(f, 8.0), [randn(2, 3, 16, seed=26)])
+    silu = torch.nn.functional.silu
+    both_paths(lambda q, k, v, f: swish_features(q, k, v, f, 8.0) or (silu(q), silu(k), silu(v), *slot_gates(f, 8.0)),
+               [randn(2, 3, 2, 8, seed=27 + i) for i in range(4)])
     # forward, the rebuilt y in backward, backward; SwiGLU forward and backward; the gates' forward and backward;
-    # the torch runs add nothing
+    # the swishes and gates of the GSA layer forward and backward; the torch runs add nothing
     assert calls == ["rms_norm_rows_fwd", "rms_norm_rows_fwd", "rms_norm_rows_bwd", "swiglu_rows_fwd",
-                     "swiglu_rows_bwd", "slot_gates_fwd", "slot_gates_bwd"]
+                     "swiglu_rows_bwd", "slot_gates_fwd", "slot_gates_bwd", "swish_rows_fwd", "slot_gates_fwd",
+                     "swish_rows_bwd", "slot_gates_bwd"]
 
 
 # ------------------------------------------------------------------------------------------------- slot gates

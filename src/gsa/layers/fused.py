@@ -13,6 +13,9 @@ cannot be recomputed cheaply and recompute the rest in backward:
                       residual addition) and its backward adds the residual stream's gradient into the norm's.
     swiglu_linear     down(silu(gate) * up): saves gate and up; the product is rebuilt in backward.
     slot_gates        (s, g) from the gate logits f: saves f only.
+    swish_features    the GSA layer's swish(q), swish(k), swish(v) and (s, g) on the Triton kernels, one launch each
+                      for the swishes and the gates; its backward writes the four gradients as the column blocks of
+                      one matrix, which rms_norm_linear's backward then reads as one (one product for dy).
     recompute_saved   a context for the operator call: tensors it saves that are swish(a) (its q, k, v) or the
                       gates (its s, g) are rebuilt in backward from a and f, which are saved already.
 
@@ -252,7 +255,10 @@ class _RMSNormLinear(torch.autograd.Function):
                 # / up 1.10-1.13 -> 1.06-1.08, q / k / v / f 0.65 -> 0.60). The weight gradients: one product where
                 # the blocks are of one width (gate / up: by block over the columns measured 0.997 and 1.097 against
                 # 1.10-1.12 whole, and the whole step ran 0.5 % slower by block), else one a block over the column
-                # views (q / k / v / f: 0.59-0.60 against 0.62-0.64 whole). results/tune_gemm_h200*.json, NOTES.md.
+                # views (q / k / v / f: 0.59-0.60 against 0.62-0.64 whole, but 0.54-0.58 from the separate contiguous
+                # gradients of before: the joined form's gain there is the dy product's, mostly given back).
+                # results/tune_gemm_h200*.json, NOTES.md. The one-product weight gradients are views of one tensor,
+                # and autograd keeps them as the .grad of each weight: those share one storage.
                 grad_rows = _rows(joined)
                 widths = [w.shape[0] for w in weights]
                 wanted = needs[_NORM_ARGS:_NORM_ARGS + count]
@@ -409,7 +415,7 @@ def joined_columns(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | Non
 def keeps_normed(module: torch.nn.Module) -> bool:
     """Whether a layer keeps its norms' outputs for backward: not its recompute_norms, or not its
     recompute_features where recompute_norms is None."""
-    recompute = module.recompute_norms
+    recompute = getattr(module, "recompute_norms", None)  # modules built before the option existed follow features
     return not (module.recompute_features if recompute is None else recompute)
 
 
@@ -618,7 +624,7 @@ def slot_gates(
     return _SlotGates.apply(f, tau, clamp_min, mask, dtype)
 
 
-class _Features(torch.autograd.Function):
+class _SwishFeaturesAndGates(torch.autograd.Function):
     """The GSA layer's operator inputs from its projections on the Triton kernels: (silu(q), silu(k), silu(v), s,
     g), the three swishes in one launch and the gates in one. Backward writes dq, dk, dv and df as the column
     blocks of one [tokens, Σ widths] gradient, which the projections' backward (rms_norm_linear's) then reads as
@@ -652,18 +658,19 @@ class _Features(torch.autograd.Function):
 
 def swish_features(q, k, v, f, tau, clamp_min=None, mask=None, dtype=None):
     """(silu(q), silu(k), silu(v), s, g) of `slot_gates(f, ...)` as one Function on the Triton kernels (see
-    `_Features`): q, k, v, f [..., heads, width] contiguous of one dtype with gradients recorded; None where that
-    path does not apply (the caller then forms them one by one). With it, `swish_recipes` rebuild the swishes."""
+    `_SwishFeaturesAndGates`): q, k, v, f [..., tokens, heads, width] contiguous of one dtype with gradients
+    recorded; None where that path does not apply (the caller then forms them one by one). With it, `swish_recipes`
+    rebuild the swishes."""
     if not (fused_enabled() and torch.is_grad_enabled() and _triton(q, k, v, f)):
         return None
-    if not all(t.requires_grad and t.is_contiguous() and t.dim() >= 2 for t in (q, k, v, f)):
+    if not all(t.requires_grad and t.is_contiguous() and t.dim() >= 3 for t in (q, k, v, f)):
         return None
     if len({t.shape[:-2] for t in (q, k, v, f)}) != 1:
         return None
     rows = _gate_rows(f, mask)
     if rows is None:
         return None
-    return _Features.apply(q, k, v, f, tau, clamp_min, mask, dtype or f.dtype, rows)
+    return _SwishFeaturesAndGates.apply(q, k, v, f, tau, clamp_min, mask, dtype or f.dtype, rows)
 
 
 def swish_recipes(pairs):

@@ -13,7 +13,8 @@
 
 One pass over the rows each, float32 inside, the same roundings as the torch operations they stand for (silu is
 rounded to the input dtype before it is used, as torch computes it in that dtype); they agree with the torch path
-up to float rounding (the row sums run in another order). Matrix products stay with torch. Importable without a
+up to float rounding (the row sums run in another order; the swish kernels form x * sigmoid(x) where torch forms
+x / (1 + exp(-x)), which can differ in the last bit). Matrix products stay with torch. Importable without a
 GPU: under TRITON_INTERPRET=1 the kernels run on CPU tensors, which is how tests/layers check them.
 """
 
@@ -392,15 +393,18 @@ def swiglu_rows_bwd(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, join
     buffer (`joined_columns` gives it back as one tensor)."""
     gate, up, dh = gate.contiguous(), up.contiguous(), dh.contiguous()
     width = gate.shape[-1]
-    h = torch.empty_like(gate)
+    # every output freshly allocated dense (empty_like would copy a size-1 dimension's odd stride), so that row r of
+    # the gradients starts at r x d_stride
+    h = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     if joined:
         d = torch.empty(*gate.shape[:-1], 2 * width, device=gate.device, dtype=gate.dtype)
         dg, du = d[..., :width], d[..., width:]
     else:
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        dg = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+        du = torch.empty(up.shape, device=up.device, dtype=up.dtype)
     if gate.numel():
         grid = (gate.numel() // width, cdiv(width, SWIGLU_BLOCK))
-        _swiglu_bwd_kernel[grid](gate, up, dh, h, dg, du, width, dg.stride(-2) if gate.dim() > 1 else width,
+        _swiglu_bwd_kernel[grid](gate, up, dh, h, dg, du, width, 2 * width if joined else width,
                                  BLOCK=SWIGLU_BLOCK, num_warps=4)
     return h, dg, du
 

@@ -253,7 +253,7 @@ class GatedSlotAttention(nn.Module):
         # swish saves its input for backward; the operator saves its output as well: let it recompute that instead
         # (unless recompute_features is off)
         features = swish_features(q_in, k_in, v_in, f, *gate_args) if self.feature_map is F.silu else None
-        if features is not None:  # training on the GPU: one Function, its gradient one matrix (see _Features)
+        if features is not None:  # training on the GPU: one Function, its gradient one matrix (see fused.py)
             q, k, v, s, g = features
             recipes = swish_recipes([(q, q_in), (k, k_in), (v, v_in)]) if self.recompute_features else []
         else:

@@ -37,9 +37,8 @@ class TrainConfig:
                                "heads x (K + V) x slots more values a sequence and layer; no effect on the CPU's torch "
                                "backend (false leaves the model's own recompute_states setting as it is)")
     keep_norms: bool = _field(False, "model", "keep the norms' outputs for backward (not the features, unless "
-                              "keep_features): 3 x width more values a token and block; with keep_states the fastest "
-                              "setting under FLA's memory at the 1.3B shape (false leaves the model's own "
-                              "recompute_norms setting as it is)")
+                              "keep_features): 3 x width more values a token and block; with keep_states 34 GiB at "
+                              "the 1.3B shape (false leaves the model's own recompute_norms setting as it is)")
     # [data]
     data: list = _field(["shakespeare"], "data", "corpus names (shakespeare, bible-kjv, gcide), files or folders")
     text_field: str = _field("text", "data", "the text field of JSON-lines files and saved datasets")
