@@ -175,6 +175,24 @@ def joined(monkeypatch):
     return found
 
 
+def assert_kernels_match_torch(block, params, x, residual, tol, **kwargs):
+    """block(x, norm=..., residual=..., **kwargs) -> (out, ..., h) on the row kernels and on the torch path from the
+    same inputs: the outputs, the inputs' and every parameter's gradients agree within tol."""
+    cot = randn(*x.shape, seed=44, dtype=torch.float32)
+    results = {}
+    for kernels in (True, False):
+        for p in params:
+            p.grad = None
+        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        with use_triton_kernels(kernels):
+            outputs = block(xl, residual=rl, **kwargs)
+            out, h = outputs[0], outputs[-1]
+            ((out.float() * cot).sum() + (h.float() * cot).sum()).backward()
+        results[kernels] = [out.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, joined):
     """The MLP with its pre-norm and a residual on the kernels: SwiGLU's backward writes dgate and dup as halves of
@@ -188,18 +206,7 @@ def test_mlp_runs_its_projections_backward_as_one_product_each_way(dtype, joined
     torch.manual_seed(3)
     mlp, norm = SwiGLU(48, 1100).to(DEVICE, dtype), RMSNorm(48).to(DEVICE, dtype)
     x, residual = randn(2, 7, 48, seed=40, dtype=dtype), randn(2, 7, 48, seed=41, dtype=dtype)
-    params = [*mlp.parameters(), *norm.parameters()]
-    results = {}
-    for kernels in (True, False):
-        for p in params:
-            p.grad = None
-        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
-        with use_triton_kernels(kernels):
-            out, h = mlp(xl, norm=norm, residual=rl)
-            ((out.float() ** 2).sum() + h.float().sum()).backward()
-        results[kernels] = [out.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
-    for i, (a, b) in enumerate(zip(results[True], results[False])):
-        assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
+    assert_kernels_match_torch(mlp, [*mlp.parameters(), *norm.parameters()], x, residual, tol, norm=norm)
     assert joined == [(2, 7, 2200), None], joined  # the kernels' run joined them; the torch run's are separate
 
 
@@ -227,24 +234,13 @@ def test_gsa_layer_features_are_one_function_with_one_gradient_matrix(dtype, cas
     torch.manual_seed(4)
     layer = GatedSlotAttention(32, layer_idx=0, **arguments).to(DEVICE, dtype)
     norm = RMSNorm(32).to(DEVICE, dtype)
-    params = [*layer.parameters(), *norm.parameters()]
     x, residual = randn(2, 70, 32, seed=42, dtype=dtype), randn(2, 70, 32, seed=43, dtype=dtype)
-    cot = randn(2, 70, 32, seed=44, dtype=dtype)
     mask = None
     if padded:  # the first sequence left-padded by 9 tokens
         mask = torch.ones(2, 70, device=DEVICE, dtype=torch.long)
         mask[0, :9] = 0
-    results = {}
-    for kernels in (True, False):
-        for p in params:
-            p.grad = None
-        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
-        with use_triton_kernels(kernels):
-            y, _, h = layer(xl, attention_mask=mask, norm=norm, residual=rl)
-            ((y.float() * cot.float()).sum() + (h.float() * cot.float()).sum()).backward()
-        results[kernels] = [y.detach(), h.detach(), xl.grad, rl.grad, *(p.grad for p in params)]
-    for i, (a, b) in enumerate(zip(results[True], results[False])):
-        assert a.dtype == b.dtype and rel_err(a, b) < tol, (i, rel_err(a, b))
+    assert_kernels_match_torch(layer, [*layer.parameters(), *norm.parameters()], x, residual, tol, norm=norm,
+                               attention_mask=mask)
     # the kernels' run: o_proj alone, then q / k / v / f; the torch run's: nothing joined
     assert joined == [None, None if width is None else (2, 70, width), None, None], joined
 
