@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh tests train-graph          # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh train-profile              # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
+#   bash benchmarks/gpu_session.sh tune-gemm                  # one H200, ~1 min
 #   bash benchmarks/gpu_session.sh tune-decode                # one H200, ~4 min
 #   bash benchmarks/gpu_session.sh tune-factors               # one H200, ~2.5 min
 #   bash benchmarks/gpu_session.sh tests tune-gemv            # one H200, ~8 min
@@ -169,6 +170,9 @@ for what in "$@"; do
         tune-rows)  # issue 8: the RMSNorm kernels' launch settings (NORM_LAUNCH in gsa/layers/fused_triton.py), GPU
             # time
             stage tune-rows 240 python3 benchmarks/tune_rows.py --out "$OUT/tune_rows_h200.json" ;;
+        tune-gemm)  # issue 8: the step's products separate / merged / by block, the operator beside a product on a
+            # second stream, the SM clock under a short and a long product (~1 min)
+            stage tune-gemm 150 python3 benchmarks/tune_gemm.py --out "$OUT/tune_gemm_h200.json" ;;
         ops)
             stage ops 130 python3 benchmarks/bench_ops.py --skip-fla --profile --out "$OUT/ops_h200.json" ;;
         decode)
@@ -372,7 +376,7 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-ab train-modes tune-rows tune-gemv ops fla fla-heads segment fla-model fla-decode" \
+                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv ops fla fla-heads segment fla-model fla-decode" \
                 "decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
                 "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
