@@ -376,8 +376,8 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv ops fla fla-heads segment fla-model fla-decode" \
-                "decode train" \
+                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv ops fla fla-heads segment fla-model" \
+                "fla-decode decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
                 "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;
     esac
