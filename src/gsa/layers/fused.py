@@ -271,7 +271,7 @@ class _RMSNormLinear(torch.autograd.Function):
                     d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
                 if needs[0] or needs[1] or needs[2]:
                     dy = grad_rows @ _cast(torch.cat(weights), ctx.mm_dtype)
-                grads = ()
+                grads = ()  # all done: the per-gradient loop below has nothing left
             for i, (grad, w) in enumerate(zip(grads, weights)):
                 if grad is None:
                     continue
@@ -500,9 +500,9 @@ class _SwiGLULinear(torch.autograd.Function):
                 from .fused_triton import swiglu_rows_bwd
 
                 d_hidden = (grad @ _cast(weight, ctx.mm_dtype)).to(gate.dtype)
-                # dgate and dup as halves of one buffer: the projections' backward before (rms_norm_linear's)
-                # then runs one product each way over both
-                hidden, d_gate, d_up = swiglu_rows_bwd(gate, up, d_hidden, joined=gate.dtype == up.dtype)
+                # dgate and dup as halves of one buffer (the kernels took gate and up of one dtype): the
+                # projections' backward before (rms_norm_linear's) then runs one product each way over both
+                hidden, d_gate, d_up = swiglu_rows_bwd(gate, up, d_hidden, joined=True)
                 d_weight = None
                 if ctx.needs_input_grad[2]:
                     d_weight = (_rows(grad).t() @ _rows(_cast(hidden, ctx.mm_dtype))).to(weight.dtype)

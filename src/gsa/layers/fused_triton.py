@@ -475,9 +475,9 @@ def swish_rows_fwd(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ys = tuple(torch.empty_like(x) for x in xs)
     n = max(x.numel() for x in xs)
     if n:
-        pad = (xs[0],) * (3 - len(xs))
+        unused = 3 - len(xs)  # the kernel's unused slots: pointers it never reads (no program has that index)
         _swish_fwd_kernel[(cdiv(n, SWISH_BLOCK), len(xs))](
-            *xs, *pad, *ys, *(ys[0],) * (3 - len(xs)), *(x.numel() for x in xs), *(0,) * (3 - len(xs)),
+            *xs, *(xs[0],) * unused, *ys, *(ys[0],) * unused, *(x.numel() for x in xs), *(0,) * unused,
             BLOCK=SWISH_BLOCK, num_warps=4,
         )
     return ys

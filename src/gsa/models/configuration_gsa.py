@@ -31,8 +31,8 @@ class GSAConfig(PretrainedConfig):
             choice); False: keeps the forward's ((T / 64 + 1) x H x (K + V) x M values a sequence and layer).
         recompute_norms: the norms' outputs alone (3 x width a token and block); None (the default) follows
             recompute_features. recompute_norms=False with recompute_states=False keeps the norms' outputs and
-            the chunk states but recomputes the features: at the 1.3B shape 34 GiB, about as fast as keeping the features
-            (35.7 GiB) and both under FLA's 37.0.
+            the chunk states but recomputes the features: at the 1.3B shape 34 GiB, about as fast as keeping the
+            features (35.7 GiB), both under FLA's 37.0.
     """
 
     model_type = "gsa"
