@@ -47,12 +47,39 @@ def check_norm(x, w, dy) -> float:
     return max(float((a.float() - b.detach()).norm() / b.detach().norm()) for a, b in pairs)
 
 
+def time_step_forms(gate, up, f) -> dict:
+    """The training step's forms of the SwiGLU and gate backward kernels: SwiGLU's gradients as halves of one
+    buffer, the gates' df into a column block of a [rows, 6400] gradient (the features' joined layout) and dense.
+    (Run it once on each of two checkouts' src folders, through PYTHONPATH, to compare their kernels.)"""
+    wide = torch.empty(f.shape[0], 6400, device=f.device, dtype=f.dtype)
+    forms = {"swiglu_bwd joined": (lambda: ft.swiglu_rows_bwd(gate, up, gate, joined=True), 6 * gate.numel() * 2),
+             "slot_gates_bwd joined": (lambda: ft.slot_gates_bwd(f, 8.0, None, None, 1, f, f, out=wide[:, 6144:]),
+                                       4 * f.numel() * 2),
+             "slot_gates_bwd dense": (lambda: ft.slot_gates_bwd(f, 8.0, None, None, 1, f, f), 4 * f.numel() * 2)}
+    out = {}
+    for name, (fn, nbytes) in forms.items():
+        us = gpu_us(fn)
+        out[name] = {"us": us, "gb_s": nbytes / us / 1e3}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
                                                       "tune_rows_h200.json"))
+    parser.add_argument("--step-forms-only", action="store_true",
+                        help="only the SwiGLU / gate backward kernels in the training step's (joined) forms")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.step_forms_only:
+        gate, up = (torch.randn(ROWS, HIDDEN, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        f = torch.randn(ROWS, 256, device="cuda", generator=gen).bfloat16()
+        forms = time_step_forms(gate, up, f)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "forms": forms}, indent=2))
+        for name, r in forms.items():
+            print(f"{name:>28} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s")
+        return
     x = torch.randn(ROWS, WIDTH, device="cuda", generator=gen).bfloat16()
     dy = torch.randn(ROWS, WIDTH, device="cuda", generator=gen).bfloat16()
     w = (1 + 0.1 * torch.randn(WIDTH, device="cuda", generator=gen)).bfloat16()
@@ -90,6 +117,7 @@ def main():
     for name, (fn, nbytes) in others.items():
         us = gpu_us(fn)
         results["others"][name] = {"us": us, "gb_s": nbytes / us / 1e3}
+    results["step_forms"] = time_step_forms(gate, up, f)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
@@ -99,8 +127,8 @@ def main():
         print(f"rms_norm {kind}: default {results['default_us'][kind]:.1f} us; best five:")
         for name, r in ranked[:5]:
             print(f"  {name:>16} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s  err {r['err']:.1e}")
-    for name, r in results["others"].items():
-        print(f"{name:>16} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s")
+    for name, r in {**results["others"], **results["step_forms"]}.items():
+        print(f"{name:>28} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s")
 
 
 if __name__ == "__main__":

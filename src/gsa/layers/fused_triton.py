@@ -181,10 +181,12 @@ if KERNELS_AVAILABLE:
             tl.store(G + offs, g.to(G.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, row_width, df_stride,
+    def _slot_gates_bwd_kernel(F, MASK, DS, DG, DF, numel, width, tau, clamp_min, df_stride,
                                HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr,
-                               HAS_DG: tl.constexpr, BLOCK: tl.constexpr):
-        """df's rows (of row_width values) are df_stride apart: the gate logits' block of a joined gradient."""
+                               HAS_DG: tl.constexpr, ROW_WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        """With ROW_WIDTH > 0, df's rows (of ROW_WIDTH values) are df_stride apart: the gate logits' block of a
+        joined gradient (a constant, so that finding an element's row is a shift, not an int64 division); dense
+        otherwise."""
         offs, valid, f, mask, g0, g = _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP, HAS_MASK,
                                                   BLOCK)
         d = tl.zeros([BLOCK], dtype=tl.float32)
@@ -200,7 +202,10 @@ if KERNELS_AVAILABLE:
         # d logsigmoid(f) / df = sigmoid(-f), formed from z = exp(-|f|) as torch's log_sigmoid_backward does
         z = tl.exp(-tl.abs(f))
         d = d * tl.where(f < 0, 1.0 / (1.0 + z), z / (1.0 + z))
-        df_offs = (offs // row_width) * df_stride + offs % row_width
+        if ROW_WIDTH > 0:
+            df_offs = (offs // ROW_WIDTH) * df_stride + offs % ROW_WIDTH
+        else:
+            df_offs = offs
         tl.store(DF + df_offs, d.to(DF.dtype.element_ty), mask=valid)
 
     @triton.jit
@@ -452,7 +457,7 @@ def slot_gates_bwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_ro
     """df (f's dtype) from the gradients of s and g (either may be None); written into out when given (rows of
     f's last two dimensions, any row stride: a column block of a joined gradient)."""
     row_width = f.shape[-1] * f.shape[-2] if f.dim() > 1 else f.numel()
-    df = torch.empty_like(f) if out is None else out
+    df = torch.empty(f.shape, device=f.device, dtype=f.dtype) if out is None else out
     df_stride = row_width if out is None else out.stride(-2)
     n = f.numel()
     ds = ds.contiguous() if ds is not None else None
@@ -460,9 +465,10 @@ def slot_gates_bwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_ro
     if n:
         _slot_gates_bwd_kernel[(cdiv(n, GATE_BLOCK),)](
             f, mask_rows if mask_rows is not None else f, ds if ds is not None else f, dg if dg is not None else f,
-            df, n, width, tau, clamp_min if clamp_min is not None else 0.0, row_width, df_stride,
+            df, n, width, tau, clamp_min if clamp_min is not None else 0.0, df_stride,
             HAS_CLAMP=clamp_min is not None, HAS_MASK=mask_rows is not None, HAS_DS=ds is not None,
-            HAS_DG=dg is not None, BLOCK=GATE_BLOCK, num_warps=4,
+            HAS_DG=dg is not None, ROW_WIDTH=row_width if df_stride != row_width else 0, BLOCK=GATE_BLOCK,
+            num_warps=4,
         )
     return df
 
