@@ -104,7 +104,7 @@ def measure(kind: str, context: int, steps: int, warmup: int, checkpointing: boo
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     result = {"tokens_per_s": TOKENS_PER_STEP * steps / elapsed, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "loss": float(loss)}
+              "loss": float(loss.detach())}
     del model, optimizer, data, loss, run
     gc.collect()
     torch.cuda.empty_cache()
