@@ -1,11 +1,14 @@
 """GPU: launch settings of the row kernels around the operator (gsa.layers.fused_triton), in GPU time.
 
-    python benchmarks/tune_rows.py            # the 1.3B model's shapes: 16K rows of 2048, SwiGLU rows of 5632
+    python benchmarks/tune_rows.py                    # the 1.3B model's shapes: 16K rows of 2048, SwiGLU's of 5632
+    python benchmarks/tune_rows.py --step-forms-only  # SwiGLU / gate backward as the training step runs them
+    PYTHONPATH=.cache/ab-base/src:benchmarks python benchmarks/tune_rows.py --step-forms-only  # another checkout's
 
 The RMSNorm kernels run ~150 times a 1.3B training step (forward, the rebuild in backward, backward): each variant of
 `NORM_LAUNCH` (rows a program takes at a time, warps, backward programs per multiprocessor) is timed as CUDA-graph
 replays and checked against the torch composition; SwiGLU and the slot gates are timed at their one setting for
-reference. Prints GB/s against the H200's ~4.8 TB/s; writes JSON (--out).
+reference, and in the training step's forms (joined gradients). Prints GB/s against the H200's ~4.8 TB/s; writes
+JSON (--out).
 """
 
 from __future__ import annotations
