@@ -39,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. Bad input (a ValueError or a missing file, each naming what was wrong and what was expected)
+    is one line on stderr and exit code 2, as argparse reports its own errors; anything else keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"gsa {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

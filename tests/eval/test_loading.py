@@ -20,6 +20,8 @@ def test_the_model_folders_tokenizer_is_found_and_a_spec_overrides_it(model_dir,
         model_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="unknown tokenizer 'no/such/tokenizer'"):
         model_tokenizer(model_dir, "no/such/tokenizer")
+    with pytest.raises(ValueError, match="model '.*missing' is not a folder"):  # not "no tokenizer in the folder"
+        model_tokenizer(tmp_path / "missing")
 
 
 def test_a_transformers_tokenizer_object_is_wrapped_with_the_same_ids(model_dir):

@@ -22,6 +22,17 @@ TOKENIZER_HINT = (
 )
 
 
+def check_model_folder(path: str | os.PathLike, config: bool = True) -> Path:
+    """path as a Path when it is a model folder (a folder holding config.json, or any folder with config False:
+    where only a tokenizer is read); a ValueError naming what is missing otherwise (before anything tries to read
+    a tokenizer or weights from it)."""
+    if not Path(path).is_dir():
+        raise ValueError(f"model {str(path)!r} is not a folder; expected a folder with config.json and weights")
+    if config and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model folder {str(path)!r} has no config.json")
+    return Path(path)
+
+
 def model_tokenizer(model_dir: str | os.PathLike | None, spec=None):
     """The tokenizer named by `spec` (see `gsa.data.load_tokenizer`: "bytes", "mistral", a .model file or a
     folder; a transformers tokenizer object or one of ours is taken as it is), else the one saved in the model
@@ -39,6 +50,7 @@ def model_tokenizer(model_dir: str | os.PathLike | None, spec=None):
         return load_tokenizer(spec)
     if model_dir is None:
         raise ValueError(f"no tokenizer given and no model folder to find one in; {TOKENIZER_HINT}")
+    check_model_folder(model_dir, config=False)  # a bare tokenizer folder is one too
     try:
         return load_tokenizer(model_dir)
     except ValueError as error:
@@ -70,10 +82,7 @@ def load_causal_lm(path: str | os.PathLike, device: str | None = "auto", dtype: 
     import gsa.models  # noqa: F401  (registers GSA with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).is_dir():
-        raise ValueError(f"model {str(path)!r} is not a folder; expected a folder with config.json and weights")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model folder {str(path)!r} has no config.json")
+    check_model_folder(path)
     target = resolve_device(device)
     # a GSA folder loads with our class by name: flash-linear-attention registers its own classes for the same
     # model_type ("gsa") with the Auto classes when it is imported, and the last registration wins there
