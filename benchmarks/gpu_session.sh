@@ -90,7 +90,8 @@ fla_setup() {  # flash-linear-attention from the carried wheels; Triton's autotu
     if [ ! -d "$TRITON_CACHE_DIR" ] && [ -f benchmarks/results/fla_autotune_h200.tar.gz ]; then
         # a fresh checkout: start from the autotune results kept in the repository (H200, triton 3.6) rather than
         # paying FLA's autotune again (~9-14 minutes); unpack a newer triton-autotune.tar.gz over it to update
-        mkdir -p "$TRITON_CACHE_DIR" && tar -xzf benchmarks/results/fla_autotune_h200.tar.gz -C "$TRITON_CACHE_DIR"
+        mkdir -p "$TRITON_CACHE_DIR" && tar -xzf benchmarks/results/fla_autotune_h200.tar.gz -C "$TRITON_CACHE_DIR" ||
+            rm -rf "$TRITON_CACHE_DIR"  # a failed unpack leaves no empty folder that would stop the next try
     fi
 }
 

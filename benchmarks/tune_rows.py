@@ -54,7 +54,7 @@ def time_step_forms(gate, up, f) -> dict:
     """The training step's forms of the SwiGLU and gate backward kernels: SwiGLU's gradients as halves of one
     buffer, the gates' df into a column block of a [rows, 6400] gradient (the features' joined layout) and dense.
     (Run it once on each of two checkouts' src folders, through PYTHONPATH, to compare their kernels.)"""
-    wide = torch.empty(f.shape[0], 6400, device=f.device, dtype=f.dtype)
+    wide = torch.empty(f.shape[0], 6400, device=f.device, dtype=f.dtype)  # f [tokens, heads, slots]: 256 a row
     forms = {"swiglu_bwd joined": (lambda: ft.swiglu_rows_bwd(gate, up, gate, joined=True), 6 * gate.numel() * 2),
              "slot_gates_bwd joined": (lambda: ft.slot_gates_bwd(f, 8.0, None, None, 1, f, f, out=wide[:, 6144:]),
                                        4 * f.numel() * 2),
@@ -76,7 +76,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.step_forms_only:
         gate, up = (torch.randn(ROWS, HIDDEN, device="cuda", generator=gen).bfloat16() for _ in range(2))
-        f = torch.randn(ROWS, 256, device="cuda", generator=gen).bfloat16()
+        f = torch.randn(ROWS, 4, 64, device="cuda", generator=gen).bfloat16()  # [tokens, heads, slots]
         forms = time_step_forms(gate, up, f)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "forms": forms}, indent=2))
@@ -109,7 +109,7 @@ def main():
                              "bwd": gpu_us(lambda: ft.rms_norm_rows_bwd(x, w, rstd, dy, False))}
 
     gate, up = (torch.randn(ROWS, HIDDEN, device="cuda", generator=gen).bfloat16() for _ in range(2))
-    f = torch.randn(ROWS, 256, device="cuda", generator=gen).bfloat16()
+    f = torch.randn(ROWS, 4, 64, device="cuda", generator=gen).bfloat16()  # [tokens, heads, slots]
     others = {
         "swiglu_fwd": (lambda: ft.swiglu_rows_fwd(gate, up), 3 * gate.numel() * 2),
         "swiglu_bwd": (lambda: ft.swiglu_rows_bwd(gate, up, gate), 6 * gate.numel() * 2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gsa.cli import main
@@ -27,14 +28,18 @@ def test_generate_command_streams_greedy_continuation(tmp_path, capsys):
     assert printed == "To be" + tokenizer.decode(continuation) + "\n"
 
 
-def test_commands_report_a_missing_model_folder_in_one_line(tmp_path, capsys):
+def test_commands_report_a_missing_model_folder_in_one_line(tmp_path, capsys, monkeypatch):
     """The model folder named wrong: one line naming it (not a traceback, not a tokenizer error), exit code 2."""
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "To be"]) == 2
     assert capsys.readouterr().err.strip() == (f"gsa generate: error: model {str(tmp_path / 'missing')!r} is not a "
-                                               "folder; expected a folder with config.json and weights")
+                                               "folder; expected a folder with config.json and weights "
+                                               "(GSA_TRACEBACK=1 shows where)")
     assert main(["generate", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("gsa convert: error: source checkpoint folder")
     assert main(["eval", "ppl", "--model", str(tmp_path / "missing"), "--corpus", "shakespeare"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("GSA_TRACEBACK", "1")  # the traceback kept on request
+    with pytest.raises(ValueError, match="is not a folder"):
+        main(["generate", str(tmp_path / "missing")])

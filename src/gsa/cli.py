@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -39,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs a command. Bad input (a ValueError or a missing file, each naming what was wrong and what was expected)
-    is one line on stderr and exit code 2, as argparse reports its own errors; anything else keeps its traceback."""
+    """Runs a command. Bad input (the library's checks raise ValueError or FileNotFoundError naming what was wrong
+    and what was expected) is one line on stderr and exit code 2, as argparse reports its own errors; anything else
+    keeps its traceback, and GSA_TRACEBACK=1 keeps it for these too (a ValueError from deeper down is not always
+    bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"gsa {args.command}: error: {error}", file=sys.stderr)
+        if os.environ.get("GSA_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"gsa {args.command}: error: {error} (GSA_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

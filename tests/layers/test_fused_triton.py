@@ -313,6 +313,8 @@ def test_slot_gates_backward_into_a_joined_gradient():
     fused_triton.slot_gates_bwd(f, 8.0, None, None, 1, ds, dg, out=wide[..., 30:78])
     assert torch.equal(wide[..., 30:78].reshape(f.shape), want)
     assert (wide[..., :30] == 7).all() and (wide[..., 78:] == 7).all()
+    with pytest.raises(ValueError, match="rows of f's last two dimensions"):  # an f-shaped block of rows of 16
+        fused_triton.slot_gates_bwd(f, 8.0, None, None, 1, ds, dg, out=wide[..., 30:78].view(2, 5, 3, 16))
 
 
 def test_functions_call_the_kernels(monkeypatch):

@@ -27,7 +27,8 @@ def check_model_folder(path: str | os.PathLike, config: bool = True) -> Path:
     where only a tokenizer is read); a ValueError naming what is missing otherwise (before anything tries to read
     a tokenizer or weights from it)."""
     if not Path(path).is_dir():
-        raise ValueError(f"model {str(path)!r} is not a folder; expected a folder with config.json and weights")
+        expected = "a folder with config.json and weights" if config else "a model or tokenizer folder"
+        raise ValueError(f"model {str(path)!r} is not a folder; expected {expected}")
     if config and not (Path(path) / "config.json").is_file():
         raise ValueError(f"model folder {str(path)!r} has no config.json")
     return Path(path)

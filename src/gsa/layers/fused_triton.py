@@ -185,8 +185,8 @@ if KERNELS_AVAILABLE:
                                HAS_CLAMP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DS: tl.constexpr,
                                HAS_DG: tl.constexpr, ROW_WIDTH: tl.constexpr, BLOCK: tl.constexpr):
         """With ROW_WIDTH > 0, df's rows (of ROW_WIDTH values) are df_stride apart: the gate logits' block of a
-        joined gradient (a constant, so that finding an element's row is a shift, not an int64 division); dense
-        otherwise."""
+        joined gradient (a constant, so that finding an element's row is a multiply and shift, or a shift where it
+        is a power of two, not an int64 division); dense otherwise."""
         offs, valid, f, mask, g0, g = _gate_block(F, MASK, numel, width, tau, clamp_min, HAS_CLAMP, HAS_MASK,
                                                   BLOCK)
         d = tl.zeros([BLOCK], dtype=tl.float32)
@@ -457,6 +457,9 @@ def slot_gates_bwd(f: torch.Tensor, tau: float, clamp_min: float | None, mask_ro
     """df (f's dtype) from the gradients of s and g (either may be None); written into out when given (rows of
     f's last two dimensions, any row stride: a column block of a joined gradient)."""
     row_width = f.shape[-1] * f.shape[-2] if f.dim() > 1 else f.numel()
+    if out is not None and (out.shape[-1] != row_width or out.stride(-1) != 1 or out.numel() != f.numel()):
+        raise ValueError(f"out must hold f's {f.numel()} values as rows of f's last two dimensions ({row_width} "
+                         f"values, unit column stride), got shape {list(out.shape)} strides {list(out.stride())}")
     df = torch.empty(f.shape, device=f.device, dtype=f.dtype) if out is None else out
     df_stride = row_width if out is None else out.stride(-2)
     n = f.numel()
