@@ -310,11 +310,13 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from .data import load_tokenizer
-    from .eval.loading import check_model_folder
     from .models import GSAForCausalLM
+    from .models.checkpoint import check_model_folder
 
     torch.manual_seed(args.seed)
-    check_model_folder(args.model)  # before the tokenizer, whose error would otherwise name the wrong thing
+    # a local folder (from_pretrained would take anything else for a hub id), checked before the tokenizer, whose
+    # error would otherwise name the wrong thing
+    check_model_folder(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = GSAForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device).eval()
     ids = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []

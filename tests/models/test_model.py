@@ -292,6 +292,14 @@ def test_pickled_weights_are_refused(tmp_path):
         GSAForCausalLM.from_pretrained(tmp_path)
 
 
+def test_a_folder_without_config_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        GSAForCausalLM.from_pretrained(tmp_path)
+
+
 def test_linear_cross_entropy_matches_cross_entropy():
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)

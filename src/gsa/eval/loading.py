@@ -15,23 +15,12 @@ from pathlib import Path
 import torch
 
 from ..data import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from ..models.checkpoint import check_model_folder
 
 TOKENIZER_HINT = (
     "pass --tokenizer bytes for a byte-level model, --tokenizer mistral, a SentencePiece .model file or a "
     "tokenizer folder"
 )
-
-
-def check_model_folder(path: str | os.PathLike, config: bool = True) -> Path:
-    """path as a Path when it is a model folder (a folder holding config.json, or any folder with config False:
-    where only a tokenizer is read); a ValueError naming what is missing otherwise (before anything tries to read
-    a tokenizer or weights from it)."""
-    if not Path(path).is_dir():
-        expected = "a folder with config.json and weights" if config else "a model or tokenizer folder"
-        raise ValueError(f"model {str(path)!r} is not a folder; expected {expected}")
-    if config and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"model folder {str(path)!r} has no config.json")
-    return Path(path)
 
 
 def model_tokenizer(model_dir: str | os.PathLike | None, spec=None):

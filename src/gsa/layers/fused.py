@@ -249,47 +249,28 @@ class _RMSNormLinear(torch.autograd.Function):
             dy = None
             sum_in_products = ctx.mm_dtype in (None, h.dtype)
             joined = joined_columns(grads) if sum_in_products and not any(ctx.bias_dtypes) else None
-            if joined is not None:
-                # the gradients are column blocks of one buffer (SwiGLU's and the GSA features' backward write them
-                # so): one product for dy instead of one a block and beta = 1 accumulations (H200, 16K rows, ms: gate
-                # / up 1.10-1.13 -> 1.06-1.08, q / k / v / f 0.65 -> 0.60). The weight gradients: one product where
-                # the blocks are of one width (gate / up: by block over the columns measured 0.997 and 1.097 against
-                # 1.10-1.12 whole, and the whole step ran 0.5 % slower by block), else one a block over the column
-                # views (q / k / v / f: 0.59-0.60 against 0.62-0.64 whole, but 0.54-0.58 from the separate contiguous
-                # gradients of before: the joined form's gain there is the dy product's, mostly given back).
-                # results/tune_gemm_h200*.json, NOTES.md. The one-product weight gradients are views of one tensor,
-                # and autograd keeps them as the .grad of each weight: those share one storage.
-                grad_rows = _rows(joined)
-                widths = [w.shape[0] for w in weights]
-                wanted = needs[_NORM_ARGS:_NORM_ARGS + count]
-                if any(wanted):
-                    if len(set(widths)) == 1:
-                        parts = (grad_rows.t() @ y_rows).split(widths)
-                    else:
-                        parts = [g.t() @ y_rows if want else None
-                                 for g, want in zip(grad_rows.split(widths, -1), wanted)]
-                    d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
-                if needs[0] or needs[1] or needs[2]:
-                    dy = grad_rows @ _cast(torch.cat(weights), ctx.mm_dtype)
-                grads = ()  # all done: the per-gradient loop below has nothing left
-            for i, (grad, w) in enumerate(zip(grads, weights)):
-                if grad is None:
-                    continue
-                grad_rows = _rows(grad)
-                if needs[_NORM_ARGS + i]:
-                    d_weights[i] = (grad_rows.t() @ y_rows).to(w.dtype)
-                if ctx.bias_dtypes[i] is not None and needs[_NORM_ARGS + count + i]:
-                    d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
-                if needs[0] or needs[1] or needs[2]:
-                    w = _cast(w, ctx.mm_dtype)
-                    if sum_in_products:
-                        # summed in the products' epilogue (beta = 1), in h's dtype as autograd sums them: a
-                        # float32 copy and add per projection cost ~8 % of the bf16 1.3B model's step
-                        dy = grad_rows @ w if dy is None else dy.addmm_(grad_rows, w)
-                    else:
-                        # autocast: autograd sums the casts' float32 gradients, so float32 here too
-                        part = grad_rows @ w
-                        dy = part.to(acc) if dy is None else dy.add_(part)
+            if joined is not None:  # one product each way over the gradients' blocks (see _joined_products)
+                d_weights, dy = _joined_products(_rows(joined), weights, y_rows, needs[_NORM_ARGS:_NORM_ARGS + count],
+                                                 needs[0] or needs[1] or needs[2], ctx.mm_dtype)
+            else:
+                for i, (grad, w) in enumerate(zip(grads, weights)):
+                    if grad is None:
+                        continue
+                    grad_rows = _rows(grad)
+                    if needs[_NORM_ARGS + i]:
+                        d_weights[i] = (grad_rows.t() @ y_rows).to(w.dtype)
+                    if ctx.bias_dtypes[i] is not None and needs[_NORM_ARGS + count + i]:
+                        d_biases[i] = grad_rows.sum(0).to(ctx.bias_dtypes[i])
+                    if needs[0] or needs[1] or needs[2]:
+                        w = _cast(w, ctx.mm_dtype)
+                        if sum_in_products:
+                            # summed in the products' epilogue (beta = 1), in h's dtype as autograd sums them: a
+                            # float32 copy and add per projection cost ~8 % of the bf16 1.3B model's step
+                            dy = grad_rows @ w if dy is None else dy.addmm_(grad_rows, w)
+                        else:
+                            # autocast: autograd sums the casts' float32 gradients, so float32 here too
+                            part = grad_rows @ w
+                            dy = part.to(acc) if dy is None else dy.add_(part)
         nothing = (None,) * (_NORM_ARGS - 3)  # eps, pre_silu, keep_normed, count
         if dy is None:
             dh = d_h
@@ -391,6 +372,28 @@ def rms_norm_linear(
         return outputs if residual is None else (h, *outputs)
     return _RMSNormLinear.apply(x, residual, norm_weight, eps, pre_silu, keep_normed, len(weights), *weights,
                                 *biases)
+
+
+def _joined_products(grad_rows, weights, y_rows, wanted, want_dy: bool, mm_dtype):
+    """(weight gradients, dy) of rms_norm_linear's projections from their gradients as the column blocks of one
+    matrix grad_rows (SwiGLU's and the GSA features' backward write them so): one product for dy instead of one a
+    block and beta = 1 accumulations (H200, 16K rows, ms: gate / up 1.10-1.13 -> 1.06-1.08, q / k / v / f 0.65 ->
+    0.60). The weight gradients: one product where the blocks are of one width (gate / up: by block over the columns
+    measured 0.997 and 1.097 against 1.10-1.12 whole, and the whole step ran 0.5 % slower by block), else one a block
+    over the column views (q / k / v / f: 0.59-0.60 against 0.62-0.64 whole, but 0.54-0.58 from the separate
+    contiguous gradients of before: the joined form's gain there is the dy product's, mostly given back).
+    results/tune_gemm_h200*.json, NOTES.md. The one-product weight gradients are views of one tensor, and autograd
+    keeps them as the .grad of each weight: those share one storage."""
+    widths = [w.shape[0] for w in weights]
+    d_weights = [None] * len(weights)
+    if any(wanted):
+        if len(set(widths)) == 1:
+            parts = (grad_rows.t() @ y_rows).split(widths)
+        else:
+            parts = [g.t() @ y_rows if want else None for g, want in zip(grad_rows.split(widths, -1), wanted)]
+        d_weights = [part.to(w.dtype) if want else None for part, w, want in zip(parts, weights, wanted)]
+    dy = grad_rows @ _cast(torch.cat(weights), mm_dtype) if want_dy else None
+    return d_weights, dy
 
 
 def joined_columns(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -80,11 +81,24 @@ def _dtype(value) -> torch.dtype | None:
     return getattr(torch, str(value).replace("torch.", ""))
 
 
+def check_model_folder(path: str | os.PathLike, config: bool = True) -> Path:
+    """path as a Path when it is a model folder (a folder holding config.json, or any folder with config False:
+    where only a tokenizer is read); a ValueError naming what is missing otherwise (before anything tries to read
+    a tokenizer or weights from it)."""
+    if not Path(path).is_dir():
+        expected = "a folder with config.json and weights" if config else "a model or tokenizer folder"
+        raise ValueError(f"model {str(path)!r} is not a folder; expected {expected}")
+    if config and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model folder {str(path)!r} has no config.json")
+    return Path(path)
+
+
 def load_pretrained(cls, path: str, *args, config: GSAConfig | None = None, **kwargs):
     """Build `cls` from `path`/config.json and load its safetensors strictly. Accepts dtype / torch_dtype and
     device (or device_map given as one device)."""
     if args:
         raise TypeError(f"unexpected positional arguments after the path: {args}")
+    check_model_folder(path, config=config is None)  # named here, not as transformers' missing-file error
     dtype = _dtype(kwargs.pop("dtype", kwargs.pop("torch_dtype", None)))
     device = kwargs.pop("device", None) or kwargs.pop("device_map", None)
     for name in list(kwargs):
