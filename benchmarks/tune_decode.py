@@ -1,5 +1,8 @@
 """Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
 
+With --heads, the one-launch step's instead (HEAD_STEP_LAUNCH: a program a sequence-head; blocks, warps, pipeline
+stages) at batch 1-64 against the two launches in the code, MIN_HEADS set where it starts to win, then the model.
+
 For every (rows a program, warps, state tiles streamed or not): the step's GPU time replayed from a CUDA graph at
 batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must
 move (both states read and written), and its largest relative error against the PyTorch step: the step on prepared
@@ -8,6 +11,7 @@ more loads and exps). Then the 1.3B model's decoding (GraphDecoder, batch 1 and 
 and with the sweep's best at batch 64. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
+    python benchmarks/tune_decode.py --heads --out benchmarks/results/tune_decode_heads_h200.json
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gc
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -100,16 +105,26 @@ def save(results: dict, out: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--rows", nargs="+", type=int, default=None,
+                        help="state rows (and columns) a block: 32 64 128, with --heads 64 128 256")
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
-    add_model_arguments(parser, "tune_decode_h200.json")
+    parser.add_argument("--heads", action="store_true", help="sweep the one-launch step (HEAD_STEP_LAUNCH)")
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3], help="with --heads: pipeline stages")
+    add_model_arguments(parser, "tune_decode_heads_h200.json" if "--heads" in sys.argv else "tune_decode_h200.json")
     args = parser.parse_args()
+    if args.heads:
+        sweep_heads(args)
+    else:
+        sweep_two_launches(args)
+
+
+def sweep_two_launches(args):
     started = time.time()
     in_code = dict(recurrent.STEP_LAUNCH)
     moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "in_code": in_code, "steps": [], "model": {}}
-    for rows, warps, stream in itertools.product(args.rows, args.warps, (False, True)):
+    for rows, warps, stream in itertools.product(args.rows or [32, 64, 128], args.warps, (False, True)):
         recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=stream)
 
         def measure(entry):
@@ -138,9 +153,65 @@ def main():
             continue
         print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
               f"{moved[64] / e['batch64_us'] / 1e3:>9.0f} {e['max_err']:>8.1e}")
+    print_model(results)
+
+
+HEAD_BATCHES = (1, 4, 16, 32, 64)
+NEVER = 1 << 62  # MIN_HEADS that keeps the two launches at every batch
+
+
+def sweep_heads(args):
+    """The two launches in the code at HEAD_BATCHES, then every one-launch setting; MIN_HEADS from where the best
+    one (at batch 64) beats the two launches at that batch and every larger one; the model with and without it."""
+    started = time.time()
+    in_code = dict(recurrent.HEAD_STEP_LAUNCH)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "in_code": in_code, "two_launches": dict(recurrent.STEP_LAUNCH), "steps": [], "model": {}}
+
+    def measure(entry):
+        entry["max_err"] = step_error(64)
+        for batch in HEAD_BATCHES:
+            entry[f"batch{batch}_us"] = step_us(batch)
+
+    recurrent.HEAD_STEP_LAUNCH = dict(in_code, MIN_HEADS=NEVER)
+    record(results, "steps", {"form": "two launches", **recurrent.STEP_LAUNCH}, measure, args.out, started)
+    for rows, warps, stages in itertools.product(args.rows or [64, 128, 256], args.warps, args.stages):
+        recurrent.HEAD_STEP_LAUNCH = dict(MIN_HEADS=0, BK=rows, BV=rows, num_warps=warps, num_stages=stages,
+                                          STREAM=False)
+        record(results, "steps", {"form": "one launch", **recurrent.HEAD_STEP_LAUNCH}, measure, args.out, started)
+    two, *heads = results["steps"]
+    fine = [e for e in heads if "error" not in e and e["max_err"] < 1e-4]
+    if not fine or "error" in two:
+        raise SystemExit("no one-launch setting (or the two launches) ran within 1e-4 of the PyTorch step")
+    best = min(fine, key=lambda e: e["batch64_us"])
+    wins = [batch for batch in HEAD_BATCHES if best[f"batch{batch}_us"] < two[f"batch{batch}_us"]]
+    start = next((b for b in HEAD_BATCHES if all(w in wins for w in HEAD_BATCHES if w >= b)), None)
+    chosen = {key: best[key] for key in in_code if key != "MIN_HEADS"}
+    chosen["MIN_HEADS"] = NEVER if start is None else start * H
+    results["chosen"] = chosen
+    for name, setting in (("two_launches", dict(in_code, MIN_HEADS=NEVER)), ("chosen", chosen)):
+        recurrent.HEAD_STEP_LAUNCH = dict(setting)
+        results["model"][name] = {**setting, **model_decoding(args.prompt, args.new_tokens)}
+        save(results, args.out)
+        print(name, json.dumps(results["model"][name]), f"[{time.time() - started:.0f}s]", flush=True)
+
+    print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph)")
+    print(f"{'form':>13} {'rows':>5} {'warps':>5} {'stages':>6} " + " ".join(f"{'b' + str(b):>7}" for b in HEAD_BATCHES)
+          + f" {'max err':>8}")
+    for e in [two] + sorted(heads, key=lambda e: e.get("batch64_us", float("inf"))):
+        settings = f"{e['form']:>13} {e['BK']:>5} {e['num_warps']:>5} {e.get('num_stages', '-')!s:>6}"
+        if "error" in e:
+            print(settings, "failed:", e["error"][:60])
+            continue
+        print(settings, " ".join(f"{e[f'batch{b}_us']:>7.1f}" for b in HEAD_BATCHES), f"{e['max_err']:>8.1e}")
+    print(f"chosen: {chosen}")
+    print_model(results)
+
+
+def print_model(results: dict) -> None:
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']} stream {row['STREAM']}: "
+        print(f"  {name:<12} {json.dumps({k: v for k, v in row.items() if not k.endswith('_ms')})}: "
               f"batch 1 {row['batch1_ms']:.3f}, batch 64 {row['batch64_ms']:.3f}")
 
 
