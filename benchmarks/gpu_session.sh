@@ -377,7 +377,8 @@ for what in "$@"; do
             # (carry .whl and .cache/triton; CONTEXTS, TRAIN_MODELS and FLA_TRAIN_CAP narrow it)
             fla_setup
             stage fla-train "${FLA_TRAIN_CAP:-500}" python3 benchmarks/bench_train.py \
-                --models ${TRAIN_MODELS:-ours ours-kept llama} --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} --steps 4 --warmup 2 \
+                --models ${TRAIN_MODELS:-ours ours-kept llama} --with-fla --contexts ${CONTEXTS:-2048 4096 8192 16384} \
+                --steps 4 --warmup 2 \
                 --out "$OUT/train_h200_fla.json"
             keep_autotune ;;
         fla-decode)  # generate() latency of FLA's 1.3B model next to ours (carry .whl and .cache/triton)
@@ -387,8 +388,8 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode tune-decode-heads ops fla fla-heads" \
-                "segment fla-model" \
+                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode tune-decode-heads ops fla" \
+                "fla-heads segment fla-model" \
                 "fla-decode decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \
                 "compare-long compare-pair trainer-1gpu fsdp t2r t2r-more train-profile)"; exit 2 ;;

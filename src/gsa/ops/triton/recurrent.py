@@ -3,8 +3,8 @@
 At small batches a step is two launches so that every state block gets its own program (a decode step is a few KB of
 work per block and pure latency otherwise): `_step_keys` updates Hk block by block and writes partial slot logits;
 `_step_values` sums them, takes the softmax, updates Hv block by block and writes the output. With many sequences the
-heads alone fill the GPU, and `_step_heads` takes a whole head in one program and the step in one launch. The query heads of
-a group are the rows of one tile, so they share each state read. States stay float32.
+heads alone fill the GPU, and `_step_heads` takes a whole head in one program and the step in one launch. The query
+heads of a group are the rows of one tile, so they share each state read. States stay float32.
 """
 
 from __future__ import annotations
