@@ -1,7 +1,8 @@
 """Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
 
-With --heads, the one-launch step's instead (HEAD_STEP_LAUNCH: a program a sequence-head; blocks, warps, pipeline
-stages) at batch 1-64 against the two launches in the code, MIN_HEADS set where it starts to win, then the model.
+With --heads, the step's forms at batch 1-64 instead: the two launches in the code, their programs chained in one
+launch (CHAINED), and a program a sequence-head (HEAD_STEP_LAUNCH; blocks, warps, pipeline stages); then the model
+with each form's best.
 
 For every (rows a program, warps, state tiles streamed or not): the step's GPU time replayed from a CUDA graph at
 batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must
@@ -108,8 +109,11 @@ def main():
     parser.add_argument("--rows", nargs="+", type=int, default=None,
                         help="state rows (and columns) a block: 32 64 128, with --heads 64 128 256")
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--heads", action="store_true", help="sweep the one-launch step (HEAD_STEP_LAUNCH)")
-    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3], help="with --heads: pipeline stages")
+    parser.add_argument("--heads", action="store_true",
+                        help="sweep the step's forms: two launches, chained (CHAINED), a program a head")
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2], help="with --heads: pipeline stages")
+    parser.add_argument("--chained-rows", nargs="+", type=int, default=[32, 64, 128],
+                        help="with --heads: the chained step's blocks")
     add_model_arguments(parser, "tune_decode_heads_h200.json" if "--heads" in sys.argv else "tune_decode_h200.json")
     args = parser.parse_args()
     if args.heads:
@@ -160,51 +164,62 @@ HEAD_BATCHES = (1, 4, 16, 32, 64)
 NEVER = 1 << 62  # MIN_HEADS that keeps the two launches at every batch
 
 
+def use_form(form: str, setting: dict) -> None:
+    """Put one form of the step in place: "two launches" / "chained" (STEP_LAUNCH's blocks) or "one launch"
+    (HEAD_STEP_LAUNCH, a program a head, at every batch unless setting says MIN_HEADS)."""
+    recurrent.CHAINED = form == "chained"
+    if form == "one launch":
+        recurrent.HEAD_STEP_LAUNCH = {"MIN_HEADS": 0, **setting}
+    else:
+        recurrent.HEAD_STEP_LAUNCH = dict(recurrent.HEAD_STEP_LAUNCH, MIN_HEADS=NEVER)
+        recurrent.STEP_LAUNCH = dict(setting)
+
+
 def sweep_heads(args):
-    """The two launches in the code at HEAD_BATCHES, then every one-launch setting; MIN_HEADS from where the best
-    one (at batch 64) beats the two launches at that batch and every larger one; the model with and without it."""
+    """The decoding step's three forms at HEAD_BATCHES: the two launches in the code, the two launches' programs
+    chained in one launch (blocks and warps swept), and a program a head (blocks, warps, stages swept); then the
+    1.3B model's decoding with the code's form and with each form's best setting at batch 64."""
     started = time.time()
-    in_code = dict(recurrent.HEAD_STEP_LAUNCH)
+    in_code = {"CHAINED": recurrent.CHAINED, "STEP_LAUNCH": dict(recurrent.STEP_LAUNCH),
+               "HEAD_STEP_LAUNCH": dict(recurrent.HEAD_STEP_LAUNCH)}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "in_code": in_code, "two_launches": dict(recurrent.STEP_LAUNCH), "steps": [], "model": {}}
+               "in_code": in_code, "steps": [], "model": {}}
 
     def measure(entry):
         entry["max_err"] = step_error(64)
         for batch in HEAD_BATCHES:
             entry[f"batch{batch}_us"] = step_us(batch)
 
-    recurrent.HEAD_STEP_LAUNCH = dict(in_code, MIN_HEADS=NEVER)
-    record(results, "steps", {"form": "two launches", **recurrent.STEP_LAUNCH}, measure, args.out, started)
-    for rows, warps, stages in itertools.product(args.rows or [64, 128, 256], args.warps, args.stages):
-        recurrent.HEAD_STEP_LAUNCH = dict(MIN_HEADS=0, BK=rows, BV=rows, num_warps=warps, num_stages=stages,
-                                          STREAM=False)
-        record(results, "steps", {"form": "one launch", **recurrent.HEAD_STEP_LAUNCH}, measure, args.out, started)
-    two, *heads = results["steps"]
-    fine = [e for e in heads if "error" not in e and e["max_err"] < 1e-4]
-    if not fine or "error" in two:
-        raise SystemExit("no one-launch setting (or the two launches) ran within 1e-4 of the PyTorch step")
-    best = min(fine, key=lambda e: e["batch64_us"])
-    wins = [batch for batch in HEAD_BATCHES if best[f"batch{batch}_us"] < two[f"batch{batch}_us"]]
-    start = next((b for b in HEAD_BATCHES if all(w in wins for w in HEAD_BATCHES if w >= b)), None)
-    chosen = {key: best[key] for key in in_code if key != "MIN_HEADS"}
-    chosen["MIN_HEADS"] = NEVER if start is None else start * H
-    results["chosen"] = chosen
-    for name, setting in (("two_launches", dict(in_code, MIN_HEADS=NEVER)), ("chosen", chosen)):
-        recurrent.HEAD_STEP_LAUNCH = dict(setting)
-        results["model"][name] = {**setting, **model_decoding(args.prompt, args.new_tokens)}
-        save(results, args.out)
-        print(name, json.dumps(results["model"][name]), f"[{time.time() - started:.0f}s]", flush=True)
+    two = dict(in_code["STEP_LAUNCH"])
+    settings = [("two launches", two)]
+    settings += [("chained", dict(two, BK=rows, BV=rows, num_warps=warps))
+                 for rows, warps in itertools.product(args.chained_rows, args.warps)]
+    settings += [("one launch", dict(BK=rows, BV=rows, num_warps=warps, num_stages=stages, STREAM=False))
+                 for rows, warps, stages in itertools.product(args.rows or [64, 128], args.warps, args.stages)]
+    for form, setting in settings:
+        use_form(form, setting)
+        record(results, "steps", {"form": form, **setting}, measure, args.out, started)
+    fine = [e for e in results["steps"] if "error" not in e and e["max_err"] < 1e-4]
+    if not any(e["form"] == "two launches" for e in fine):
+        raise SystemExit("the two launches did not run within 1e-4 of the PyTorch step: see the errors above")
+    for form in ("two launches", "chained", "one launch"):
+        if rows := [e for e in fine if e["form"] == form]:
+            best = min(rows, key=lambda e: e["batch64_us"])
+            setting = {key: value for key, value in best.items() if key in settings[0][1] or key == "num_stages"}
+            use_form(form, setting)
+            results["model"][form] = {"form": form, **setting, **model_decoding(args.prompt, args.new_tokens)}
+            save(results, args.out)
+            print(form, json.dumps(results["model"][form]), f"[{time.time() - started:.0f}s]", flush=True)
 
     print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph)")
     print(f"{'form':>13} {'rows':>5} {'warps':>5} {'stages':>6} " + " ".join(f"{'b' + str(b):>7}" for b in HEAD_BATCHES)
           + f" {'max err':>8}")
-    for e in [two] + sorted(heads, key=lambda e: e.get("batch64_us", float("inf"))):
-        settings = f"{e['form']:>13} {e['BK']:>5} {e['num_warps']:>5} {e.get('num_stages', '-')!s:>6}"
+    for e in sorted(results["steps"], key=lambda e: (e["form"], e.get("batch64_us", float("inf")))):
+        row = f"{e['form']:>13} {e['BK']:>5} {e['num_warps']:>5} {e.get('num_stages', '-')!s:>6}"
         if "error" in e:
-            print(settings, "failed:", e["error"][:60])
+            print(row, "failed:", e["error"][:60])
             continue
-        print(settings, " ".join(f"{e[f'batch{b}_us']:>7.1f}" for b in HEAD_BATCHES), f"{e['max_err']:>8.1e}")
-    print(f"chosen: {chosen}")
+        print(row, " ".join(f"{e[f'batch{b}_us']:>7.1f}" for b in HEAD_BATCHES), f"{e['max_err']:>8.1e}")
     print_model(results)
 
 

@@ -175,6 +175,61 @@ def _step_heads(
                       HQ, H, V, M, GROUP, FROM_LOGITS, STREAM)
 
 
+@triton.jit
+def _step_chained(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, hk_ptr, hv_ptr, partial_ptr, arrived_ptr, o_ptr, scale, inv_tau, clamp_min,
+    HQ, H, K, V, M, GROUP, NKB, NVB, KEY_PROGRAMS,
+    BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
+):
+    """Both halves of the step in one launch: programs [0, KEY_PROGRAMS) are `_step_keys`' (a block of Hk rows
+    each; they add one to their head's arrival count once its partial logits are stored), the rest take a block of
+    Hv columns each, update it at once (the Hv update needs no logits), then wait until every key block of their
+    head has arrived to take the softmax and write the output. Key programs have the lower ids, so every one is
+    dispatched before any value program that waits for it (the forward-progress assumption of single-pass scans)."""
+    pid = tl.program_id(0)
+    gg = tl.arange(0, BG)
+    ms = tl.arange(0, BM)
+    m_ok = ms < M
+    is_key = pid < KEY_PROGRAMS
+    rank = tl.where(is_key, pid, pid - KEY_PROGRAMS)  # among the key programs, or among the value programs
+    head = rank // tl.where(is_key, NKB, NVB)
+    block = rank % tl.where(is_key, NKB, NVB)  # its block of Hk rows, or of Hv columns
+    i_b = (head // H).to(tl.int64)
+    i_h = head % H
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
+    decay = tl.exp(g)
+    partial_head = partial_ptr + (i_b * H + i_h) * NKB * BG * BM
+    if is_key:
+        partial = _keys_block(q_ptr, k_ptr, hk_ptr, i_b, i_h, block * BK + tl.arange(0, BK), gg, ms, m_ok, decay, s,
+                              HQ, H, K, M, GROUP, FEATURE, STREAM)
+        tl.store(partial_head + (block * BG + gg[:, None]) * BM + ms[None, :], partial)
+        tl.debug_barrier()  # every thread's partial stored before the release below publishes them
+        tl.atomic_add(arrived_ptr + head, 1, sem="release")
+    else:
+        v_idx = block * BV + tl.arange(0, BV)
+        v_ok = v_idx < V
+        offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
+        both = m_ok[:, None] & v_ok[None, :]
+        hv = _load_state(hv_ptr + offs, both, STREAM)
+        v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+        if FROM_LOGITS:  # raw projections: the layer's value activation is swish
+            v = v * tl.sigmoid(v)
+        hv = hv * decay[:, None] + s[:, None] * v[None, :]
+        _store_state(hv_ptr + offs, hv, both, STREAM)
+        arrived = tl.atomic_add(arrived_ptr + head, 0, sem="acquire")
+        while arrived < NKB:
+            arrived = tl.atomic_add(arrived_ptr + head, 0, sem="acquire")
+        tl.debug_barrier()
+        logits = tl.zeros([BG, BM], dtype=tl.float32)
+        for j in range(NKB):  # .cg: from L2, where the key programs' stores are, never a stale L1 line
+            logits += tl.load(partial_head + (j * BG + gg[:, None]) * BM + ms[None, :], cache_modifier=".cg")
+        o = tl.dot(_slot_weights(logits, m_ok, scale), hv, input_precision="ieee")
+        heads = i_h * GROUP + gg
+        tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=(gg < GROUP)[:, None] & v_ok[None, :])
+
+
 # Launch settings of the step's two kernels: the block of the state a program takes (BK rows of Hk [K, M], BV columns
 # of Hv [M, V]) and warps; module-level so that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64,
 # CUDA graph (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86
@@ -189,6 +244,9 @@ STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 # launches above spread each head over many programs (small batches) but pay a second launch and a drain between.
 # MIN_HEADS, blocks, warps and stages: swept by benchmarks/tune_decode.py (--heads).
 HEAD_STEP_LAUNCH = dict(MIN_HEADS=1 << 62, BK=128, BV=128, num_warps=8, num_stages=2, STREAM=False)
+# CHAINED: the two launches' programs in one launch (`_step_chained`), value programs waiting on their head's key
+# programs through an arrival count; STEP_LAUNCH's blocks and warps. Measured against both forms by tune_decode.py.
+CHAINED = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -228,6 +286,13 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
         return o
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
+    if CHAINED:
+        arrived = torch.zeros(B * H, device=q.device, dtype=torch.int32)
+        _step_chained[(B * H * (nkb + nvb),)](
+            q, k, v, s, g, hk, hv, partial, arrived, o, scale, inv_tau, clamp, HQ, H, K, V, M, group, nkb, nvb,
+            B * H * nkb, BG=BG, BK=BK, BV=BV, BM=BM, FEATURE=feature_code, **gate_args, **launch,
+        )
+        return o
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=feature_code, **gate_args, **launch,
