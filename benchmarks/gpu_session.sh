@@ -14,7 +14,6 @@
 #   bash benchmarks/gpu_session.sh tests tune-rows            # one H200, ~5 min
 #   bash benchmarks/gpu_session.sh tune-gemm                  # one H200, ~1 min
 #   bash benchmarks/gpu_session.sh tune-decode                # one H200, ~4 min
-#   bash benchmarks/gpu_session.sh tune-decode-heads          # one H200, ~4 min (the one-launch step)
 #   bash benchmarks/gpu_session.sh tune-factors               # one H200, ~2.5 min
 #   bash benchmarks/gpu_session.sh tests tune-gemv            # one H200, ~8 min
 #   bash benchmarks/gpu_session.sh fla                        # one H200, carry .whl (+ .cache/triton), <= 9 min
@@ -170,10 +169,6 @@ for what in "$@"; do
         tune-decode)  # issues 3 / 8: the decoding step's launch settings (STEP_LAUNCH in gsa/ops/triton/recurrent.py),
             # GPU time at batch 1 and 64, then the 1.3B model's decoding with the settings in the code and the best
             stage tune-decode 300 python3 benchmarks/tune_decode.py --out "$OUT/tune_decode_h200.json" ;;
-        tune-decode-heads)  # issue 8: the one-launch decoding step (HEAD_STEP_LAUNCH) against the two launches at
-            # batch 1-64, MIN_HEADS from where it wins, then the 1.3B model's decoding with and without it (~4 min)
-            stage tune-decode-heads "${DECODE_CAP:-300}" python3 benchmarks/tune_decode.py --heads \
-                --out "$OUT/tune_decode_heads_h200.json" ;;
         tune-gemv)  # issue 8: the few-row linear kernel's launch settings (GEMV_LAUNCH in gsa/layers/fused_gemv.py),
             # GPU time of a 1.3B layer's four product groups against the unfused path, then the model's decoding
             # unfused, fused as in the code and fused with the sweep's best
@@ -388,7 +383,7 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode tune-decode-heads ops fla" \
+                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode ops fla" \
                 "fla-heads segment fla-model" \
                 "fla-decode decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \

@@ -1,9 +1,5 @@
 """Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
 
-With --heads, the step's forms at batch 1-64 instead: the two launches in the code, their programs chained in one
-launch (CHAINED), and a program a sequence-head (HEAD_STEP_LAUNCH; blocks, warps, pipeline stages); then the model
-with each form's best.
-
 For every (rows a program, warps, state tiles streamed or not): the step's GPU time replayed from a CUDA graph at
 batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must
 move (both states read and written), and its largest relative error against the PyTorch step: the step on prepared
@@ -12,7 +8,6 @@ more loads and exps). Then the 1.3B model's decoding (GraphDecoder, batch 1 and 
 and with the sweep's best at batch 64. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
-    python benchmarks/tune_decode.py --heads --out benchmarks/results/tune_decode_heads_h200.json
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import gc
 import itertools
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -106,29 +100,16 @@ def save(results: dict, out: str) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", type=int, default=None,
-                        help="state rows (and columns) a block: 32 64 128, with --heads 64 128 256")
+    parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--heads", action="store_true",
-                        help="sweep the step's forms: two launches, chained (CHAINED), a program a head")
-    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2], help="with --heads: pipeline stages")
-    parser.add_argument("--chained-rows", nargs="+", type=int, default=[32, 64, 128],
-                        help="with --heads: the chained step's blocks")
-    add_model_arguments(parser, "tune_decode_heads_h200.json" if "--heads" in sys.argv else "tune_decode_h200.json")
+    add_model_arguments(parser, "tune_decode_h200.json")
     args = parser.parse_args()
-    if args.heads:
-        sweep_heads(args)
-    else:
-        sweep_two_launches(args)
-
-
-def sweep_two_launches(args):
     started = time.time()
     in_code = dict(recurrent.STEP_LAUNCH)
     moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "in_code": in_code, "steps": [], "model": {}}
-    for rows, warps, stream in itertools.product(args.rows or [32, 64, 128], args.warps, (False, True)):
+    for rows, warps, stream in itertools.product(args.rows, args.warps, (False, True)):
         recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=stream)
 
         def measure(entry):
@@ -157,76 +138,9 @@ def sweep_two_launches(args):
             continue
         print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
               f"{moved[64] / e['batch64_us'] / 1e3:>9.0f} {e['max_err']:>8.1e}")
-    print_model(results)
-
-
-HEAD_BATCHES = (1, 4, 16, 32, 64)
-NEVER = 1 << 62  # MIN_HEADS that keeps the two launches at every batch
-
-
-def use_form(form: str, setting: dict) -> None:
-    """Put one form of the step in place: "two launches" / "chained" (STEP_LAUNCH's blocks) or "one launch"
-    (HEAD_STEP_LAUNCH, a program a head, at every batch unless setting says MIN_HEADS)."""
-    recurrent.CHAINED = form == "chained"
-    if form == "one launch":
-        recurrent.HEAD_STEP_LAUNCH = {"MIN_HEADS": 0, **setting}
-    else:
-        recurrent.HEAD_STEP_LAUNCH = dict(recurrent.HEAD_STEP_LAUNCH, MIN_HEADS=NEVER)
-        recurrent.STEP_LAUNCH = dict(setting)
-
-
-def sweep_heads(args):
-    """The decoding step's three forms at HEAD_BATCHES: the two launches in the code, the two launches' programs
-    chained in one launch (blocks and warps swept), and a program a head (blocks, warps, stages swept); then the
-    1.3B model's decoding with the code's form and with each form's best setting at batch 64."""
-    started = time.time()
-    in_code = {"CHAINED": recurrent.CHAINED, "STEP_LAUNCH": dict(recurrent.STEP_LAUNCH),
-               "HEAD_STEP_LAUNCH": dict(recurrent.HEAD_STEP_LAUNCH)}
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "in_code": in_code, "steps": [], "model": {}}
-
-    def measure(entry):
-        entry["max_err"] = step_error(64)
-        for batch in HEAD_BATCHES:
-            entry[f"batch{batch}_us"] = step_us(batch)
-
-    two = dict(in_code["STEP_LAUNCH"])
-    settings = [("two launches", two)]
-    settings += [("chained", dict(two, BK=rows, BV=rows, num_warps=warps))
-                 for rows, warps in itertools.product(args.chained_rows, args.warps)]
-    settings += [("one launch", dict(BK=rows, BV=rows, num_warps=warps, num_stages=stages, STREAM=False))
-                 for rows, warps, stages in itertools.product(args.rows or [64, 128], args.warps, args.stages)]
-    for form, setting in settings:
-        use_form(form, setting)
-        record(results, "steps", {"form": form, **setting}, measure, args.out, started)
-    fine = [e for e in results["steps"] if "error" not in e and e["max_err"] < 1e-4]
-    if not any(e["form"] == "two launches" for e in fine):
-        raise SystemExit("the two launches did not run within 1e-4 of the PyTorch step: see the errors above")
-    for form in ("two launches", "chained", "one launch"):
-        if rows := [e for e in fine if e["form"] == form]:
-            best = min(rows, key=lambda e: e["batch64_us"])
-            setting = {key: value for key, value in best.items() if key in settings[0][1] or key == "num_stages"}
-            use_form(form, setting)
-            results["model"][form] = {"form": form, **setting, **model_decoding(args.prompt, args.new_tokens)}
-            save(results, args.out)
-            print(form, json.dumps(results["model"][form]), f"[{time.time() - started:.0f}s]", flush=True)
-
-    print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph)")
-    print(f"{'form':>13} {'rows':>5} {'warps':>5} {'stages':>6} " + " ".join(f"{'b' + str(b):>7}" for b in HEAD_BATCHES)
-          + f" {'max err':>8}")
-    for e in sorted(results["steps"], key=lambda e: (e["form"], e.get("batch64_us", float("inf")))):
-        row = f"{e['form']:>13} {e['BK']:>5} {e['num_warps']:>5} {e.get('num_stages', '-')!s:>6}"
-        if "error" in e:
-            print(row, "failed:", e["error"][:60])
-            continue
-        print(row, " ".join(f"{e[f'batch{b}_us']:>7.1f}" for b in HEAD_BATCHES), f"{e['max_err']:>8.1e}")
-    print_model(results)
-
-
-def print_model(results: dict) -> None:
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        print(f"  {name:<12} {json.dumps({k: v for k, v in row.items() if not k.endswith('_ms')})}: "
+        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']} stream {row['STREAM']}: "
               f"batch 1 {row['batch1_ms']:.3f}, batch 64 {row['batch64_ms']:.3f}")
 
 

@@ -344,34 +344,15 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
 
 
 SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True)  # 3 key and 3 value blocks a head
-# the one-launch step at every batch, its program walking 3 key and 3 value blocks of its head
-HEAD_STEP_SMALL = dict(MIN_HEADS=0, BK=32, BV=16, num_warps=2, num_stages=2, STREAM=True)
-HEAD_STEP_WHOLE = dict(MIN_HEADS=0, BK=128, BV=64, num_warps=4, num_stages=1, STREAM=False)  # one block each
 
 
-CHAINED_SMALL = dict(SMALL_STEP_BLOCKS, CHAINED=True)  # the two launches' programs in one, 3 + 3 a head
-
-
-def use_step_launch(monkeypatch, launch):
-    """The two-launch step's blocks (STEP_LAUNCH), chained in one launch if the setting says CHAINED, or, for a
-    setting with MIN_HEADS, the step of a program a head."""
-    if launch is not None:
-        launch = dict(launch)
-        monkeypatch.setattr(recurrent_kernels, "CHAINED", launch.pop("CHAINED", False))
-        name = "HEAD_STEP_LAUNCH" if "MIN_HEADS" in launch else "STEP_LAUNCH"
-        monkeypatch.setattr(recurrent_kernels, name, launch)
-
-
-@pytest.mark.parametrize(
-    "inplace, launch",
-    [(True, None), (False, None), (True, SMALL_STEP_BLOCKS), (True, CHAINED_SMALL), (True, HEAD_STEP_SMALL),
-     (False, HEAD_STEP_WHOLE)],
-    ids=["inplace", "fresh", "inplace-small-blocks", "chained", "one-launch-blocks", "one-launch-whole"])
+@pytest.mark.parametrize("inplace, launch", [(True, None), (False, None), (True, SMALL_STEP_BLOCKS)],
+                         ids=["inplace", "fresh", "inplace-small-blocks"])
 def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     """Steps of the kernel equal the reference's recurrence, GQA with odd widths; also with several state blocks
-    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps), chained in one launch,
-    and the step of a program a head walking several blocks or one."""
-    use_step_launch(monkeypatch, launch)
+    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps)."""
+    if launch is not None:
+        monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
     B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20
     q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=9, device=DEVICE)
     hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=10, device=DEVICE)
@@ -388,13 +369,10 @@ def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
 
 
-@pytest.mark.parametrize("feature_map,clamp_min,launch", [("swish", None, None), ("relu", -0.05, None),
-                                                         ("identity", None, None), ("swish", -0.05, HEAD_STEP_SMALL),
-                                                         ("relu", -0.05, CHAINED_SMALL)])
-def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min, launch, monkeypatch):
+@pytest.mark.parametrize("feature_map,clamp_min", [("swish", None), ("relu", -0.05), ("identity", None)])
+def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
     """The decode step from raw projections (feature maps, swish and gates formed inside the kernels) equals
-    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths; in both launch forms."""
-    use_step_launch(monkeypatch, launch)
+    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths."""
     B, T, HQ, H, K, V, M = 2, 4, 6, 2, 70, 33, 20
     gen = torch.Generator().manual_seed(31)
     q, k, v, f = (torch.randn(B, T, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V), (H, M)))

@@ -1,10 +1,9 @@
 """Token-by-token GSA on the GPU: the decoding step (state updated in place, CUDA-graph safe).
 
-At small batches a step is two launches so that every state block gets its own program (a decode step is a few KB of
-work per block and pure latency otherwise): `_step_keys` updates Hk block by block and writes partial slot logits;
-`_step_values` sums them, takes the softmax, updates Hv block by block and writes the output. With many sequences the
-heads alone fill the GPU, and `_step_heads` takes a whole head in one program and the step in one launch. The query
-heads of a group are the rows of one tile, so they share each state read. States stay float32.
+A step is two launches so that every state block gets its own program (a decode step is a few KB of work per
+block and pure latency otherwise): `_step_keys` updates Hk block by block and writes partial slot logits;
+`_step_values` sums them, takes the softmax, updates Hv block by block and writes the output. The query heads of
+a group are the rows of one tile, so they share each state read. States stay float32.
 """
 
 from __future__ import annotations
@@ -64,50 +63,6 @@ def _store_state(ptr, value, mask, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _keys_block(q_ptr, k_ptr, hk_ptr, i_b, i_h, k_idx, gg, ms, m_ok, decay, s, HQ, H, K, M, GROUP,
-                FEATURE: tl.constexpr, STREAM: tl.constexpr):
-    """Rows k_idx of one head's Hk updated in place; returns these rows' part of the group's slot logits [BG, BM]."""
-    k_ok = k_idx < K
-    offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
-    both = k_ok[:, None] & m_ok[None, :]
-    hk = _load_state(hk_ptr + offs, both, STREAM)
-    k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
-    hk = hk * decay[None, :] + k[:, None] * s[None, :]
-    _store_state(hk_ptr + offs, hk, both, STREAM)
-    heads = i_h * GROUP + gg
-    q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
-                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    return tl.dot(_feature_map(q, FEATURE), hk, input_precision="ieee")
-
-
-@triton.jit
-def _slot_weights(logits, m_ok, scale):
-    """softmax over the slots of the summed logits [BG, BM]."""
-    logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    return p / tl.sum(p, axis=1)[:, None]
-
-
-@triton.jit
-def _values_block(v_ptr, hv_ptr, o_ptr, p, i_b, i_h, v_idx, gg, ms, m_ok, decay, s, HQ, H, V, M, GROUP,
-                  SWISH_V: tl.constexpr, STREAM: tl.constexpr):
-    """Columns v_idx of one head's Hv updated in place and the group's output in these columns written."""
-    v_ok = v_idx < V
-    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
-    both = m_ok[:, None] & v_ok[None, :]
-    hv = _load_state(hv_ptr + offs, both, STREAM)
-    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
-    if SWISH_V:  # raw projections: the layer's value activation is swish
-        v = v * tl.sigmoid(v)
-    hv = hv * decay[:, None] + s[:, None] * v[None, :]
-    _store_state(hv_ptr + offs, hv, both, STREAM)
-    o = tl.dot(p, hv, input_precision="ieee")
-    heads = i_h * GROUP + gg
-    tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=(gg < GROUP)[:, None] & v_ok[None, :])
-
-
-@triton.jit
 def _step_keys(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
     HQ, H, K, M, GROUP, NKB,
@@ -119,10 +74,21 @@ def _step_keys(
     i_k = tl.program_id(2)
     gg = tl.arange(0, BG)
     ms = tl.arange(0, BM)
+    k_idx = i_k * BK + tl.arange(0, BK)
     m_ok = ms < M
+    k_ok = k_idx < K
     g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-    partial = _keys_block(q_ptr, k_ptr, hk_ptr, i_b, i_h, i_k * BK + tl.arange(0, BK), gg, ms, m_ok, tl.exp(g), s,
-                          HQ, H, K, M, GROUP, FEATURE, STREAM)
+    offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
+    both = k_ok[:, None] & m_ok[None, :]
+    hk = _load_state(hk_ptr + offs, both, STREAM)
+    k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
+    hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
+    _store_state(hk_ptr + offs, hk, both, STREAM)
+    heads = i_h * GROUP + gg
+    q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
+                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    q = _feature_map(q, FEATURE)
+    partial = tl.dot(q, hk, input_precision="ieee")
     tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
 
 
@@ -138,96 +104,28 @@ def _step_values(
     i_v = tl.program_id(2)
     gg = tl.arange(0, BG)
     ms = tl.arange(0, BM)
+    v_idx = i_v * BV + tl.arange(0, BV)
     m_ok = ms < M
+    v_ok = v_idx < V
     logits = tl.zeros([BG, BM], dtype=tl.float32)
     for i_k in range(NKB):
         logits += tl.load(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :])
-    p = _slot_weights(logits, m_ok, scale)
+    logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
     g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-    _values_block(v_ptr, hv_ptr, o_ptr, p, i_b, i_h, i_v * BV + tl.arange(0, BV), gg, ms, m_ok, tl.exp(g), s,
-                  HQ, H, V, M, GROUP, FROM_LOGITS, STREAM)
-
-
-@triton.jit
-def _step_heads(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, hk_ptr, hv_ptr, o_ptr, scale, inv_tau, clamp_min,
-    HQ, H, K, V, M, GROUP,
-    BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
-):
-    """The whole step of one (sequence, head) in one program: its Hk rows block by block (the logits summed in
-    registers), the softmax, then its Hv columns block by block. One launch and no partial logits in memory; for
-    batches with enough heads to fill the GPU (a program walks the whole 2 x K x M state alone)."""
-    i_b = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1)
-    gg = tl.arange(0, BG)
-    ms = tl.arange(0, BM)
-    m_ok = ms < M
-    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-    decay = tl.exp(g)
-    logits = tl.zeros([BG, BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        logits += _keys_block(q_ptr, k_ptr, hk_ptr, i_b, i_h, k0 + tl.arange(0, BK), gg, ms, m_ok, decay, s,
-                              HQ, H, K, M, GROUP, FEATURE, STREAM)
-    p = _slot_weights(logits, m_ok, scale)
-    for v0 in range(0, V, BV):
-        _values_block(v_ptr, hv_ptr, o_ptr, p, i_b, i_h, v0 + tl.arange(0, BV), gg, ms, m_ok, decay, s,
-                      HQ, H, V, M, GROUP, FROM_LOGITS, STREAM)
-
-
-@triton.jit
-def _step_chained(
-    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, hk_ptr, hv_ptr, partial_ptr, arrived_ptr, o_ptr, scale, inv_tau, clamp_min,
-    HQ, H, K, V, M, GROUP, NKB, NVB, KEY_PROGRAMS,
-    BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
-):
-    """Both halves of the step in one launch: programs [0, KEY_PROGRAMS) are `_step_keys`' (a block of Hk rows
-    each; they add one to their head's arrival count once its partial logits are stored), the rest take a block of
-    Hv columns each, update it at once (the Hv update needs no logits), then wait until every key block of their
-    head has arrived to take the softmax and write the output. Key programs have the lower ids, so every one is
-    dispatched before any value program that waits for it (the forward-progress assumption of single-pass scans)."""
-    pid = tl.program_id(0)
-    gg = tl.arange(0, BG)
-    ms = tl.arange(0, BM)
-    m_ok = ms < M
-    is_key = pid < KEY_PROGRAMS
-    rank = tl.where(is_key, pid, pid - KEY_PROGRAMS)  # among the key programs, or among the value programs
-    head = rank // tl.where(is_key, NKB, NVB)
-    block = rank % tl.where(is_key, NKB, NVB)  # its block of Hk rows, or of Hv columns
-    i_b = (head // H).to(tl.int64)
-    i_h = head % H
-    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-    decay = tl.exp(g)
-    partial_head = partial_ptr + (i_b * H + i_h) * NKB * BG * BM
-    if is_key:
-        partial = _keys_block(q_ptr, k_ptr, hk_ptr, i_b, i_h, block * BK + tl.arange(0, BK), gg, ms, m_ok, decay, s,
-                              HQ, H, K, M, GROUP, FEATURE, STREAM)
-        tl.store(partial_head + (block * BG + gg[:, None]) * BM + ms[None, :], partial)
-        tl.debug_barrier()  # every thread's partial stored before the release below publishes them
-        tl.atomic_add(arrived_ptr + head, 1, sem="release")
-    else:
-        v_idx = block * BV + tl.arange(0, BV)
-        v_ok = v_idx < V
-        offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
-        both = m_ok[:, None] & v_ok[None, :]
-        hv = _load_state(hv_ptr + offs, both, STREAM)
-        v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
-        if FROM_LOGITS:  # raw projections: the layer's value activation is swish
-            v = v * tl.sigmoid(v)
-        hv = hv * decay[:, None] + s[:, None] * v[None, :]
-        _store_state(hv_ptr + offs, hv, both, STREAM)
-        arrived = tl.atomic_add(arrived_ptr + head, 0, sem="acquire")
-        while arrived < NKB:
-            arrived = tl.atomic_add(arrived_ptr + head, 0, sem="acquire")
-        tl.debug_barrier()
-        logits = tl.zeros([BG, BM], dtype=tl.float32)
-        for j in range(NKB):  # .cg: from L2, where the key programs' stores are, never a stale L1 line
-            logits += tl.load(partial_head + (j * BG + gg[:, None]) * BM + ms[None, :], cache_modifier=".cg")
-        o = tl.dot(_slot_weights(logits, m_ok, scale), hv, input_precision="ieee")
-        heads = i_h * GROUP + gg
-        tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=(gg < GROUP)[:, None] & v_ok[None, :])
+    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
+    both = m_ok[:, None] & v_ok[None, :]
+    hv = _load_state(hv_ptr + offs, both, STREAM)
+    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+    if FROM_LOGITS:  # raw projections: the layer's value activation is swish
+        v = v * tl.sigmoid(v)
+    hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
+    _store_state(hv_ptr + offs, hv, both, STREAM)
+    o = tl.dot(p, hv, input_precision="ieee")
+    heads = i_h * GROUP + gg
+    tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
 # Launch settings of the step's two kernels: the block of the state a program takes (BK rows of Hk [K, M], BV columns
@@ -236,17 +134,11 @@ def _step_chained(
 # us, 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
 # sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming (each
 # line is touched once a step): 2-4 % faster steps at batch 64 in every setting, no gain seen in the model's decoding
-# (results/tune_decode_h200_v2.json), so off.
+# (results/tune_decode_h200_v2.json), so off. One launch instead of two, measured and not kept (session 21, commit
+# 313bef0): a program a head walks its state one block at a time (20.6 us at batch 1, 45.6 at 64: latency-bound), and
+# the two launches' programs chained in one grid through an arrival count ran 48.7-55.7 us at 64; the model at batch
+# 64 moved -3 % / +2 % (results/tune_decode_heads_h200.json, tune_decode_chained_h200.json).
 STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
-
-# The one-launch step (`_step_heads`, a program a (sequence, head)) from MIN_HEADS sequence-heads on: its programs walk
-# their head's state block after block, so it needs enough heads in flight to keep the memory busy, where the two
-# launches above spread each head over many programs (small batches) but pay a second launch and a drain between.
-# MIN_HEADS, blocks, warps and stages: swept by benchmarks/tune_decode.py (--heads).
-HEAD_STEP_LAUNCH = dict(MIN_HEADS=1 << 62, BK=128, BV=128, num_warps=8, num_stages=2, STREAM=False)
-# CHAINED: the two launches' programs in one launch (`_step_chained`), value programs waiting on their head's key
-# programs through an arrival count; STEP_LAUNCH's blocks and warps. Measured against both forms by tune_decode.py.
-CHAINED = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -273,29 +165,12 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     tau, feature, clamp_min = projections if raw else (1.0, "identity", None)
     gate_args = dict(FROM_LOGITS=raw, CLAMP=clamp_min is not None)
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
-    o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    feature_code = FEATURE_MAP_CODES[feature]
-    heads = HEAD_STEP_LAUNCH
-    if B * H >= heads["MIN_HEADS"]:
-        _, _, BK, BV, _, _, _ = _step_blocks(HQ, H, K, V, M, heads["BK"], heads["BV"])
-        _step_heads[(B, H)](
-            q, k, v, s, g, hk, hv, o, scale, inv_tau, clamp, HQ, H, K, V, M, group,
-            BG=BG, BK=BK, BV=BV, BM=BM, FEATURE=feature_code, **gate_args, STREAM=heads["STREAM"],
-            num_warps=heads["num_warps"], num_stages=heads["num_stages"],
-        )
-        return o
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
     launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
-    if CHAINED:
-        arrived = torch.zeros(B * H, device=q.device, dtype=torch.int32)
-        _step_chained[(B * H * (nkb + nvb),)](
-            q, k, v, s, g, hk, hv, partial, arrived, o, scale, inv_tau, clamp, HQ, H, K, V, M, group, nkb, nvb,
-            B * H * nkb, BG=BG, BK=BK, BV=BV, BM=BM, FEATURE=feature_code, **gate_args, **launch,
-        )
-        return o
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
-        BG=BG, BK=BK, BM=BM, FEATURE=feature_code, **gate_args, **launch,
+        BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
     )
     _step_values[(B, H, nvb)](
         v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb,
