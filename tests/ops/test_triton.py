@@ -343,23 +343,17 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
     check_varlen(offsets, query_heads=2, seed=11)
 
 
-SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True, ROW_SUMS=False)  # 3 key and 3 value blocks a head
-ROW_SUM_STEP = dict(BK=64, BV=64, num_warps=4, STREAM=False, ROW_SUMS=True)
-ROW_SUM_STEP_BLOCKS = dict(SMALL_STEP_BLOCKS, ROW_SUMS=True)
+SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True)  # 3 key and 3 value blocks a head
 
 
-@pytest.mark.parametrize(
-    "inplace, launch, query_heads",
-    [(True, None, 4), (False, None, 4), (True, SMALL_STEP_BLOCKS, 4), (True, ROW_SUM_STEP, 2),
-     (False, ROW_SUM_STEP_BLOCKS, 2), (True, ROW_SUM_STEP_BLOCKS, 4)],
-    ids=["inplace", "fresh", "inplace-small-blocks", "row-sums", "row-sums-small-blocks", "row-sums-asked-gqa"])
-def test_decode_step_kernel_matches_reference(inplace, launch, query_heads, monkeypatch):
+@pytest.mark.parametrize("inplace, launch", [(True, None), (False, None), (True, SMALL_STEP_BLOCKS)],
+                         ids=["inplace", "fresh", "inplace-small-blocks"])
+def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     """Steps of the kernel equal the reference's recurrence, GQA with odd widths; also with several state blocks
-    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps), and with the products as
-    row sums (one query head a group; asked for with GQA, the kernels keep tl.dot)."""
+    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps)."""
     if launch is not None:
         monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
-    B, T, HQ, H, K, V, M = 3, 6, query_heads, 2, 70, 33, 20
+    B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20
     q, k, v, s, g = gsa_inputs(B, T, HQ, H, K, V, M, dtype=torch.float32, seed=9, device=DEVICE)
     hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=10, device=DEVICE)
     want, (hk_want, hv_want) = reference(q, k, v, s, g, hk0, hv0)
@@ -375,16 +369,11 @@ def test_decode_step_kernel_matches_reference(inplace, launch, query_heads, monk
     assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
 
 
-@pytest.mark.parametrize("feature_map,clamp_min,query_heads,launch", [
-    ("swish", None, 6, None), ("relu", -0.05, 6, None), ("identity", None, 6, None), ("swish", -0.05, 2, ROW_SUM_STEP),
-])
-def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min, query_heads, launch, monkeypatch):
+@pytest.mark.parametrize("feature_map,clamp_min", [("swish", None), ("relu", -0.05), ("identity", None)])
+def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
     """The decode step from raw projections (feature maps, swish and gates formed inside the kernels) equals
-    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths (and the products as
-    row sums without GQA)."""
-    if launch is not None:
-        monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
-    B, T, HQ, H, K, V, M = 2, 4, query_heads, 2, 70, 33, 20
+    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths."""
+    B, T, HQ, H, K, V, M = 2, 4, 6, 2, 70, 33, 20
     gen = torch.Generator().manual_seed(31)
     q, k, v, f = (torch.randn(B, T, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V), (H, M)))
     f = f * 4  # gate logits spread over both saturated ends

@@ -63,24 +63,11 @@ def _store_state(ptr, value, mask, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _group_product(a, b, ROW_SUMS: tl.constexpr):
-    """a [BG, n] @ b [n, m] in float32. ROW_SUMS (one query head a group): a broadcast multiply and a sum over n,
-    which keeps b in the registers it was loaded to; tl.dot first converts both operands' layouts through shared
-    memory (a store, a barrier and a load of the whole state tile a program)."""
-    if ROW_SUMS:
-        out = tl.sum(tl.trans(a) * b, axis=0)[None, :]
-    else:
-        out = tl.dot(a, b, input_precision="ieee")
-    return out
-
-
-@triton.jit
 def _step_keys(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
     HQ, H, K, M, GROUP, NKB,
     BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
-    ROW_SUMS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -101,7 +88,7 @@ def _step_keys(
     q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
                 mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     q = _feature_map(q, FEATURE)
-    partial = _group_product(q, hk, ROW_SUMS)
+    partial = tl.dot(q, hk, input_precision="ieee")
     tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
 
 
@@ -110,7 +97,7 @@ def _step_values(
     v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale, inv_tau, clamp_min,
     HQ, H, V, M, GROUP, NKB,
     BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
-    STREAM: tl.constexpr, ROW_SUMS: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -135,7 +122,7 @@ def _step_values(
         v = v * tl.sigmoid(v)
     hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
     _store_state(hv_ptr + offs, hv, both, STREAM)
-    o = _group_product(p, hv, ROW_SUMS)
+    o = tl.dot(p, hv, input_precision="ieee")
     heads = i_h * GROUP + gg
     tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
              mask=(gg < GROUP)[:, None] & v_ok[None, :])
@@ -150,10 +137,10 @@ def _step_values(
 # (results/tune_decode_h200_v2.json), so off. One launch instead of two, measured and not kept (session 21, commit
 # 313bef0): a program a head walks its state one block at a time (20.6 us at batch 1, 45.6 at 64: latency-bound), and
 # the two launches' programs chained in one grid through an arrival count ran 48.7-55.7 us at 64; the model at batch
-# 64 moved -3 % / +2 % (results/tune_decode_heads_h200.json, tune_decode_chained_h200.json).
-# ROW_SUMS: with one query head a group, the products as sums over rows instead of tl.dot (session 21, measured
-# below).
-STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False, ROW_SUMS=False)
+# 64 moved -3 % / +2 % (results/tune_decode_heads_h200.json, tune_decode_chained_h200.json). The products as row sums
+# instead of tl.dot (no operand layouts converted through shared memory): the same times to 0.1 us in every setting
+# (results/tune_decode_rowsums_h200.json), so not kept.
+STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -182,7 +169,7 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"], ROW_SUMS=config["ROW_SUMS"] and BG == 1)
+    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
     _step_keys[(B, H, nkb)](
         q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
