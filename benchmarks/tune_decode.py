@@ -1,15 +1,13 @@
 """Sweep the decoding step's launch settings (gsa/ops/triton/recurrent.py, STEP_LAUNCH) on one GPU.
 
-For every (rows a block, warps, state tiles streamed or not, blocks a program, blocks' loads in flight): the
-step's GPU time replayed from a CUDA graph at batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32
-states), its bandwidth against the bytes a step must move (both states read and written), and its largest relative
-error against the PyTorch step: the step on prepared q, k, v, s, g (the model's fused step, from raw projections and
-gate logits, runs the same two kernels with a few more loads and exps). Then the 1.3B model's decoding
-(GraphDecoder, batch 1 and 64) with the settings in the code and with the sweep's best at batch 64. The JSON is
-rewritten after every setting, so a run cut short keeps its rows.
+For every (rows a program, warps, state tiles streamed or not): the step's GPU time replayed from a CUDA graph at
+batch 1 and 64 (the paper's layer: H=4, K=V=512, M=64; float32 states), its bandwidth against the bytes a step must
+move (both states read and written), and its largest relative error against the PyTorch step: the step on prepared
+q, k, v, s, g (the model's fused step, from raw projections and gate logits, runs the same two kernels with a few
+more loads and exps). Then the 1.3B model's decoding (GraphDecoder, batch 1 and 64) with the settings in the code
+and with the sweep's best at batch 64. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
-    python benchmarks/tune_decode.py --rows 32 64 --warps 4 --stream 0 --tiles 1 2 4 8 --stages 1 2 3
 """
 
 from __future__ import annotations
@@ -104,9 +102,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--stream", nargs="+", type=int, default=[0, 1], help="STREAM off (0) / on (1)")
-    parser.add_argument("--tiles", nargs="+", type=int, default=[1], help="state blocks a program")
-    parser.add_argument("--stages", nargs="+", type=int, default=[1], help="blocks' loads in flight a program")
     add_model_arguments(parser, "tune_decode_h200.json")
     args = parser.parse_args()
     started = time.time()
@@ -114,10 +109,8 @@ def main():
     moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "in_code": in_code, "steps": [], "model": {}}
-    for rows, warps, stream, tiles, stages in itertools.product(args.rows, args.warps, args.stream, args.tiles,
-                                                                args.stages):
-        recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=bool(stream), TILES=tiles,
-                                     STAGES=stages)
+    for rows, warps, stream in itertools.product(args.rows, args.warps, (False, True)):
+        recurrent.STEP_LAUNCH = dict(BK=rows, BV=rows, num_warps=warps, STREAM=stream)
 
         def measure(entry):
             entry["max_err"] = step_error(64)
@@ -138,19 +131,16 @@ def main():
 
     print(f"\nDecoding step on {results['device']} (H={H}, K=V={D}, M={M}; us from a CUDA graph; GB/s of the bytes "
           f"a step must move)")
-    print(f"{'rows':>5} {'warps':>5} {'stream':>6} {'tiles':>5} {'stages':>6} {'batch 1':>8} {'batch 64':>9} "
-          f"{'GB/s @64':>9} {'max err':>8}")
+    print(f"{'rows':>5} {'warps':>5} {'stream':>6} {'batch 1':>8} {'batch 64':>9} {'GB/s @64':>9} {'max err':>8}")
     for e in sorted(results["steps"], key=lambda e: e.get("batch64_us", float("inf"))):
-        settings = f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6} {e['TILES']:>5} {e['STAGES']:>6}"
         if "error" in e:
-            print(f"{settings}  failed: {e['error'][:60]}")
+            print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6}  failed: {e['error'][:60]}")
             continue
-        print(f"{settings} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
+        print(f"{e['BK']:>5} {e['num_warps']:>5} {e['STREAM']!s:>6} {e['batch1_us']:>8.1f} {e['batch64_us']:>9.1f} "
               f"{moved[64] / e['batch64_us'] / 1e3:>9.0f} {e['max_err']:>8.1e}")
     print("\n1.3B model, ms a token from CUDA graphs")
     for name, row in results["model"].items():
-        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']} stream {row['STREAM']} tiles {row['TILES']} "
-              f"stages {row['STAGES']}: "
+        print(f"  {name:<11} rows {row['BK']} warps {row['num_warps']} stream {row['STREAM']}: "
               f"batch 1 {row['batch1_ms']:.3f}, batch 64 {row['batch64_ms']:.3f}")
 
 

@@ -343,18 +343,14 @@ def test_segment_lengths_match_reference(length, offsets, monkeypatch):
     check_varlen(offsets, query_heads=2, seed=11)
 
 
-SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True, TILES=1, STAGES=1)  # 3 key, 3 value blocks a head
-# four blocks a program, across heads' edges (18 blocks: the last program has two past the end), loads pipelined
-TILED_STEP_BLOCKS = dict(SMALL_STEP_BLOCKS, STREAM=False, TILES=4, STAGES=2)
+SMALL_STEP_BLOCKS = dict(BK=32, BV=16, num_warps=2, STREAM=True)  # 3 key and 3 value blocks a head
 
 
-@pytest.mark.parametrize("inplace, launch",
-                         [(True, None), (False, None), (True, SMALL_STEP_BLOCKS), (True, TILED_STEP_BLOCKS)],
-                         ids=["inplace", "fresh", "inplace-small-blocks", "inplace-tiled"])
+@pytest.mark.parametrize("inplace, launch", [(True, None), (False, None), (True, SMALL_STEP_BLOCKS)],
+                         ids=["inplace", "fresh", "inplace-small-blocks"])
 def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     """Steps of the kernel equal the reference's recurrence, GQA with odd widths; also with several state blocks
-    a head and the state streamed, and with several blocks a program (the launch settings benchmarks/tune_decode.py
-    sweeps)."""
+    a head and the state streamed (the launch settings benchmarks/tune_decode.py sweeps)."""
     if launch is not None:
         monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
     B, T, HQ, H, K, V, M = 3, 6, 4, 2, 70, 33, 20
@@ -373,14 +369,10 @@ def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
 
 
-@pytest.mark.parametrize("feature_map,clamp_min,launch", [("swish", None, None), ("relu", -0.05, None),
-                                                         ("identity", None, None), ("swish", -0.05, TILED_STEP_BLOCKS)])
-def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min, launch, monkeypatch):
+@pytest.mark.parametrize("feature_map,clamp_min", [("swish", None), ("relu", -0.05), ("identity", None)])
+def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
     """The decode step from raw projections (feature maps, swish and gates formed inside the kernels) equals
-    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths (and several blocks a
-    program)."""
-    if launch is not None:
-        monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
+    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths."""
     B, T, HQ, H, K, V, M = 2, 4, 6, 2, 70, 33, 20
     gen = torch.Generator().manual_seed(31)
     q, k, v, f = (torch.randn(B, T, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V), (H, M)))

@@ -65,82 +65,67 @@ def _store_state(ptr, value, mask, STREAM: tl.constexpr):
 @triton.jit
 def _step_keys(
     q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
-    HQ, H, K, M, GROUP, NKB, BLOCKS,
-    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+    HQ, H, K, M, GROUP, NKB,
+    BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
 ):
-    """TILES consecutive key blocks of the flat (sequence, head, block) order, BLOCKS in all; with STAGES > 1 the
-    next blocks' state tiles load while this one is updated."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
     gg = tl.arange(0, BG)
     ms = tl.arange(0, BM)
-    for t in tl.range(0, TILES, num_stages=STAGES):
-        block = tl.program_id(0).to(tl.int64) * TILES + t
-        live = block < BLOCKS
-        head = block // NKB
-        i_k = block % NKB
-        i_b = head // H
-        i_h = head % H
-        k_idx = i_k * BK + tl.arange(0, BK)
-        m_ok = ms < tl.where(live, M, 0)  # past the last block: nothing loaded or stored
-        k_ok = k_idx < tl.where(live, K, 0)
-        g, s = _gates(g_ptr, s_ptr, head * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-        offs = head * K * M + k_idx[:, None] * M + ms[None, :]
-        both = k_ok[:, None] & m_ok[None, :]
-        hk = _load_state(hk_ptr + offs, both, STREAM)
-        k = _feature_map(tl.load(k_ptr + head * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
-        hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
-        _store_state(hk_ptr + offs, hk, both, STREAM)
-        heads = i_h * GROUP + gg
-        q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
-                    mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        q = _feature_map(q, FEATURE)
-        partial = tl.dot(q, hk, input_precision="ieee")
-        tl.store(partial_ptr + (block * BG + gg[:, None]) * BM + ms[None, :], partial,
-                 mask=gg[:, None] < tl.where(live, BG, 0))
+    k_idx = i_k * BK + tl.arange(0, BK)
+    m_ok = ms < M
+    k_ok = k_idx < K
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
+    offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
+    both = k_ok[:, None] & m_ok[None, :]
+    hk = _load_state(hk_ptr + offs, both, STREAM)
+    k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
+    hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
+    _store_state(hk_ptr + offs, hk, both, STREAM)
+    heads = i_h * GROUP + gg
+    q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
+                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    q = _feature_map(q, FEATURE)
+    partial = tl.dot(q, hk, input_precision="ieee")
+    tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
 
 
 @triton.jit
 def _step_values(
     v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale, inv_tau, clamp_min,
-    HQ, H, V, M, GROUP, NKB, NVB, BLOCKS,
-    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, BNK: tl.constexpr, TILES: tl.constexpr,
-    STAGES: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
+    HQ, H, V, M, GROUP, NKB,
+    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
-    """TILES consecutive value blocks of the flat (sequence, head, block) order, BLOCKS in all; each sums its head's
-    partial logits (a few hundred floats) and takes the softmax itself."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
     gg = tl.arange(0, BG)
     ms = tl.arange(0, BM)
-    for t in tl.range(0, TILES, num_stages=STAGES):
-        block = tl.program_id(0).to(tl.int64) * TILES + t
-        live = block < BLOCKS
-        head = block // NVB
-        i_v = block % NVB
-        i_b = head // H
-        i_h = head % H
-        v_idx = i_v * BV + tl.arange(0, BV)
-        m_ok = ms < tl.where(live, M, 0)  # past the last block: nothing loaded or stored
-        v_ok = v_idx < tl.where(live, V, 0)
-        # every key block's partial logits in one load (no inner loop, so the tiles' loop can be pipelined)
-        kb = tl.arange(0, BNK)[:, None, None]
-        parts = tl.load(partial_ptr + ((head * NKB + kb) * BG + gg[None, :, None]) * BM + ms[None, None, :],
-                        mask=(kb < NKB) & (gg[None, :, None] < tl.where(live, BG, 0)), other=0.0)
-        logits = tl.sum(parts, axis=0)
-        logits = tl.where((ms < M)[None, :], scale * logits, float("-inf"))  # finite past the last block too
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = p / tl.sum(p, axis=1)[:, None]
-        g, s = _gates(g_ptr, s_ptr, head * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-        offs = head * M * V + ms[:, None] * V + v_idx[None, :]
-        both = m_ok[:, None] & v_ok[None, :]
-        hv = _load_state(hv_ptr + offs, both, STREAM)
-        v = tl.load(v_ptr + head * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
-        if FROM_LOGITS:  # raw projections: the layer's value activation is swish
-            v = v * tl.sigmoid(v)
-        hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
-        _store_state(hv_ptr + offs, hv, both, STREAM)
-        o = tl.dot(p, hv, input_precision="ieee")
-        heads = i_h * GROUP + gg
-        tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=(gg < GROUP)[:, None] & v_ok[None, :])
+    v_idx = i_v * BV + tl.arange(0, BV)
+    m_ok = ms < M
+    v_ok = v_idx < V
+    logits = tl.zeros([BG, BM], dtype=tl.float32)
+    for i_k in range(NKB):
+        logits += tl.load(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :])
+    logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
+    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
+    both = m_ok[:, None] & v_ok[None, :]
+    hv = _load_state(hv_ptr + offs, both, STREAM)
+    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
+    if FROM_LOGITS:  # raw projections: the layer's value activation is swish
+        v = v * tl.sigmoid(v)
+    hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
+    _store_state(hv_ptr + offs, hv, both, STREAM)
+    o = tl.dot(p, hv, input_precision="ieee")
+    heads = i_h * GROUP + gg
+    tl.store(o_ptr + (i_b * HQ + heads[:, None]) * V + v_idx[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(gg < GROUP)[:, None] & v_ok[None, :])
 
 
 # Launch settings of the step's two kernels: the block of the state a program takes (BK rows of Hk [K, M], BV columns
@@ -154,10 +139,9 @@ def _step_values(
 # the two launches' programs chained in one grid through an arrival count ran 48.7-55.7 us at 64; the model at batch
 # 64 moved -3 % / +2 % (results/tune_decode_heads_h200.json, tune_decode_chained_h200.json). The products as row sums
 # instead of tl.dot (no operand layouts converted through shared memory): the same times to 0.1 us in every setting
-# (results/tune_decode_rowsums_h200.json), so not kept.
-# TILES: state blocks a program takes one after another (the flat order: a head's blocks are neighbours), the next
-# STAGES - 1 blocks' loads in flight while one is updated (session 21, measured below).
-STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False, TILES=1, STAGES=1)
+# (results/tune_decode_rowsums_h200.json), so not kept. Several blocks a program in a loop with their loads pipelined
+# (commit 899267d and NOTES): twice as slow in every setting, the single-block form included (110.7 us at batch 64).
+STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -186,15 +170,13 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
-    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"], TILES=config["TILES"],
-                  STAGES=config["STAGES"])
-    key_blocks, value_blocks = B * H * nkb, B * H * nvb
-    _step_keys[(cdiv(key_blocks, config["TILES"]),)](
-        q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb, key_blocks,
+    launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
+    _step_keys[(B, H, nkb)](
+        q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
     )
-    _step_values[(cdiv(value_blocks, config["TILES"]),)](
-        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb, nvb, value_blocks,
-        BG=BG, BV=BV, BM=BM, BNK=next_power_of_2(nkb), **gate_args, **launch,
+    _step_values[(B, H, nvb)](
+        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb,
+        BG=BG, BV=BV, BM=BM, **gate_args, **launch,
     )
     return o
