@@ -170,8 +170,8 @@ def main():
                 ops["shapes"].setdefault(name, shape)
         plot_ops(ops)
         print("plotted the operator")
-    # session 19's run: ours in four settings, FLA's model and Transformer++ in one process
-    if (train := read("train_h200_fla_v5.json")) is not None:
+    # session 21's run: ours in four settings, FLA's model and Transformer++ in one process
+    if (train := read("train_h200_fla_v6.json")) is not None:
         plot_train(train)
         print("plotted training")
     # session 17's run (batch 1, 64 and the long generation, every product fused at batch 1), Llama's generate() and
