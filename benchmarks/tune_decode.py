@@ -8,6 +8,7 @@ more loads and exps). Then the 1.3B model's decoding (GraphDecoder, batch 1 and 
 and with the sweep's best at batch 64. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
+    PYTHONPATH=<a checkout>/src:benchmarks python benchmarks/tune_decode.py --in-code-only   # one A/B side
 """
 
 from __future__ import annotations
@@ -102,8 +103,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--in-code-only", action="store_true",
+                        help="no sweep: the step in the code's setting at batch 1, 16 and 64 and the model at 1 "
+                             "and 64, one JSON line (for A/B runs of two checkouts through PYTHONPATH)")
     add_model_arguments(parser, "tune_decode_h200.json")
     args = parser.parse_args()
+    if args.in_code_only:
+        row = {"src": recurrent.__file__, "max_err": step_error(64),
+               **{f"batch{batch}_us": step_us(batch) for batch in (1, 16, 64)},
+               **model_decoding(args.prompt, args.new_tokens)}
+        print(json.dumps(row), flush=True)
+        return
     started = time.time()
     in_code = dict(recurrent.STEP_LAUNCH)
     moved = {batch: 2 * 2 * batch * H * D * M * 4 for batch in (1, 64)}  # both states, read and written, float32

@@ -64,7 +64,7 @@ def _store_state(ptr, value, mask, STREAM: tl.constexpr):
 
 @triton.jit
 def _step_keys(
-    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, inv_tau, clamp_min,
+    q_ptr, k_ptr, s_ptr, g_ptr, hk_ptr, partial_ptr, gates_ptr, inv_tau, clamp_min,
     HQ, H, K, M, GROUP, NKB,
     BG: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
     FEATURE: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr, STREAM: tl.constexpr,
@@ -77,27 +77,36 @@ def _step_keys(
     k_idx = i_k * BK + tl.arange(0, BK)
     m_ok = ms < M
     k_ok = k_idx < K
-    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
+    # every load issued before the first use of any: a warp stalls at its first use of a pending load, so a load
+    # written after some arithmetic (or after the state's store, which the compiler cannot move it past) costs a
+    # second or third memory latency a program
     offs = (i_b * H + i_h) * K * M + k_idx[:, None] * M + ms[None, :]
     both = k_ok[:, None] & m_ok[None, :]
     hk = _load_state(hk_ptr + offs, both, STREAM)
-    k = _feature_map(tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0).to(tl.float32), FEATURE)
-    hk = hk * tl.exp(g)[None, :] + k[:, None] * s[None, :]
-    _store_state(hk_ptr + offs, hk, both, STREAM)
+    k = tl.load(k_ptr + (i_b * H + i_h) * K + k_idx, mask=k_ok, other=0.0)
     heads = i_h * GROUP + gg
     q = tl.load(q_ptr + (i_b * HQ + heads[:, None]) * K + k_idx[None, :],
-                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    q = _feature_map(q, FEATURE)
-    partial = tl.dot(q, hk, input_precision="ieee")
+                mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0)
+    # a barrier before the gates: ptxas otherwise sinks the state's loads below the gates' arithmetic, which waits
+    # for the gate logits' load (two latencies); the gates' own load, after it, cannot be hoisted with that arithmetic
+    tl.debug_barrier()
+    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
+    decay = tl.exp(g)
+    if i_k == 0:  # the head's decay and write strength for _step_values, which then has no gate arithmetic to wait on
+        tl.store(gates_ptr + (i_b * H + i_h) * 2 * BM + ms, decay)
+        tl.store(gates_ptr + (i_b * H + i_h) * 2 * BM + BM + ms, s)
+    k = _feature_map(k.to(tl.float32), FEATURE)
+    hk = hk * decay[None, :] + k[:, None] * s[None, :]
+    _store_state(hk_ptr + offs, hk, both, STREAM)
+    partial = tl.dot(_feature_map(q.to(tl.float32), FEATURE), hk, input_precision="ieee")
     tl.store(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :], partial)
 
 
 @triton.jit
 def _step_values(
-    v_ptr, s_ptr, g_ptr, hv_ptr, partial_ptr, o_ptr, scale, inv_tau, clamp_min,
-    HQ, H, V, M, GROUP, NKB,
-    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FROM_LOGITS: tl.constexpr, CLAMP: tl.constexpr,
-    STREAM: tl.constexpr,
+    v_ptr, gates_ptr, hv_ptr, partial_ptr, o_ptr, scale,
+    HQ, H, V, M, GROUP, NKB: tl.constexpr,
+    BG: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, SWISH_V: tl.constexpr, STREAM: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -107,20 +116,24 @@ def _step_values(
     v_idx = i_v * BV + tl.arange(0, BV)
     m_ok = ms < M
     v_ok = v_idx < V
+    # every load first, as in _step_keys: the state's columns, v, the gates _step_keys formed, and the key blocks'
+    # partial logits (NKB is a constant, so the loop unrolls and they load at once, not one latency after another)
+    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
+    both = m_ok[:, None] & v_ok[None, :]
+    hv = _load_state(hv_ptr + offs, both, STREAM)
+    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0)
+    decay = tl.load(gates_ptr + (i_b * H + i_h) * 2 * BM + ms)
+    s = tl.load(gates_ptr + (i_b * H + i_h) * 2 * BM + BM + ms)
     logits = tl.zeros([BG, BM], dtype=tl.float32)
-    for i_k in range(NKB):
+    for i_k in tl.static_range(NKB):
         logits += tl.load(partial_ptr + (((i_b * H + i_h) * NKB + i_k) * BG + gg[:, None]) * BM + ms[None, :])
     logits = tl.where(m_ok[None, :], scale * logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
-    offs = (i_b * H + i_h) * M * V + ms[:, None] * V + v_idx[None, :]
-    both = m_ok[:, None] & v_ok[None, :]
-    hv = _load_state(hv_ptr + offs, both, STREAM)
-    v = tl.load(v_ptr + (i_b * H + i_h) * V + v_idx, mask=v_ok, other=0.0).to(tl.float32)
-    if FROM_LOGITS:  # raw projections: the layer's value activation is swish
+    v = v.to(tl.float32)
+    if SWISH_V:  # raw projections: the layer's value activation is swish
         v = v * tl.sigmoid(v)
-    hv = hv * tl.exp(g)[:, None] + s[:, None] * v[None, :]
+    hv = hv * decay[:, None] + s[:, None] * v[None, :]
     _store_state(hv_ptr + offs, hv, both, STREAM)
     o = tl.dot(p, hv, input_precision="ieee")
     heads = i_h * GROUP + gg
@@ -169,14 +182,15 @@ def gsa_step_triton(q, k, v, s, g, hk, hv, scale, projections: tuple[float, str,
     gate_args = dict(FROM_LOGITS=raw, CLAMP=clamp_min is not None)
     inv_tau, clamp = 1.0 / tau, float(clamp_min) if clamp_min is not None else 0.0
     partial = torch.empty(B, H, nkb, BG, BM, device=q.device, dtype=torch.float32)
+    gates = torch.empty(B, H, 2, BM, device=q.device, dtype=torch.float32)  # a head's decay and write strength
     o = torch.empty(B, HQ, V, device=q.device, dtype=q.dtype)
     launch = dict(STREAM=config["STREAM"], num_warps=config["num_warps"])
     _step_keys[(B, H, nkb)](
-        q, k, s, g, hk, partial, inv_tau, clamp, HQ, H, K, M, group, nkb,
+        q, k, s, g, hk, partial, gates, inv_tau, clamp, HQ, H, K, M, group, nkb,
         BG=BG, BK=BK, BM=BM, FEATURE=FEATURE_MAP_CODES[feature], **gate_args, **launch,
     )
     _step_values[(B, H, nvb)](
-        v, s, g, hv, partial, o, scale, inv_tau, clamp, HQ, H, V, M, group, nkb,
-        BG=BG, BV=BV, BM=BM, **gate_args, **launch,
+        v, gates, hv, partial, o, scale, HQ, H, V, M, group, nkb,
+        BG=BG, BV=BV, BM=BM, SWISH_V=raw, **launch,
     )
     return o
