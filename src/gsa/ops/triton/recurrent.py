@@ -1,9 +1,11 @@
 """Token-by-token GSA on the GPU: the decoding step (state updated in place, CUDA-graph safe).
 
 A step is two launches so that every state block gets its own program (a decode step is a few KB of work per
-block and pure latency otherwise): `_step_keys` updates Hk block by block and writes partial slot logits;
-`_step_values` sums them, takes the softmax, updates Hv block by block and writes the output. The query heads of
-a group are the rows of one tile, so they share each state read. States stay float32.
+block and pure latency otherwise): `_step_keys` updates Hk block by block, writes partial slot logits and (its
+first block's program) the head's decay and write strength; `_step_values` sums the partials, takes the softmax,
+updates Hv block by block and writes the output. A program's life is its memory latency, so each kernel issues
+every load before any arithmetic. The query heads of a group are the rows of one tile, so they share each state
+read. States stay float32.
 """
 
 from __future__ import annotations
@@ -143,17 +145,13 @@ def _step_values(
 
 # Launch settings of the step's two kernels: the block of the state a program takes (BK rows of Hk [K, M], BV columns
 # of Hv [M, V]) and warps; module-level so that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64,
-# CUDA graph (results/tune_decode_h200.json): these (54 us) were the best of 32 settings within noise (rows 32: 68-86
-# us, 128: 54-614, 256: 70-780; neighbouring programs on blocks of one state rather than on one block of neighbouring
-# sequences: 53-61 us, no gain, not kept). STREAM: the state tiles read evict-first and written cache-streaming (each
-# line is touched once a step): 2-4 % faster steps at batch 64 in every setting, no gain seen in the model's decoding
-# (results/tune_decode_h200_v2.json), so off. One launch instead of two, measured and not kept (session 21, commit
-# 313bef0): a program a head walks its state one block at a time (20.6 us at batch 1, 45.6 at 64: latency-bound), and
-# the two launches' programs chained in one grid through an arrival count ran 48.7-55.7 us at 64; the model at batch
-# 64 moved -3 % / +2 % (results/tune_decode_heads_h200.json, tune_decode_chained_h200.json). The products as row sums
-# instead of tl.dot (no operand layouts converted through shared memory): the same times to 0.1 us in every setting
-# (results/tune_decode_rowsums_h200.json), so not kept. Several blocks a program in a loop with their loads pipelined
-# (commit 899267d and NOTES): twice as slow in every setting, the single-block form included (110.7 us at batch 64).
+# CUDA graph, with every load issued first (results/tune_decode_h200_v3.json): these (47.8 us; 5.5 at batch 1) beat
+# 128 rows / 8 warps (50.2), 64 / 8 (55.0) and 128 / 4 (383); session 15's wider sweep of the earlier kernels agreed
+# (results/tune_decode_h200.json). STREAM (state tiles read evict-first, written cache-streaming): 1.5-4 % faster
+# steps at batch 64, no gain in the model's decoding, so off. Measured and not kept (session 21; NOTES has the
+# figures, commits 313bef0 / d08212a / 899267d the code): a program a head in one launch (latency-bound: 20.6 us at
+# batch 1), the two launches' programs chained through an arrival count (48.7-55.7 us at 64), the products as row
+# sums instead of tl.dot (no change), several blocks a program with pipelined loads (twice as slow).
 STEP_LAUNCH = dict(BK=64, BV=64, num_warps=4, STREAM=False)
 
 
