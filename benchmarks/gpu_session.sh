@@ -383,7 +383,7 @@ for what in "$@"; do
             keep_autotune ;;
         *)
             echo "unknown stage $what (tests tests-ops tests-gpu host state-pass tune-launch mqar-step train-ours" \
-                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode ops fla" \
+                "train-graph train-ab train-modes tune-rows tune-gemm tune-gemv tune-decode tune-factors ops fla" \
                 "fla-heads segment fla-model" \
                 "fla-decode decode train" \
                 "activation mqar mqar-gsa mqar-long mqar-graph mqar-sittings mqar-runs mqar-spread harness compare" \

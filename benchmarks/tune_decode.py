@@ -8,7 +8,7 @@ more loads and exps). Then the 1.3B model's decoding (GraphDecoder, batch 1 and 
 and with the sweep's best at batch 64. The JSON is rewritten after every setting, so a run cut short keeps its rows.
 
     python benchmarks/tune_decode.py --out benchmarks/results/tune_decode_h200.json
-    PYTHONPATH=<a checkout>/src:benchmarks python benchmarks/tune_decode.py --in-code-only   # one A/B side
+    PYTHONPATH=<checkout>/src:benchmarks python benchmarks/tune_decode.py --in-code-only --label base --out ab.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bench_decode import per_token_ms
 from bench_ops import make_inputs
 from bench_train import cuda_model
 from gsa.generation import GraphDecoder
-from gsa.ops import gated_slot_attention_step
+from gsa.ops import gated_slot_attention_decode, gated_slot_attention_step
 from gsa.ops.triton import recurrent
 
 H, D, M = 4, 512, 64
@@ -53,6 +53,18 @@ def step_error(batch: int) -> float:
     return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
 
 
+def decode_error(batch: int) -> float:
+    """The same from raw projections and gate logits (the model's fused step: feature maps and gates formed in the
+    kernels), the states updated in place, against the torch backend's."""
+    (q, k, v, _, f), state = step_inputs(batch, seed=2)
+    kwargs = dict(gate_logit_normalizer=8.0, feature_map="swish", clamp_min=None)
+    want_state = (state[0].clone(), state[1].clone())
+    want_o = gated_slot_attention_decode(q, k, v, f, want_state, D**-0.5, **kwargs, backend="torch")
+    got_o = gated_slot_attention_decode(q, k, v, f, state, D**-0.5, **kwargs, backend="triton")
+    pairs = [(got_o.float(), want_o.float()), *zip(state, want_state)]
+    return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+
+
 def step_us(batch: int) -> float:
     inputs, state = step_inputs(batch)
     return 1e3 * triton.testing.do_bench_cudagraph(
@@ -73,6 +85,19 @@ def model_decoding(prompt_length: int, new_tokens: int, batches=(1, 64)) -> dict
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def measure_in_code(args) -> None:
+    """One A/B side: the step and the model with the launch settings of whichever checkout is on PYTHONPATH."""
+    row = {"label": args.label, "src": recurrent.__file__, "max_err": step_error(64),
+           "max_err_from_logits": decode_error(64), **{f"batch{b}_us": step_us(b) for b in (1, 16, 64)},
+           **model_decoding(args.prompt, args.new_tokens)}
+    print(json.dumps(row), flush=True)
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "runs": []}
+    results["runs"].append(row)
+    save(results, args.out)
 
 
 def add_model_arguments(parser, out_name: str) -> None:
@@ -104,15 +129,14 @@ def main():
     parser.add_argument("--rows", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--in-code-only", action="store_true",
-                        help="no sweep: the step in the code's setting at batch 1, 16 and 64 and the model at 1 "
-                             "and 64, one JSON line (for A/B runs of two checkouts through PYTHONPATH)")
+                        help="no sweep (--rows / --warps unused): the step in the code's setting at batch 1, 16 and 64 "
+                             "and the model at 1 and 64, printed as one JSON line and appended to --out's runs (A/B "
+                             "runs of two checkouts through PYTHONPATH, alternating)")
+    parser.add_argument("--label", default="", help="with --in-code-only: the A/B side, kept in the row")
     add_model_arguments(parser, "tune_decode_h200.json")
     args = parser.parse_args()
     if args.in_code_only:
-        row = {"src": recurrent.__file__, "max_err": step_error(64),
-               **{f"batch{batch}_us": step_us(batch) for batch in (1, 16, 64)},
-               **model_decoding(args.prompt, args.new_tokens)}
-        print(json.dumps(row), flush=True)
+        measure_in_code(args)
         return
     started = time.time()
     in_code = dict(recurrent.STEP_LAUNCH)

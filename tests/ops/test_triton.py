@@ -369,10 +369,14 @@ def test_decode_step_kernel_matches_reference(inplace, launch, monkeypatch):
     assert rel_err(state[0].cpu(), hk_want) < 2e-6 and rel_err(state[1].cpu(), hv_want) < 2e-6
 
 
-@pytest.mark.parametrize("feature_map,clamp_min", [("swish", None), ("relu", -0.05), ("identity", None)])
-def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
+@pytest.mark.parametrize("feature_map,clamp_min,launch", [("swish", None, None), ("relu", -0.05, None),
+                                                         ("identity", None, None), ("swish", -0.05, SMALL_STEP_BLOCKS)])
+def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min, launch, monkeypatch):
     """The decode step from raw projections (feature maps, swish and gates formed inside the kernels) equals
-    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths."""
+    the torch path of gated_slot_attention_decode, step after step, with GQA and odd widths; also with several key
+    and value blocks a head (every value program reading the gates the first key block's program formed)."""
+    if launch is not None:
+        monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", launch)
     B, T, HQ, H, K, V, M = 2, 4, 6, 2, 70, 33, 20
     gen = torch.Generator().manual_seed(31)
     q, k, v, f = (torch.randn(B, T, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V), (H, M)))
@@ -387,6 +391,49 @@ def test_fused_decode_step_kernel_matches_torch(feature_map, clamp_min):
         got = triton_ops.triton_gsa_decode(*(x[:, t].to(DEVICE) for x in (q, k, v, f)), state_kernel, 0.3,
                                            projections)
         assert rel_err(got.cpu(), want) < 2e-6, t
+    assert rel_err(state_kernel[0].cpu(), state_torch[0]) < 2e-6
+    assert rel_err(state_kernel[1].cpu(), state_torch[1]) < 2e-6
+
+
+class _NaNScratch:
+    """torch for recurrent.py, but torch.empty fills with NaN: the step's scratch (partial logits, gates, output) must
+    not depend on fresh memory happening to be clean."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape, **kwargs):
+        return torch.full(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape, float("nan"),
+                          **kwargs)
+
+
+@pytest.mark.parametrize("from_logits", [False, True], ids=["prepared-gates", "from-logits"])
+def test_decode_step_ignores_scratch_contents(from_logits, monkeypatch):
+    """Slots past M (BM = 32 for M = 20), several key and value blocks, GQA with a padded group (3 query heads a
+    group, BG = 4): with the step's scratch filled with NaN the output and states still equal the torch step's."""
+    monkeypatch.setattr(recurrent_kernels, "torch", _NaNScratch())
+    monkeypatch.setattr(recurrent_kernels, "STEP_LAUNCH", SMALL_STEP_BLOCKS)
+    B, HQ, H, K, V, M = 2, 6, 2, 70, 33, 20
+    gen = torch.Generator().manual_seed(41)
+    q, k, v = (torch.randn(B, *shape, generator=gen) for shape in ((HQ, K), (H, K), (H, V)))
+    f = torch.randn(B, H, M, generator=gen) * 4
+    hk0, hv0 = random_state(B, H, K, V, M, dtype=torch.float32, seed=42)
+    state_kernel = (hk0.clone().to(DEVICE), hv0.clone().to(DEVICE))
+    if from_logits:
+        state_torch = (hk0.clone(), hv0.clone())
+        want = gated_slot_attention_decode(q, k, v, f, state_torch, 0.3, gate_logit_normalizer=8.0,
+                                           feature_map="swish", backend="torch")
+        got = triton_ops.triton_gsa_decode(*(x.to(DEVICE) for x in (q, k, v, f)), state_kernel, 0.3,
+                                           (8.0, "swish", None))
+    else:
+        g = torch.nn.functional.logsigmoid(f) / 8
+        s = 1 - g.exp()
+        want, state_torch = gated_slot_attention_step(q, k, v, s, g, (hk0, hv0), 0.3, backend="torch")
+        got, _ = triton_ops.triton_gsa_step(*(x.to(DEVICE) for x in (q, k, v, s, g)), state_kernel, 0.3,
+                                            inplace=True)
+    assert torch.isfinite(got).all()
+    assert rel_err(got.cpu(), want) < 2e-6
     assert rel_err(state_kernel[0].cpu(), state_torch[0]) < 2e-6
     assert rel_err(state_kernel[1].cpu(), state_torch[1]) < 2e-6
 

@@ -4,7 +4,7 @@ A step is two launches so that every state block gets its own program (a decode 
 block and pure latency otherwise): `_step_keys` updates Hk block by block, writes partial slot logits and (its
 first block's program) the head's decay and write strength; `_step_values` sums the partials, takes the softmax,
 updates Hv block by block and writes the output. A program's life is its memory latency, so each kernel issues
-every load before any arithmetic. The query heads of a group are the rows of one tile, so they share each state
+its state tile's loads (and in `_step_values` every load) before any arithmetic. The query heads of a group are the rows of one tile, so they share each state
 read. States stay float32.
 """
 
@@ -91,6 +91,7 @@ def _step_keys(
                 mask=(gg < GROUP)[:, None] & k_ok[None, :], other=0.0)
     # a barrier before the gates: ptxas otherwise sinks the state's loads below the gates' arithmetic, which waits
     # for the gate logits' load (two latencies); the gates' own load, after it, cannot be hoisted with that arithmetic
+    # (ptxas' scheduling as Triton 3.6 drives it: read from the SASS, measured on the H200)
     tl.debug_barrier()
     g, s = _gates(g_ptr, s_ptr, (i_b * H + i_h) * M, ms, m_ok, inv_tau, clamp_min, FROM_LOGITS, CLAMP)
     decay = tl.exp(g)
@@ -147,7 +148,7 @@ def _step_values(
 # of Hv [M, V]) and warps; module-level so that benchmarks/tune_decode.py can sweep them. H200, paper layer, batch 64,
 # CUDA graph, with every load issued first (results/tune_decode_h200_v3.json): these (47.8 us; 5.5 at batch 1) beat
 # 128 rows / 8 warps (50.2), 64 / 8 (55.0) and 128 / 4 (383); session 15's wider sweep of the earlier kernels agreed
-# (results/tune_decode_h200.json). STREAM (state tiles read evict-first, written cache-streaming): 1.5-4 % faster
+# (results/tune_decode_h200.json). STREAM (state tiles read evict-first, written cache-streaming): 0.5-4 % faster
 # steps at batch 64, no gain in the model's decoding, so off. Measured and not kept (session 21; NOTES has the
 # figures, commits 313bef0 / d08212a / 899267d the code): a program a head in one launch (latency-bound: 20.6 us at
 # batch 1), the two launches' programs chained through an arrival count (48.7-55.7 us at 64), the products as row
