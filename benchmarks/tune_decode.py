@@ -43,26 +43,30 @@ def step_inputs(batch: int, seed: int = 0):
     return (q, k, v, s, g), state
 
 
+def largest_relative_error(got_o, want_o, got_state, want_state) -> float:
+    """Of the output and both states, the largest relative (Frobenius) error against the torch step's."""
+    pairs = [(got_o.float(), want_o.float()), *zip(got_state, want_state)]
+    return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+
+
 def step_error(batch: int) -> float:
     """Largest relative error of output and both states after one kernel step, against the torch backend's."""
     inputs, state = step_inputs(batch, seed=1)
     want_o, want_state = gated_slot_attention_step(*inputs, state, inplace=False, backend="torch")
     got_o, got_state = gated_slot_attention_step(*inputs, (state[0].clone(), state[1].clone()), inplace=False,
                                                  backend="triton")
-    pairs = [(got_o.float(), want_o.float()), *zip(got_state, want_state)]
-    return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+    return largest_relative_error(got_o, want_o, got_state, want_state)
 
 
 def decode_error(batch: int) -> float:
     """The same from raw projections and gate logits (the model's fused step: feature maps and gates formed in the
     kernels), the states updated in place, against the torch backend's."""
-    (q, k, v, _, f), state = step_inputs(batch, seed=2)
+    (q, k, v, _, f), state = step_inputs(batch, seed=2)  # the log gates serve as gate logits: any reals do
     kwargs = dict(gate_logit_normalizer=8.0, feature_map="swish", clamp_min=None)
     want_state = (state[0].clone(), state[1].clone())
     want_o = gated_slot_attention_decode(q, k, v, f, want_state, D**-0.5, **kwargs, backend="torch")
     got_o = gated_slot_attention_decode(q, k, v, f, state, D**-0.5, **kwargs, backend="triton")
-    pairs = [(got_o.float(), want_o.float()), *zip(state, want_state)]
-    return max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+    return largest_relative_error(got_o, want_o, state, want_state)
 
 
 def step_us(batch: int) -> float:
