@@ -1,0 +1,115 @@
+"""Does a weight-gradient product on a second CUDA stream hide the row kernels of backward (issue 8)?
+
+One SwiGLU block's backward at the 1.3B model's step (16K rows, d 2048, intermediate 5632, bf16), repeated as a
+stack of layers: on the critical path the input-gradient products and the row kernels (SwiGLU's and the norm's
+backward), off it the two weight-gradient products. Times the stack with everything on one stream (today's order)
+against the weight-gradient products on a side stream that waits only for their inputs, and prints one table.
+
+    PYTHONPATH=src python benchmarks/overlap_probe.py [--layers 8] [--repeats 10] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from gsa.layers.fused import joined_columns
+from gsa.layers.fused_triton import rms_norm_rows_bwd, swiglu_rows_bwd
+
+
+def build(rows: int, d: int, inter: int, layers: int):
+    dev, dt = "cuda", torch.bfloat16
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(dt)
+
+    return [dict(gate=r(rows, inter), up=r(rows, inter), grad=r(rows, d), h=r(rows, d), y=r(rows, d),
+                 w_down=r(d, inter, scale=0.02), w_gate_up=r(2 * inter, d, scale=0.02), norm_w=r(d),
+                 rstd=torch.rand(rows, 1, device=dev) + 0.5) for _ in range(layers)]
+
+
+def critical(p):
+    """The input-gradient side of one block's backward: (hidden, joined gradient) for the weight products."""
+    dh = p["grad"] @ p["w_down"]
+    hidden, dg, du = swiglu_rows_bwd(p["gate"], p["up"], dh, joined=True)
+    joined = joined_columns([dg, du])
+    dy = joined @ p["w_gate_up"]
+    rms_norm_rows_bwd(p["h"], p["norm_w"], p["rstd"], dy, False, None)
+    return hidden, joined
+
+
+def weight_products(p, hidden, joined):
+    p["dw_down"] = p["grad"].t() @ hidden
+    p["dw_gate_up"] = joined.t() @ p["y"]
+
+
+def run(stack, mode: str, side: torch.cuda.Stream, main: torch.cuda.Stream):
+    caller = torch.cuda.current_stream()
+    main.wait_stream(caller)
+    with torch.cuda.stream(main):
+        for p in stack:
+            hidden, joined = critical(p)
+            if mode == "serial":
+                weight_products(p, hidden, joined)
+                continue
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                weight_products(p, hidden, joined)
+            for t in (hidden, joined):
+                t.record_stream(side)
+        main.wait_stream(side)
+    caller.wait_stream(main)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    stack = build(args.rows, 2048, 5632, args.layers)
+    default = torch.cuda.current_stream()
+    rows = []
+    for label, main_stream, side in (
+        ("one stream", default, default),
+        ("side stream", default, torch.cuda.Stream()),
+        ("side stream, critical path high priority", torch.cuda.Stream(priority=-1), torch.cuda.Stream()),
+    ):
+        mode = "serial" if side is main_stream else "overlap"
+        for _ in range(2):  # two alternating rounds
+            ms = timed(lambda: run(stack, mode, side, main_stream), args.repeats)
+            rows.append(dict(variant=label, ms_per_layer=ms / args.layers))
+    parts = {
+        "critical path alone": lambda: [critical(p) for p in stack],
+        "weight products alone": lambda: [weight_products(p, *critical_cache[i]) for i, p in enumerate(stack)],
+    }
+    critical_cache = [critical(p) for p in stack]
+    for label, fn in parts.items():
+        rows.append(dict(variant=label, ms_per_layer=timed(fn, args.repeats) / args.layers))
+    print(f"{'variant':45s} ms a layer")
+    for row in rows:
+        print(f"{row['variant']:45s} {row['ms_per_layer']:.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
