@@ -96,11 +96,11 @@ def main() -> None:
         for _ in range(2):  # two alternating rounds
             ms = timed(lambda: run(stack, mode, side, main_stream), args.repeats)
             rows.append(dict(variant=label, ms_per_layer=ms / args.layers))
+    inputs = [critical(p) for p in stack]  # the weight products' inputs, formed once for timing them alone
     parts = {
         "critical path alone": lambda: [critical(p) for p in stack],
-        "weight products alone": lambda: [weight_products(p, *critical_cache[i]) for i, p in enumerate(stack)],
+        "weight products alone": lambda: [weight_products(p, *made) for p, made in zip(stack, inputs)],
     }
-    critical_cache = [critical(p) for p in stack]
     for label, fn in parts.items():
         rows.append(dict(variant=label, ms_per_layer=timed(fn, args.repeats) / args.layers))
     print(f"{'variant':45s} ms a layer")
