@@ -3,9 +3,10 @@
 One SwiGLU block's backward at the 1.3B model's step (16K rows, d 2048, intermediate 5632, bf16), repeated as a
 stack of layers: on the critical path the input-gradient products and the row kernels (SwiGLU's and the norm's
 backward), off it the two weight-gradient products. Times the stack with everything on one stream (today's order)
-against the weight-gradient products on a side stream that waits only for their inputs, and prints one table.
+against the weight-gradient products on a side stream that waits only for their inputs (an event after SwiGLU's
+backward), the variants alternating round by round, and prints one table.
 
-    PYTHONPATH=src python benchmarks/overlap_probe.py [--layers 8] [--repeats 10] [--out F.json]
+    PYTHONPATH=src python benchmarks/overlap_probe.py [--layers 8] [--repeats 10] [--rounds 3] [--out F.json]
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ def build(rows: int, d: int, inter: int, layers: int):
                  rstd=torch.rand(rows, 1, device=dev) + 0.5) for _ in range(layers)]
 
 
-def critical(p):
-    """The input-gradient side of one block's backward: (hidden, joined gradient) for the weight products."""
+def critical(p, ready: torch.cuda.Event | None = None):
+    """The input-gradient side of one block's backward: (hidden, joined gradient) for the weight products; `ready`
+    is recorded once those two exist (before the rest of the critical path)."""
     dh = p["grad"] @ p["w_down"]
     hidden, dg, du = swiglu_rows_bwd(p["gate"], p["up"], dh, joined=True)
     joined = joined_columns([dg, du])
+    if ready is not None:
+        ready.record()
     dy = joined @ p["w_gate_up"]
     rms_norm_rows_bwd(p["h"], p["norm_w"], p["rstd"], dy, False, None)
     return hidden, joined
@@ -50,11 +54,12 @@ def run(stack, mode: str, side: torch.cuda.Stream, main: torch.cuda.Stream):
     main.wait_stream(caller)
     with torch.cuda.stream(main):
         for p in stack:
-            hidden, joined = critical(p)
+            ready = None if mode == "serial" else torch.cuda.Event()
+            hidden, joined = critical(p, ready)
             if mode == "serial":
                 weight_products(p, hidden, joined)
                 continue
-            side.wait_stream(main)
+            side.wait_event(ready)  # the weight products wait for their inputs only, not the rest of the block
             with torch.cuda.stream(side):
                 weight_products(p, hidden, joined)
             for t in (hidden, joined):
@@ -82,20 +87,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out")
     args = ap.parse_args()
     stack = build(args.rows, 2048, 5632, args.layers)
     default = torch.cuda.current_stream()
     rows = []
-    for label, main_stream, side in (
+    variants = (
         ("one stream", default, default),
         ("side stream", default, torch.cuda.Stream()),
         ("side stream, critical path high priority", torch.cuda.Stream(priority=-1), torch.cuda.Stream()),
-    ):
-        mode = "serial" if side is main_stream else "overlap"
-        for _ in range(2):  # two alternating rounds
+    )
+    for round_ in range(args.rounds):  # the variants alternate, so a clock drift reaches each of them alike
+        for label, main_stream, side in variants:
+            mode = "serial" if side is main_stream else "overlap"
             ms = timed(lambda: run(stack, mode, side, main_stream), args.repeats)
-            rows.append(dict(variant=label, ms_per_layer=ms / args.layers))
+            rows.append(dict(variant=label, round=round_ + 1, ms_per_layer=ms / args.layers))
     inputs = [critical(p) for p in stack]  # the weight products' inputs, formed once for timing them alone
     parts = {
         "critical path alone": lambda: [critical(p) for p in stack],
@@ -103,9 +110,9 @@ def main() -> None:
     }
     for label, fn in parts.items():
         rows.append(dict(variant=label, ms_per_layer=timed(fn, args.repeats) / args.layers))
-    print(f"{'variant':45s} ms a layer")
+    print(f"{'variant':45s} round ms a layer")
     for row in rows:
-        print(f"{row['variant']:45s} {row['ms_per_layer']:.3f}")
+        print(f"{row['variant']:45s} {row.get('round', ''):>5} {row['ms_per_layer']:.3f}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), fh, indent=1)
