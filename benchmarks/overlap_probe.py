@@ -49,14 +49,17 @@ def weight_products(p, hidden, joined):
     p["dw_gate_up"] = joined.t() @ p["y"]
 
 
-def run(stack, mode: str, side: torch.cuda.Stream, main: torch.cuda.Stream):
+def run(stack, side: torch.cuda.Stream, main: torch.cuda.Stream):
+    """The stack's backward with the critical path on `main` and the weight products on `side` (in order on one
+    stream when side is main)."""
+    serial = side is main
     caller = torch.cuda.current_stream()
     main.wait_stream(caller)
     with torch.cuda.stream(main):
         for p in stack:
-            ready = None if mode == "serial" else torch.cuda.Event()
+            ready = None if serial else torch.cuda.Event()
             hidden, joined = critical(p, ready)
-            if mode == "serial":
+            if serial:
                 weight_products(p, hidden, joined)
                 continue
             side.wait_event(ready)  # the weight products wait for their inputs only, not the rest of the block
@@ -100,8 +103,7 @@ def main() -> None:
     )
     for round_ in range(args.rounds):  # the variants alternate, so a clock drift reaches each of them alike
         for label, main_stream, side in variants:
-            mode = "serial" if side is main_stream else "overlap"
-            ms = timed(lambda: run(stack, mode, side, main_stream), args.repeats)
+            ms = timed(lambda: run(stack, side, main_stream), args.repeats)
             rows.append(dict(variant=label, round=round_ + 1, ms_per_layer=ms / args.layers))
     inputs = [critical(p) for p in stack]  # the weight products' inputs, formed once for timing them alone
     parts = {
