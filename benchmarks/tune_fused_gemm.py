@@ -43,9 +43,10 @@ def _tile_of(tile, tiles_m, tiles_n, GROUP: tl.constexpr):
 def _product(
     a_desc, b_desc, b2_desc, c_desc, c2_desc, c3_desc, e1_desc, e2_desc, M, N, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PROGRAMS: tl.constexpr,
-    B_ROWS_ARE_N: tl.constexpr, EPILOGUE: tl.constexpr, FLATTEN: tl.constexpr,
+    A_ROWS_ARE_K: tl.constexpr, B_ROWS_ARE_N: tl.constexpr, EPILOGUE: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    """Persistent C = A B over TMA descriptors, A [M, K]; B is [N, K] (a Linear weight, B_ROWS_ARE_N) or [K, N].
+    """Persistent C = A B over TMA descriptors; A is [M, K] or [K, M] (A_ROWS_ARE_K: a weight gradient's dyᵀ);
+    B is [N, K] (a Linear weight, B_ROWS_ARE_N) or [K, N].
     EPILOGUE PLAIN: c = A B. SWIGLU_FWD: c = A B (gate), c2 = A B2 (up), c3 = silu(gate) up, from the rounded gate
     and up (what the backward's recomputation sees). SWIGLU_BWD: A B is the hidden gradient dh (rounded), e1 / e2
     the forward's gate / up: c = silu(gate) up (the hidden, for the weight gradient), c2 = d gate, c3 = d up."""
@@ -62,7 +63,10 @@ def _product(
         acc2 = tl.zeros([BM, BN], dtype=tl.float32)
         for step in range(steps):
             ok = step * BK
-            a = a_desc.load([om, ok])
+            if A_ROWS_ARE_K:
+                a = a_desc.load([ok, om]).T
+            else:
+                a = a_desc.load([om, ok])
             if B_ROWS_ARE_N:
                 acc = tl.dot(a, b_desc.load([on, ok]).T, acc)
                 if EPILOGUE == 1:
@@ -93,23 +97,25 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block)
 
 
-def launch(a, b, outs, config, rows_are_n, epilogue=PLAIN, b2=None, extra=(None, None), programs=None):
-    """One product through `_product` (b [N, K] when rows_are_n, else [K, N]); outs are the one or three outputs
-    the epilogue writes."""
+def launch(a, b, outs, config, rows_are_n, epilogue=PLAIN, b2=None, extra=(None, None), programs=None,
+           a_rows_are_k=False):
+    """One product through `_product` (b [N, K] when rows_are_n, else [K, N]; a [K, M] when a_rows_are_k, else
+    [M, K]); outs are the one or three outputs the epilogue writes."""
     BM, BN, BK, stages, warps, flatten = (config[k] for k in ("BM", "BN", "BK", "stages", "warps", "flatten"))
-    M, K = a.shape
+    K, M = a.shape if a_rows_are_k else a.shape[::-1]
     N = b.shape[0] if rows_are_n else b.shape[1]
     b_block = [BN, BK] if rows_are_n else [BK, BN]
     out_descs = [_desc(o, [BM, BN]) for o in outs] + [None] * (3 - len(outs))
     out_descs = [d if d is not None else out_descs[0] for d in out_descs]
     extra_descs = [_desc(e, [BM, BN]) if e is not None else out_descs[0] for e in extra]
-    a_desc, b_desc = _desc(a, [BM, BK]), _desc(b, b_block)
+    a_desc, b_desc = _desc(a, [BK, BM] if a_rows_are_k else [BM, BK]), _desc(b, b_block)
     b2_desc = _desc(b2, b_block) if b2 is not None else b_desc
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     programs = min(programs or torch.cuda.get_device_properties(a.device).multi_processor_count, tiles)
     _product[(programs,)](
         a_desc, b_desc, b2_desc, *out_descs, *extra_descs, M, N, K,
-        BM=BM, BN=BN, BK=BK, GROUP=8, PROGRAMS=programs, B_ROWS_ARE_N=rows_are_n, EPILOGUE=epilogue,
+        BM=BM, BN=BN, BK=BK, GROUP=8, PROGRAMS=programs, A_ROWS_ARE_K=a_rows_are_k, B_ROWS_ARE_N=rows_are_n,
+        EPILOGUE=epilogue,
         FLATTEN=flatten, num_stages=stages, num_warps=warps,
     )
 
@@ -117,8 +123,8 @@ def launch(a, b, outs, config, rows_are_n, epilogue=PLAIN, b2=None, extra=(None,
 def configs(epilogue: int) -> list[dict]:
     if epilogue == SWIGLU_FWD:  # two accumulators: a BN tile here is 2 BN of product
         shapes = [(128, 64, 64, 4), (128, 128, 64, 3), (128, 128, 64, 4), (64, 128, 64, 4)]
-    else:
-        shapes = [(128, 128, 64, 4), (128, 256, 64, 3), (128, 256, 64, 4), (256, 128, 64, 3), (128, 128, 64, 5)]
+    else:  # (128, 256, 64) at 4 stages and (256, 128, 64) at 3 ask for more than the H200's 227 KB of shared memory
+        shapes = [(128, 128, 64, 4), (128, 128, 64, 5), (128, 256, 64, 3), (128, 128, 128, 3), (256, 128, 64, 2)]
     return [dict(BM=bm, BN=bn, BK=bk, stages=st, warps=8, flatten=fl) for bm, bn, bk, st in shapes
             for fl in (True, False)]
 
@@ -140,9 +146,67 @@ def best(fn_of_config, epilogue) -> tuple[float, dict]:
     return min(results, key=lambda r: r[0])
 
 
+def step_products(rand, rounds: int) -> list[dict]:
+    """Every product shape of the 1.3B training step at 16K tokens, as the layers issue it (forward F.linear,
+    input gradients dy @ W over the joined gradients, weight gradients dyᵀ x, q / k / v / f by column view):
+    cuBLAS against the Triton product's best config, then `rounds` alternating rounds of the two."""
+    x, h, g6400, g11264, g2048 = rand(T, D), rand(T, INTER), rand(T, 6400), rand(T, 2 * INTER), rand(T, D)
+    w2048, w256, w5632, wd = rand(D, D), rand(256, D), rand(INTER, D), rand(D, INTER)
+    w6400, w11264 = rand(6400, D), rand(2 * INTER, D)
+    head_x, head_w, head_g = rand(4096, D), rand(32000, D), rand(4096, 32000)
+    # (name, per layer, a, b, a [K, M], b [N, K])
+    shapes = [
+        ("fwd q/k/v/o  N 2048 K 2048", 4, x, w2048, False, True),
+        ("fwd f        N 256 K 2048", 1, x, w256, False, True),
+        ("fwd gate/up  N 5632 K 2048", 2, x, w5632, False, True),
+        ("fwd down     N 2048 K 5632", 1, h, wd, False, True),
+        ("dx q/k/v/f   N 2048 K 6400", 1, g6400, w6400, False, False),
+        ("dx o         N 2048 K 2048", 1, g2048, w2048, False, False),
+        ("dx gate/up   N 2048 K 11264", 1, g11264, w11264, False, False),
+        ("dx down      N 5632 K 2048", 1, g2048, wd, False, False),
+        ("dw q/k/v     2048x2048 view", 3, g6400[:, :D], x, True, False),
+        ("dw f         256x2048 view", 1, g6400[:, 3 * D:], x, True, False),
+        ("dw o         2048x2048", 1, g2048, x, True, False),
+        ("dw gate/up   11264x2048", 1, g11264, x, True, False),
+        ("dw down      2048x5632", 1, g2048, h, True, False),
+        ("head fwd     4096 rows N 32000", 4 / 24, head_x, head_w, False, True),
+        ("head dx      4096 rows N 2048 K 32000", 4 / 24, head_g, head_w, False, False),
+    ]
+    rows = []
+    for name, per_layer, a, b, a_km, b_nk in shapes:
+        A = a.t() if a_km else a
+        B = b.t() if b_nk else b
+        out = torch.empty(A.shape[0], B.shape[1], device="cuda", dtype=torch.bfloat16)
+
+        def cublas():
+            return A @ B
+
+        ms, config = best(lambda cfg: launch(a, b, [out], cfg, b_nk, a_rows_are_k=a_km), PLAIN)
+
+        def ours():
+            launch(a, b, [out], config, b_nk, a_rows_are_k=a_km)
+
+        ours()
+        err = (out.float() - cublas().float()).abs().max().item() / cublas().float().abs().max().item()
+        times = {"cublas": [], "triton": []}
+        for _ in range(rounds):
+            times["cublas"].append(gpu_ms(cublas))
+            times["triton"].append(gpu_ms(ours))
+        c_ms, t_ms = (sum(v) / len(v) for v in times.values())
+        flops = 2 * A.shape[0] * A.shape[1] * B.shape[1]
+        rows.append(dict(name=name, per_step=per_layer * 24, cublas_ms=c_ms, triton_ms=t_ms, rounds=times,
+                         cublas_tflops=flops / c_ms / 1e9, triton_tflops=flops / t_ms / 1e9, config=config,
+                         rel_err=err, tuned_ms=ms))
+        print(f"{name:<38} cuBLAS {c_ms:.3f} ({flops / c_ms / 1e9:.0f})  Triton {t_ms:.3f} ({flops / t_ms / 1e9:.0f})"
+              f"  x{per_layer * 24:g}  saves {max(0.0, per_layer * 24 * (c_ms - t_ms)):.2f} ms a step", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tune_fused_gemm.json")
+    parser.add_argument("--products", action="store_true", help="only every product of the step, plain")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     from gsa.layers.fused_triton import swiglu_rows_bwd, swiglu_rows_fwd
 
@@ -153,6 +217,16 @@ def main() -> None:
 
     x, wg, wu = rand(T, D), rand(INTER, D, scale=D ** -0.5), rand(INTER, D, scale=D ** -0.5)
     wd, grad = rand(D, INTER, scale=INTER ** -0.5), rand(T, D)
+    if args.products:
+        rows = step_products(rand, args.rounds)
+        saved = sum(max(0.0, r["per_step"] * (r["cublas_ms"] - r["triton_ms"])) for r in rows)
+        total = sum(r["per_step"] * r["cublas_ms"] for r in rows)
+        print(f"step products: cuBLAS {total:.1f} ms; the faster of the two each: {total - saved:.1f} ms "
+              f"(-{saved:.1f})")
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           tokens=T, rows=rows), f, indent=1)
+        return
     rows = []
 
     # plain products: Triton against cuBLAS at the step's shapes
