@@ -31,7 +31,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 INT64 = {"cu_ptr", "chunk_start_ptr", "chunk_slot_ptr", "slot_base_ptr", "chunk_base_ptr", "seg_first_ptr",
          "seg_cu_ptr", "seg_chunk_ptr"}
 FLOAT32 = {"decay_ptr", "start_ptr", "end_ptr", "end_v_ptr", "logits_ptr", "ds_part_ptr", "dgq_ptr", "ends_ptr",
-           "starts_ptr", "final_ptr", "final_v_ptr"}
+           "starts_ptr", "final_ptr", "final_v_ptr", "dl_ptr"}
 DOT = {"DOT_DT": tl.bfloat16, "PRECISION": "tf32"}  # bf16 inputs
 BLOCKS = {"BT": 64, "BK": 64, "BV": 64, "BD": 64, "BM": 64}  # the paper shape: K = V = 512, M = 64
 CONSTANTS = {
@@ -39,7 +39,8 @@ CONSTANTS = {
                     "SUB": kernels.SUB_CHUNK, **DOT},
     "_intra_bwd": {**BLOCKS, "FLOOR": kernels.LOG_GATE_FLOOR, "SPAN_LIMIT": kernels.FACTORED_SPAN_LIMIT,
                    "SUB": kernels.SUB_CHUNK, **DOT},
-    "_state_grads_bwd": {**BLOCKS, "FLOOR": kernels.LOG_GATE_FLOOR, **DOT},
+    "_state_grads_bwd": {**BLOCKS, "FLOOR": kernels.LOG_GATE_FLOOR, "SPAN_LIMIT": kernels.FACTORED_SPAN_LIMIT,
+                         "SUB": kernels.SUB_CHUNK, "GROUP": 1, **DOT},
     "_walk_states": {**BLOCKS, "HAS_START": False, "STORE_SLOTS": True, "STORE_EDGE": True, "STORE_END": True,
                      "SPLIT_END": True, **DOT},
     "_walk_dstates": {**BLOCKS, "HAS_START": False, "STORE_SLOTS": True, "STORE_EDGE": True, "STORE_END": True,

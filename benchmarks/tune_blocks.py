@@ -29,6 +29,10 @@ VARIANTS = {  # name: {kernel: LAUNCH entry}
     "state_grads 32 w8": {"_state_grads_bwd": {"num_warps": 8, "num_stages": 3, "BK": 32, "BV": 32}},
     "intra 32 w8": {"_intra_bwd": {"num_warps": 8, "num_stages": 3, "BK": 32, "BV": 32}},
     "output 32 w4": {"_output_fwd": {"num_warps": 4, "num_stages": 3, "BK": 32, "BV": 32}},
+    "state_grads 64 w8": {"_state_grads_bwd": {"num_warps": 8, "num_stages": 3}},
+    "state_grads 64 w4 s2": {"_state_grads_bwd": {"num_warps": 4, "num_stages": 2}},
+    "intra 64 w8 s2": {"_intra_bwd": {"num_warps": 8, "num_stages": 2}},
+    "intra 64 w4": {"_intra_bwd": {"num_warps": 4, "num_stages": 3}},
     # wider: half the loop's iterations, twice the bytes a load in flight
     "state_grads 128 w8": {"_state_grads_bwd": {"num_warps": 8, "num_stages": 3, "BK": 128, "BV": 128}},
     "state_grads 128 w8 s2": {"_state_grads_bwd": {"num_warps": 8, "num_stages": 2, "BK": 128, "BV": 128}},

@@ -18,9 +18,9 @@ exp(G_C)), then the states come one of three ways (`state_plan`):
   (GSA_TRITON_STATE_PASS=split): segment beat it on the H200 at 8K and 16K (benchmarks/NOTES.md, session 6).
 Forward: the states, then `_output_fwd`, every chunk in parallel: logits over K blocks, softmax over slots, output
 over V blocks. Backward: recompute the states; `_intra_bwd` (chunk-parallel: slot gradients, dq and the
-within-chunk parts of dk, dv, ds); the state gradient the same three ways (`_walk_dstates` over sequences or
-segments, or `_local_dstates` + a reverse `_scan_slots`); `_state_grads_bwd` (chunk-parallel: the state parts
-of dk, dv, ds, and dg as a reverse cumulative sum within each chunk).
+within-chunk part of ds); the state gradient the same three ways (`_walk_dstates` over sequences or segments, or
+`_local_dstates` + a reverse `_scan_slots`); `_state_grads_bwd` (chunk-parallel: dk and dv whole, from the slot
+gradients and the state gradients, the state part of ds, and dg as a reverse cumulative sum within each chunk).
 """
 
 from __future__ import annotations
@@ -461,18 +461,29 @@ def _output_fwd(
 
 
 @triton.jit
+def _probabilities(logits_ptr, t0, eos, i_hq, HQ, M, rows, ms):
+    """One chunk and query head's slot probabilities p (the softmax of its stored logits), and the logits with
+    the padding slots at 0."""
+    logits = load_rows(logits_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
+    logits = tl.where((ms < M)[None, :], logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    return p, tl.where((ms < M)[None, :], logits, 0.0)
+
+
+@triton.jit
 def _intra_bwd(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, logits_ptr, do_ptr,
-    dq_ptr, dk_ptr, dv_ptr, ds_ptr, dgq_ptr, dl_dec_ptr, p_dec_ptr,
+    dq_ptr, ds_ptr, dgq_ptr, dl_ptr, dl_dec_ptr, p_dec_ptr,
     chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
     HQ, H, K, V, M, KV, GROUP,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per chunk and query head: dq; the within-chunk parts of dk, dv, ds (per query head: [tokens, HQ, ...],
-    summed over the group later); the query-side gate gradient dlogits*logits + dp*p; and dlogits*exp(G),
-    p*exp(G) for the reverse scan."""
+    """Per chunk and query head: dq; ds's within-chunk part (per query head: [tokens, HQ, M], summed over the
+    group later); the query-side gate gradient dlogits*logits + dp*p; dlogits*exp(G) and p*exp(G) (for the
+    reverse scan, and for `_state_grads_bwd`'s pair weights); dlogits itself for chunks off the factored form."""
     i_c = tl.program_id(0)
     i_hq = tl.program_id(1)
     i_h = i_hq // GROUP
@@ -490,11 +501,7 @@ def _intra_bwd(
     decay_start = tl.exp(cum)
     s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
     causal = rows[:, None] >= cols[None, :]
-    logits = load_rows(logits_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
-    logits = tl.where((ms < M)[None, :], logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    logits = tl.where((ms < M)[None, :], logits, 0.0)
+    p, logits = _probabilities(logits_ptr, t0, eos, i_hq, HQ, M, rows, ms)
 
     # pass 2 backward: dp = exp(G) (do Hv_beforeᵀ) + rows(do vᵀ)
     do_state = tl.zeros([BT, BM], dtype=tl.float32)
@@ -512,24 +519,18 @@ def _intra_bwd(
         sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     if fast:
         dp = decay_start * (do_state + tl.dot(d_pv.to(DOT_DT), s_keys.to(DOT_DT), input_precision=PRECISION))
-        probs = tl.where(causal, tl.dot((p * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)),
-                                        input_precision=PRECISION), 0.0)
     elif sub:
         dp = decay_start * do_state + rows_sub(d_pv, s, cum, rows, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
-        probs = pairs_sub(p, s, cum, rows, causal, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     else:
         dp = decay_start * do_state + rows_exact(d_pv, s, cum, rows, cols, BT, BM)
-        probs = pairs_exact(p, s, cum, rows, cols, BT)
     dlogits = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     store_rows(dgq_ptr, dlogits * logits + dp * p, t0, eos, i_hq, HQ, M, 0, rows, ms)
     store_rows(dl_dec_ptr, dlogits * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
     store_rows(p_dec_ptr, p * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
-    for i_v in range(tl.cdiv(V, BV)):
-        do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
-        dv = tl.dot(tl.trans(probs.to(DOT_DT)), do, input_precision=PRECISION)
-        store_rows(dv_ptr, dv, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv)
+    if not fast:  # the pair weights of dk there come from dlogits itself (`_pair_weights`)
+        store_rows(dl_ptr, dlogits, t0, eos, i_hq, HQ, M, 0, rows, ms)
 
-    # pass 1 backward: dq = scale (dlogits exp(G) Hk_beforeᵀ + pairs(dlogits) k), dk = scale pairs(dlogits)ᵀ q
+    # pass 1 backward: dq = scale (dlogits exp(G) Hk_beforeᵀ + pairs(dlogits) k)
     if fast:
         d_scores = tl.dot((dlogits * decay_start).to(DOT_DT), tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION)
         d_scores = tl.where(causal, d_scores, 0.0)
@@ -549,8 +550,6 @@ def _intra_bwd(
         dq += tl.dot(d_scores.to(DOT_DT), k, input_precision=PRECISION)
         dq = scale * dq
         store_rows(dq_ptr, dq, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
-        dk = tl.dot(tl.trans(d_scores.to(DOT_DT)), q, input_precision=PRECISION)
-        store_rows(dk_ptr, scale * dk, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk)
     scores = tl.where(causal, scale * scores, 0.0)
 
     # ds within the chunk: Σ_t D[t, j] (scale q_t.k_j dlogits_t + dP[t, j] p_t)
@@ -566,30 +565,67 @@ def _intra_bwd(
 
 
 @triton.jit
-def _state_grads_bwd(
-    k_ptr, v_ptr, s_ptr, g_ptr, states_ptr, dstates_ptr,
-    dk_ptr, dv_ptr, ds_part_ptr, dgq_ptr, ds_ptr, dg_ptr,
-    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr,
-    H, K, V, M, KV, GROUP,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, FLOOR: tl.constexpr,
-    DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Per chunk and key/value head: add the state parts to dk, dv (in place), and finish ds and dg.
+def _pair_weights(x_dec_ptr, x_ptr, logits_ptr, FROM_LOGITS: tl.constexpr, fast, sub, s, cum, s_keys, causal,
+                  t0, eos, i_hq, HQ, M, rows, cols, ms, BT: tl.constexpr, SUB: tl.constexpr,
+                  SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr):
+    """pairs(x) [BT, BT] of one chunk and query head, x being dlogits or (FROM_LOGITS) p. In the factored form from
+    x exp(G) as `_intra_bwd` stored it, in the products' operand dtype: the operand `_intra_bwd` and `_output_fwd`
+    multiply there, so the same weights. Otherwise from x in float32: dlogits as stored for those chunks, p formed
+    again from the logits."""
+    if fast:
+        x_dec = load_rows(x_dec_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms).to(DOT_DT)
+        pairs = tl.where(causal, tl.dot(x_dec, tl.trans(s_keys.to(DOT_DT)), input_precision=PRECISION), 0.0)
+    else:
+        if FROM_LOGITS:
+            x, _ = _probabilities(logits_ptr, t0, eos, i_hq, HQ, M, rows, ms)
+        else:
+            x = load_rows(x_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
+        if sub:
+            pairs = pairs_sub(x, s, cum, rows, causal, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
+        else:
+            pairs = pairs_exact(x, s, cum, rows, cols, BT)
+    return pairs
 
-    dk_j += (s_j exp(G_C - G_j)) dHk_afterᵀ; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
+
+@triton.jit
+def _state_grads_bwd(
+    q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, states_ptr, dstates_ptr, logits_ptr, dl_ptr, dl_dec_ptr, p_dec_ptr,
+    ds_part_ptr, dgq_ptr, dk_ptr, dv_ptr, ds_ptr, dg_ptr,
+    chunk_seq_ptr, chunk_start_ptr, chunk_slot_ptr, cu_ptr, scale,
+    H, K, V, M, KV,
+    GROUP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    FLOOR: tl.constexpr, SPAN_LIMIT: tl.constexpr, SUB: tl.constexpr, DOT_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per chunk and key/value head: dk and dv, each written once (the within-chunk parts of the group's query
+    heads and the state parts, summed in float32), and ds and dg.
+
+    dk_j = scale Σ_group pairs(dlogits)ᵀ q + (s_j exp(G_C - G_j)) dHk_afterᵀ; dv = Σ_group pairs(p)ᵀ do + (s_j
+    exp(G_C - G_j)) dHv_after; ds_j = within-chunk part + exp(G_C - G_j) (k_j dHk_after + v_j dHvᵀ_after);
     dG = dgq - s ds (+ Σ dS_after S_after at the chunk's last step); dg = reverse cumulative sum of dG."""
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
+    HQ = H * GROUP
     i_n = tl.load(chunk_seq_ptr + i_c)
     t0 = tl.load(chunk_start_ptr + i_c).to(tl.int64)
     slot = tl.load(chunk_slot_ptr + i_c).to(tl.int64) + 1  # the state after this chunk
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
     ms = tl.arange(0, BM)
     kk = tl.arange(0, BK)
     vv = tl.arange(0, BV)
     _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+    fast = chunk_span(g_end, ms, M) <= SPAN_LIMIT
+    sub = fast  # only read where fast is False (as in `_intra_bwd`: the same gates give the same form)
+    if not fast:
+        sub = sub_span(cum, rows, ms, M, BT, SUB) <= SPAN_LIMIT
     s_to_end = (s * tl.exp(g_end[None, :] - cum)).to(DOT_DT)
+    s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
+    causal = rows[:, None] >= cols[None, :]
+    if GROUP == 1:  # one query head: each pair tile formed once, before its loop (under GQA, per head in it)
+        d_scores = _pair_weights(dl_dec_ptr, dl_ptr, logits_ptr, False, fast, sub, s, cum, s_keys, causal, t0, eos,
+                                 i_h, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION).to(DOT_DT)
     ds_state = tl.zeros([BT, BM], dtype=tl.float32)
     end_term = tl.zeros([BM], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -599,9 +635,21 @@ def _state_grads_bwd(
         end_term += tl.sum(dhk * hk, axis=0)
         k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
         ds_state += tl.dot(k, dhk.to(DOT_DT), input_precision=PRECISION)
-        dk = load_rows(dk_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(tl.float32)
-        dk += tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
+        dk = tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
+        for i_g in range(GROUP):
+            i_hq = i_h * GROUP + i_g
+            if GROUP > 1:
+                d_scores = _pair_weights(dl_dec_ptr, dl_ptr, logits_ptr, False, fast, sub, s, cum, s_keys, causal,
+                                         t0, eos, i_hq, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT,
+                                         PRECISION).to(DOT_DT)
+            q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
+            dk += scale * tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
         store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
+    if GROUP == 1:  # the gates again, not kept through the key loop (three float32 tiles fewer live across it)
+        _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
+        s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
+        probs = _pair_weights(p_dec_ptr, dl_ptr, logits_ptr, True, fast, sub, s, cum, s_keys, causal, t0, eos,
+                              i_h, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION).to(DOT_DT)
     for i_v in range(tl.cdiv(V, BV)):
         base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
         dhv_t = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -609,8 +657,15 @@ def _state_grads_bwd(
         end_term += tl.sum(dhv_t * hv_t, axis=0)
         v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
         ds_state += tl.dot(v, dhv_t.to(DOT_DT), input_precision=PRECISION)
-        dv = load_rows(dv_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(tl.float32)
-        dv += tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
+        dv = tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
+        for i_g in range(GROUP):
+            i_hq = i_h * GROUP + i_g
+            if GROUP > 1:
+                probs = _pair_weights(p_dec_ptr, dl_ptr, logits_ptr, True, fast, sub, s, cum, s_keys, causal,
+                                      t0, eos, i_hq, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT,
+                                      PRECISION).to(DOT_DT)
+            do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
+            dv += tl.dot(tl.trans(probs), do, input_precision=PRECISION)
         store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
     # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
     # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
@@ -619,8 +674,8 @@ def _state_grads_bwd(
     dgc = tl.zeros([BT, BM], dtype=tl.float32)
     for i_g in range(GROUP):
         i_hq = i_h * GROUP + i_g
-        dgc += load_rows(dgq_ptr, t0, eos, i_hq, H * GROUP, M, 0, rows, ms)
-        ds += load_rows(ds_part_ptr, t0, eos, i_hq, H * GROUP, M, 0, rows, ms)
+        dgc += load_rows(dgq_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
+        ds += load_rows(ds_part_ptr, t0, eos, i_hq, HQ, M, 0, rows, ms)
     last = tl.minimum(eos - t0, BT) - 1
     dgc = dgc - s * ds + tl.where(rows[:, None] == last, end_term[None, :], 0.0)
     dg = tl.cumsum(dgc, axis=0, reverse=True)
@@ -991,23 +1046,18 @@ class ChunkGSAFunction(torch.autograd.Function):
         BM = next_power_of_2(M)
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
-        part_dtype = q.dtype if group == 1 else torch.float32
         dq = torch.empty_like(q)
-        dk = torch.empty(TT, HQ, K, device=q.device, dtype=part_dtype)
-        dv = torch.empty(TT, HQ, V, device=q.device, dtype=part_dtype)
-        ds_part, dgq = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(2))
+        # dlogits (float32, written only for chunks off the factored form) and the per-query-head float32 partials
+        ds_part, dgq, dl = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(3))
         # dlogits exp(G) and p exp(G) only feed matrix products: keep them at the products' operand precision
         dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
         _launch(
             _intra_bwd, (layout.num_chunks, HQ),
-            q, k, v, s, g, states, logits, do, dq, dk, dv, ds_part, dgq, dl_dec, p_dec,
+            q, k, v, s, g, states, logits, do, dq, ds_part, dgq, dl, dl_dec, p_dec,
             layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
             HQ, H, K, V, M, K + V, group,
             BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT, SUB=SUB_CHUNK, **dot
         )
-        if group > 1:
-            dk = dk.view(TT, H, group, K).sum(2).to(k.dtype)
-            dv = dv.view(TT, H, group, V).sum(2).to(v.dtype)
 
         dstates = torch.empty_like(states)
         dfinal = None
@@ -1044,14 +1094,16 @@ class ChunkGSAFunction(torch.autograd.Function):
         # float32: autograd converts them to the initial states' dtype (a copy it makes anyway when that is not float32)
         dh0_k, dh0_v = dh0 if dh0 is not None else (None, None)
         # stored in the inputs' dtype straight from float32 registers: no conversion pass afterwards
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         ds = torch.empty(TT, H, M, device=q.device, dtype=s.dtype)
         dg = torch.empty(TT, H, M, device=q.device, dtype=g.dtype)
         _launch(
             _state_grads_bwd, (layout.num_chunks, H),
-            k, v, s, g, states, dstates, dk, dv, ds_part, dgq, ds, dg,
-            layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens,
-            H, K, V, M, K + V, group,
-            BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, **dot
+            q, k, v, s, g, do, states, dstates, logits, dl, dl_dec, p_dec, ds_part, dgq, dk, dv, ds, dg,
+            layout.chunk_seq, layout.chunk_start, layout.chunk_slot, layout.cu_seqlens, scale,
+            H, K, V, M, K + V,
+            GROUP=group, BT=CHUNK, BK=BK, BV=BV, BM=BM, FLOOR=LOG_GATE_FLOOR, SPAN_LIMIT=FACTORED_SPAN_LIMIT,
+            SUB=SUB_CHUNK, **dot
         )
         return dq, dk, dv, ds, dg, dh0_k, dh0_v, None, None, None, None
 
