@@ -2,7 +2,8 @@
 
     python benchmarks/tune_blocks.py --out benchmarks/results/tune_blocks_h200.json
 
-ptxas (sm_90, benchmarks/kernel_registers.py) says the narrower tiles cut the spills of the kernels that spill:
+ptxas (sm_90, benchmarks/kernel_registers.py; the kernels as they were before session 24 formed dk and dv once)
+says the narrower tiles cut the spills of the kernels that spill:
 `_state_grads_bwd` at 4 warps 1828 -> 248 (32) / 44 (16) bytes a thread, `_intra_bwd` at 8 warps 824 -> 696 / 396,
 `_output_fwd` at 4 warps 680 -> 536 / 284. Each kernel's tiles are set through its LAUNCH entry (a launch config
 overrides the call's constants), one variant at a time, alternating with the current settings over `--rounds`;
