@@ -1,4 +1,4 @@
-"""GPU: the operator's kernels with narrower key / value loop tiles (BK = BV = 32 or 16 instead of 64).
+"""GPU: the operator's kernels with other key / value loop tiles (BK = BV = 16, 32, 128) and launch settings.
 
     python benchmarks/tune_blocks.py --out benchmarks/results/tune_blocks_h200.json
 
@@ -73,6 +73,8 @@ def main() -> None:
                 kernels.LAUNCH.clear()
                 kernels.LAUNCH.update({name: dict(config) for name, config in base.items()})
                 kernels.LAUNCH.update(VARIANTS[variant])
+                kernels._STEPPED.clear()  # a variant that does not fit steps down: recorded with its row
+                kernels._FITTED.clear()
                 try:
                     got = run_and_grads(ours, inputs, do, dstate)
                 except (RuntimeError, triton.runtime.errors.OutOfResources) as error:  # the tiles do not fit
@@ -82,7 +84,8 @@ def main() -> None:
                 timing = bench_graph(ours, inputs, do)
                 kernels_us = kernel_breakdown(ours, inputs, do)
                 row = dict(shape=shape, variant=variant, round=round_, max_rel_err=err, **timing,
-                           kernels_us=kernels_us)
+                           kernels_us=kernels_us, stepped_down={key[0]: fitted for key, fitted in
+                                                                kernels._FITTED.items()})
                 results["rows"].append(row)
                 top = ", ".join(f"{k} {v:.0f}" for k, v in kernels_us.items() if k in
                                 ("_intra_bwd", "_state_grads_bwd", "_output_fwd"))

@@ -10,7 +10,8 @@ hidden gradient's product (grad @ W_down) finishes SwiGLU's backward in its epil
 gone). That pays only if the Triton product runs at cuBLAS's rate, which this measures first: a persistent
 Triton product over TMA descriptors, plain and with each epilogue, against torch.mm at the step's shapes.
 
-Every fused result is checked against the unfused path (bf16 tolerances) before it is timed.
+Every result's largest error against cuBLAS's (and the row kernels') is checked against two bf16 steps of the
+largest value (`check`); the tables stop at the first that fails.
 """
 
 from __future__ import annotations
@@ -133,6 +134,12 @@ def gpu_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
+def check(name: str, err: float, largest: float) -> None:
+    """err within two bf16 steps (2^-7 of the value each) of the largest reference value, or stop."""
+    if not err <= largest * 2 ** -6:
+        raise AssertionError(f"{name}: largest error {err:.3e} against a reference of magnitude {largest:.3e}")
+
+
 def best(fn_of_config, epilogue) -> tuple[float, dict]:
     """The fastest config (a config that does not fit or compile is skipped)."""
     results = []
@@ -143,11 +150,14 @@ def best(fn_of_config, epilogue) -> tuple[float, dict]:
             results.append((gpu_ms(lambda: fn_of_config(config)), config))
         except Exception as error:  # OutOfResources and compile failures of one config
             print(f"  skipped {config}: {type(error).__name__}: {str(error)[:120]}")
+    if not results:
+        raise RuntimeError("no config of the Triton product fits or compiles here")
     return min(results, key=lambda r: r[0])
 
 
 def step_products(rand, rounds: int) -> list[dict]:
-    """Every product shape of the 1.3B training step at 16K tokens, as the layers issue it (forward F.linear,
+    """Every bf16 product shape of the 1.3B training step at 16K tokens (all but the LM head's weight gradient, which
+    accumulates in float32), as the layers issue it (forward F.linear,
     input gradients dy @ W over the joined gradients, weight gradients dyᵀ x, q / k / v / f by column view):
     cuBLAS against the Triton product's best config, then `rounds` alternating rounds of the two."""
     x, h, g6400, g11264, g2048 = rand(T, D), rand(T, INTER), rand(T, 6400), rand(T, 2 * INTER), rand(T, D)
@@ -187,7 +197,9 @@ def step_products(rand, rounds: int) -> list[dict]:
             launch(a, b, [out], config, b_nk, a_rows_are_k=a_km)
 
         ours()
-        err = (out.float() - cublas().float()).abs().max().item() / cublas().float().abs().max().item()
+        want = cublas().float()
+        err = (out.float() - want).abs().max().item() / want.abs().max().item()
+        check(name, err, 1.0)
         times = {"cublas": [], "triton": []}
         for _ in range(rounds):
             times["cublas"].append(gpu_ms(cublas))
@@ -204,10 +216,12 @@ def step_products(rand, rounds: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="tune_fused_gemm.json")
+    parser.add_argument("--out", default=None, help="default: tune_products.json with --products, else "
+                        "tune_fused_gemm.json")
     parser.add_argument("--products", action="store_true", help="only every product of the step, plain")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    args.out = args.out or ("tune_products.json" if args.products else "tune_fused_gemm.json")
     from gsa.layers.fused_triton import swiglu_rows_bwd, swiglu_rows_fwd
 
     torch.manual_seed(0)
@@ -237,6 +251,7 @@ def main() -> None:
         ms, config = best(lambda cfg: launch(a, b, [c], cfg, rows_are_n), PLAIN)
         launch(a, b, [c], config, rows_are_n)
         err = (c.float() - ref.float()).abs().max().item()
+        check(name, err, ref.float().abs().max().item())
         cublas = gpu_ms(lambda: F.linear(a, b)) if rows_are_n else gpu_ms(lambda: a @ b)
         flops = 2 * T * a.shape[1] * n
         rows.append(dict(name=name, ours_ms=ms, cublas_ms=cublas, ours_tflops=flops / ms / 1e9,
@@ -253,6 +268,7 @@ def main() -> None:
     ms, config = best(lambda cfg: launch(x, wg, [gate, up, hidden], cfg, True, SWIGLU_FWD, b2=wu), SWIGLU_FWD)
     launch(x, wg, [gate, up, hidden], config, True, SWIGLU_FWD, b2=wu)
     err = max((o.float() - r.float()).abs().max().item() for o, r in zip((gate, up, hidden), ref))
+    check("SwiGLU forward", err, max(r.float().abs().max().item() for r in ref))
     rows.append(dict(name="gate, up + SwiGLU forward", ours_ms=ms, cublas_ms=gpu_ms(unfused_fwd), config=config,
                      max_err=err, cublas_parts_ms=[gpu_ms(lambda: F.linear(x, wg)), gpu_ms(lambda: F.linear(x, wu)),
                                                    gpu_ms(lambda: swiglu_rows_fwd(ref[0], ref[1]))]))
@@ -271,6 +287,7 @@ def main() -> None:
                       SWIGLU_BWD)
     launch(grad, wd, [hidden, d_gate, d_up], config, False, SWIGLU_BWD, extra=(g, u))
     err = max((o.float() - r.float()).abs().max().item() for o, r in zip((hidden, d_gate, d_up), ref))
+    check("SwiGLU backward", err, max(r.float().abs().max().item() for r in ref))
     dh = grad @ wd
     rows.append(dict(name="d hidden + SwiGLU backward", ours_ms=ms, cublas_ms=gpu_ms(unfused_bwd), config=config,
                      max_err=err, cublas_parts_ms=[gpu_ms(lambda: grad @ wd),

@@ -251,12 +251,17 @@ def test_steep_gates_take_the_exact_path(state_pass):
     assert_close_all([t.cpu() for t in got[:7]], want[:7], 1e-4, names=["o", "hk", "hv", "dq", "dk", "dv", "ds"])
 
 
-def test_steep_chunks_with_gentle_sub_chunks_take_the_sub_chunk_form():
+@pytest.mark.parametrize("query_heads", [2, 4], ids=["MHA", "GQA"])
+def test_steep_chunks_with_gentle_sub_chunks_take_the_sub_chunk_form(query_heads, monkeypatch):
     """Gates that forget fast (chunk span far above the factored limit, every 16-step sub-chunk's below it: the
-    sub-chunk form) next to gentle ones and one exact-path chunk; all outputs and gradients exact."""
+    sub-chunk form) next to gentle ones and one exact-path chunk; all outputs and gradients exact. The backward's
+    scratch (dlogits, written only for the chunks off the factored form) starts as NaN: nothing reads what was not
+    written."""
     from gsa.ops.chunk import FACTORED_SPAN_LIMIT
 
-    q, k, v, s, g = gsa_inputs(2, 192, 2, 2, 8, 8, 16, dtype=torch.float32, seed=9, device=DEVICE)
+    monkeypatch.setattr(chunk_kernels, "_scratch",
+                        lambda *shape, device: torch.full(shape, float("nan"), device=device))
+    q, k, v, s, g = gsa_inputs(2, 192, query_heads, 2, 8, 8, 16, dtype=torch.float32, seed=9, device=DEVICE)
     gen = torch.Generator().manual_seed(10)
     g = g.clone().cpu()
     g[:, :128, :, :6] = -3.0 * torch.rand(g[:, :128, :, :6].shape, generator=gen)  # span ~96 a chunk, ~24-48 a sub

@@ -285,7 +285,7 @@ def _walk_states(
 
 @triton.jit
 def _walk_dstates(
-    q_ptr, do_ptr, dl_ptr, p_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, end_v_ptr, cu_ptr, slot_base_ptr,
+    q_ptr, do_ptr, dl_dec_ptr, p_dec_ptr, dstates_ptr, decay_ptr, start_ptr, end_ptr, end_v_ptr, cu_ptr, slot_base_ptr,
     chunk_base_ptr,
     scale, H, HQ, K, V, M, KV, GROUP,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, HAS_START: tl.constexpr,
@@ -302,10 +302,10 @@ def _walk_dstates(
     is_key, d0, row0, W = _joint_block(i_d, K, V, BD)
     if is_key:
         x_ptr = q_ptr
-        y_ptr = dl_ptr
+        y_ptr = dl_dec_ptr
     else:
         x_ptr = do_ptr
-        y_ptr = p_ptr
+        y_ptr = p_dec_ptr
     x_scale = tl.where(is_key, scale, 1.0)
     rows = tl.arange(0, BT)
     dd = tl.arange(0, BD)
@@ -497,7 +497,8 @@ def _intra_bwd(
     kk = tl.arange(0, BK)
     vv = tl.arange(0, BV)
     _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
-    fast = chunk_span(g_end, ms, M) <= SPAN_LIMIT
+    span = chunk_span(g_end, ms, M)
+    fast = span <= SPAN_LIMIT
     decay_start = tl.exp(cum)
     s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
     causal = rows[:, None] >= cols[None, :]
@@ -527,7 +528,10 @@ def _intra_bwd(
     store_rows(dgq_ptr, dlogits * logits + dp * p, t0, eos, i_hq, HQ, M, 0, rows, ms)
     store_rows(dl_dec_ptr, dlogits * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
     store_rows(p_dec_ptr, p * decay_start, t0, eos, i_hq, HQ, M, 0, rows, ms)
-    if not fast:  # the pair weights of dk there come from dlogits itself (`_pair_weights`)
+    # `_state_grads_bwd` forms dk's pair weights from dlogits itself off the factored form, deciding the form from
+    # its own sum of the same gates: summed in another order (another warp count), a span at the limit could land
+    # on either side, so dlogits is written a margin below it (a few chunks more), never read where not written
+    if span > SPAN_LIMIT - 1.0:
         store_rows(dl_ptr, dlogits, t0, eos, i_hq, HQ, M, 0, rows, ms)
 
     # pass 1 backward: dq = scale (dlogits exp(G) Hk_beforeᵀ + pairs(dlogits) k)
@@ -588,6 +592,37 @@ def _pair_weights(x_dec_ptr, x_ptr, logits_ptr, FROM_LOGITS: tl.constexpr, fast,
 
 
 @triton.jit
+def _half_grads(
+    x_ptr, y_ptr, dx_ptr, x_dec_ptr, FROM_LOGITS: tl.constexpr, pairs, y_scale, states_ptr, dstates_ptr, dl_ptr,
+    logits_ptr, ds_state, end_term, s_to_end, fast, sub, s, cum, s_keys, causal, slot, t0, eos, i_h, H, HQ, W, row0,
+    KV, M, rows, cols, ms, dd, GROUP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr,
+    SPAN_LIMIT: tl.constexpr, DOT_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One half of the joint state for `_state_grads_bwd`, rows row0 .. row0 + W: keys (x = k, y = q, the pairs of
+    dlogits, y_scale = scale) or values (x = v, y = do, the pairs of p, FROM_LOGITS). Writes dx = y_scale Σ_group
+    pairsᵀ y + (s exp(G_C - G)) dHᵀ once; returns ds_state (+ x dH) and end_term (+ Σ_rows dH * H). pairs: the
+    group's one pair tile (GROUP == 1), else formed here per query head."""
+    for i_d in range(tl.cdiv(W, BD)):
+        base, offs, mask = state_offsets(slot, i_h, H, KV, M, row0 + i_d * BD, row0 + W, dd, ms)
+        d_state = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        state = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        end_term += tl.sum(d_state * state, axis=0)
+        x = load_rows(x_ptr, t0, eos, i_h, H, W, i_d * BD, rows, dd).to(DOT_DT)
+        ds_state += tl.dot(x, d_state.to(DOT_DT), input_precision=PRECISION)
+        dx = tl.dot(s_to_end, tl.trans(d_state.to(DOT_DT)), input_precision=PRECISION)
+        for i_g in range(GROUP):
+            i_hq = i_h * GROUP + i_g
+            if GROUP > 1:
+                pairs = _pair_weights(x_dec_ptr, dl_ptr, logits_ptr, FROM_LOGITS, fast, sub, s, cum, s_keys, causal,
+                                      t0, eos, i_hq, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT,
+                                      PRECISION).to(DOT_DT)
+            y = load_rows(y_ptr, t0, eos, i_hq, HQ, W, i_d * BD, rows, dd).to(DOT_DT)
+            dx += y_scale * tl.dot(tl.trans(pairs), y, input_precision=PRECISION)
+        store_rows(dx_ptr, dx, t0, eos, i_h, H, W, i_d * BD, rows, dd)
+    return ds_state, end_term
+
+
+@triton.jit
 def _state_grads_bwd(
     q_ptr, k_ptr, v_ptr, s_ptr, g_ptr, do_ptr, states_ptr, dstates_ptr, logits_ptr, dl_ptr, dl_dec_ptr, p_dec_ptr,
     ds_part_ptr, dgq_ptr, dk_ptr, dv_ptr, ds_ptr, dg_ptr,
@@ -623,50 +658,25 @@ def _state_grads_bwd(
     s_to_end = (s * tl.exp(g_end[None, :] - cum)).to(DOT_DT)
     s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
     causal = rows[:, None] >= cols[None, :]
-    if GROUP == 1:  # one query head: each pair tile formed once, before its loop (under GQA, per head in it)
-        d_scores = _pair_weights(dl_dec_ptr, dl_ptr, logits_ptr, False, fast, sub, s, cum, s_keys, causal, t0, eos,
-                                 i_h, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION).to(DOT_DT)
     ds_state = tl.zeros([BT, BM], dtype=tl.float32)
     end_term = tl.zeros([BM], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        base, offs, mask = state_offsets(slot, i_h, H, KV, M, i_k * BK, K, kk, ms)
-        dhk = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        hk = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        end_term += tl.sum(dhk * hk, axis=0)
-        k = load_rows(k_ptr, t0, eos, i_h, H, K, i_k * BK, rows, kk).to(DOT_DT)
-        ds_state += tl.dot(k, dhk.to(DOT_DT), input_precision=PRECISION)
-        dk = tl.dot(s_to_end, tl.trans(dhk.to(DOT_DT)), input_precision=PRECISION)
-        for i_g in range(GROUP):
-            i_hq = i_h * GROUP + i_g
-            if GROUP > 1:
-                d_scores = _pair_weights(dl_dec_ptr, dl_ptr, logits_ptr, False, fast, sub, s, cum, s_keys, causal,
-                                         t0, eos, i_hq, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT,
-                                         PRECISION).to(DOT_DT)
-            q = load_rows(q_ptr, t0, eos, i_hq, HQ, K, i_k * BK, rows, kk).to(DOT_DT)
-            dk += scale * tl.dot(tl.trans(d_scores), q, input_precision=PRECISION)
-        store_rows(dk_ptr, dk, t0, eos, i_h, H, K, i_k * BK, rows, kk)
+    pairs = tl.zeros([BT, BT], dtype=DOT_DT)  # under GQA formed per query head inside the loops
+    if GROUP == 1:  # one query head: each pair tile formed once, before its half's loop
+        pairs = _pair_weights(dl_dec_ptr, dl_ptr, logits_ptr, False, fast, sub, s, cum, s_keys, causal, t0, eos,
+                              i_h, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION).to(DOT_DT)
+    ds_state, end_term = _half_grads(
+        k_ptr, q_ptr, dk_ptr, dl_dec_ptr, False, pairs, scale, states_ptr, dstates_ptr, dl_ptr, logits_ptr,
+        ds_state, end_term, s_to_end, fast, sub, s, cum, s_keys, causal, slot, t0, eos, i_h, H, HQ, K, 0, KV, M,
+        rows, cols, ms, kk, GROUP, BT, BK, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     if GROUP == 1:  # the gates again, not kept through the key loop (three float32 tiles fewer live across it)
         _, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
         s_keys = s * tl.exp(tl.minimum(-cum, SPAN_LIMIT))
-        probs = _pair_weights(p_dec_ptr, dl_ptr, logits_ptr, True, fast, sub, s, cum, s_keys, causal, t0, eos,
+        pairs = _pair_weights(p_dec_ptr, dl_ptr, logits_ptr, True, fast, sub, s, cum, s_keys, causal, t0, eos,
                               i_h, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT, PRECISION).to(DOT_DT)
-    for i_v in range(tl.cdiv(V, BV)):
-        base, offs, mask = state_offsets(slot, i_h, H, KV, M, K + i_v * BV, K + V, vv, ms)
-        dhv_t = tl.load(dstates_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        hv_t = tl.load(states_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        end_term += tl.sum(dhv_t * hv_t, axis=0)
-        v = load_rows(v_ptr, t0, eos, i_h, H, V, i_v * BV, rows, vv).to(DOT_DT)
-        ds_state += tl.dot(v, dhv_t.to(DOT_DT), input_precision=PRECISION)
-        dv = tl.dot(s_to_end, tl.trans(dhv_t.to(DOT_DT)), input_precision=PRECISION)
-        for i_g in range(GROUP):
-            i_hq = i_h * GROUP + i_g
-            if GROUP > 1:
-                probs = _pair_weights(p_dec_ptr, dl_ptr, logits_ptr, True, fast, sub, s, cum, s_keys, causal,
-                                      t0, eos, i_hq, HQ, M, rows, cols, ms, BT, SUB, SPAN_LIMIT, DOT_DT,
-                                      PRECISION).to(DOT_DT)
-            do = load_rows(do_ptr, t0, eos, i_hq, HQ, V, i_v * BV, rows, vv).to(DOT_DT)
-            dv += tl.dot(tl.trans(probs), do, input_precision=PRECISION)
-        store_rows(dv_ptr, dv, t0, eos, i_h, H, V, i_v * BV, rows, vv)
+    ds_state, end_term = _half_grads(
+        v_ptr, do_ptr, dv_ptr, p_dec_ptr, True, pairs, 1.0, states_ptr, dstates_ptr, dl_ptr, logits_ptr,
+        ds_state, end_term, s_to_end, fast, sub, s, cum, s_keys, causal, slot, t0, eos, i_h, H, HQ, V, K, KV, M,
+        rows, cols, ms, vv, GROUP, BT, BV, SUB, SPAN_LIMIT, DOT_DT, PRECISION)
     # the gates again rather than kept through the loops: four fewer [BT, BM] float32 tiles live across them
     # (4 warps spilled ~2 KB a thread; the reload is one [BT, BM] read of g and of s, from L2)
     g_raw, s, cum, g_end = chunk_gates(g_ptr, s_ptr, t0, eos, i_h, H, M, rows, ms, FLOOR)
@@ -821,7 +831,7 @@ def _launch(kernel, grid, *args, **meta):
             return _try(kernel, grid, args, {**meta, **config})
         except OutOfResources:
             pass
-    # every tensor's dtype (partial sums are float32 under GQA) and the constants decide what fits
+    # every tensor's dtype (the float32 scratch tensors' among them) and the constants decide what fits
     key = (name, tuple(config.items()), tuple(meta.items()), args[0].device,
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     if key in _FITTED:
@@ -992,6 +1002,11 @@ def _scan_states(k, v, s, g, start, layout, final=None, gates=None):
 KEEP_GATE_FACTORS = True
 
 
+def _scratch(*shape: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer one kernel writes only where a later one reads it (a seam: tests fill it with NaN)."""
+    return torch.empty(*shape, device=device, dtype=torch.float32)
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     # bf16 inputs keep chunk states in bf16 (half the traffic, within bf16's error budget); others in float32
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
@@ -1047,8 +1062,8 @@ class ChunkGSAFunction(torch.autograd.Function):
         BK, BV = min(64, next_power_of_2(K)), min(64, next_power_of_2(V))
         dot = _dot_args(q.dtype)
         dq = torch.empty_like(q)
-        # dlogits (float32, written only for chunks off the factored form) and the per-query-head float32 partials
-        ds_part, dgq, dl = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(3))
+        ds_part, dgq = (torch.empty(TT, HQ, M, device=q.device, dtype=torch.float32) for _ in range(2))
+        dl = _scratch(TT, HQ, M, device=q.device)  # dlogits, written only for chunks off the factored form
         # dlogits exp(G) and p exp(G) only feed matrix products: keep them at the products' operand precision
         dl_dec, p_dec = (torch.empty(TT, HQ, M, device=q.device, dtype=_state_dtype(q.dtype)) for _ in range(2))
         _launch(
