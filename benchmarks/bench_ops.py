@@ -54,6 +54,25 @@ def bytes_forward(B, T, H, D, M, itemsize=2):
     return B * T * H * (3 * D + 2 * M + D) * itemsize
 
 
+def operator_case(name: str):
+    """One SHAPES entry's bf16 inputs, output and final-state gradients, scale, and the two callables timed and
+    compared: ours (the Triton kernels) and the float32 PyTorch path (the truth errors are measured against)."""
+    B, T, H, D, M = SHAPES[name]
+    inputs = make_inputs(B, T, H, D, M)
+    scale = D**-0.5
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    dstate = (torch.randn(B, H, D, M, device="cuda"), torch.randn(B, H, M, D, device="cuda"))
+
+    def ours(q, k, v, s, g):
+        return gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="triton",
+                                    check_gate_values=False)
+
+    def truth(q, k, v, s, g):
+        return gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="torch")
+
+    return inputs, do, dstate, scale, ours, truth
+
+
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -182,20 +201,9 @@ def main():
                "shapes": {}, "decode": {}}
     for name in args.shapes:
         B, T, H, D, M = SHAPES[name]
-        inputs = make_inputs(B, T, H, D, M)
-        scale = D**-0.5
-        do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        dstate = (torch.randn(B, H, D, M, device="cuda"), torch.randn(B, H, M, D, device="cuda"))
+        inputs, do, dstate, scale, ours, truth = operator_case(name)
         row = {"B": B, "T": T, "H": H, "K": D, "V": D, "M": M,
                "gflop_forward": flops_forward(B, T, H, D, M) / 1e9, "gb_forward": bytes_forward(B, T, H, D, M) / 1e9}
-
-        def ours(q, k, v, s, g):
-            o, state = gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="triton",
-                                            check_gate_values=False)
-            return o, state
-
-        def truth(q, k, v, s, g):
-            return gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="torch")
 
         names = ["o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"]
         progress(f"{name}: float32 PyTorch truth")

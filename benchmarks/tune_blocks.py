@@ -19,8 +19,7 @@ import json
 import torch
 import triton
 
-from bench_ops import SHAPES, bench_graph, kernel_breakdown, make_inputs, rel, run_and_grads
-from gsa.ops import gated_slot_attention
+from bench_ops import SHAPES, bench_graph, kernel_breakdown, operator_case, rel, run_and_grads
 from gsa.ops.triton import chunk as kernels
 
 VARIANTS = {  # name: {kernel: LAUNCH entry}
@@ -54,19 +53,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "rows": []}
     for shape in args.shapes:
-        B, T, H, D, M = SHAPES[shape]
-        inputs = make_inputs(B, T, H, D, M)
-        scale = D ** -0.5
-        do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        dstate = (torch.randn(B, H, D, M, device="cuda"), torch.randn(B, H, M, D, device="cuda"))
-
-        def ours(q, k, v, s, g):
-            return gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="triton",
-                                        check_gate_values=False)
-
-        def truth(q, k, v, s, g):
-            return gated_slot_attention(q, k, v, s, g, scale, output_final_state=True, backend="torch")
-
+        inputs, do, dstate, _, ours, truth = operator_case(shape)
         want = run_and_grads(truth, [t.detach().float().requires_grad_() for t in inputs], do.float(), dstate)
         for round_ in range(args.rounds):
             for variant in args.variants:
