@@ -140,6 +140,13 @@ def check(name: str, err: float, largest: float) -> None:
         raise AssertionError(f"{name}: largest error {err:.3e} against a reference of magnitude {largest:.3e}")
 
 
+def compared(name: str, outs, refs) -> float:
+    """The largest error of outs against refs (`check`ed)."""
+    err = max((o.float() - r.float()).abs().max().item() for o, r in zip(outs, refs))
+    check(name, err, max(r.float().abs().max().item() for r in refs))
+    return err
+
+
 def best(fn_of_config, epilogue) -> tuple[float, dict]:
     """The fastest config (a config that does not fit or compile is skipped)."""
     results = []
@@ -197,9 +204,8 @@ def step_products(rand, rounds: int) -> list[dict]:
             launch(a, b, [out], config, b_nk, a_rows_are_k=a_km)
 
         ours()
-        want = cublas().float()
-        err = (out.float() - want).abs().max().item() / want.abs().max().item()
-        check(name, err, 1.0)
+        want = cublas()
+        err = compared(name, [out], [want]) / want.float().abs().max().item()
         times = {"cublas": [], "triton": []}
         for _ in range(rounds):
             times["cublas"].append(gpu_ms(cublas))
@@ -214,33 +220,13 @@ def step_products(rand, rounds: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="default: tune_products.json with --products, else "
-                        "tune_fused_gemm.json")
-    parser.add_argument("--products", action="store_true", help="only every product of the step, plain")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    args.out = args.out or ("tune_products.json" if args.products else "tune_fused_gemm.json")
+def fused_rows(rand) -> list[dict]:
+    """The plain Triton product at the gate and hidden-gradient shapes, then SwiGLU in its epilogue forward and
+    backward, each against cuBLAS (and our row kernels)."""
     from gsa.layers.fused_triton import swiglu_rows_bwd, swiglu_rows_fwd
-
-    torch.manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda") * scale).bfloat16()
 
     x, wg, wu = rand(T, D), rand(INTER, D, scale=D ** -0.5), rand(INTER, D, scale=D ** -0.5)
     wd, grad = rand(D, INTER, scale=INTER ** -0.5), rand(T, D)
-    if args.products:
-        rows = step_products(rand, args.rounds)
-        saved = sum(max(0.0, r["per_step"] * (r["cublas_ms"] - r["triton_ms"])) for r in rows)
-        total = sum(r["per_step"] * r["cublas_ms"] for r in rows)
-        print(f"step products: cuBLAS {total:.1f} ms; the faster of the two each: {total - saved:.1f} ms "
-              f"(-{saved:.1f})")
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           tokens=T, rows=rows), f, indent=1)
-        return
     rows = []
 
     # plain products: Triton against cuBLAS at the step's shapes
@@ -250,8 +236,7 @@ def main() -> None:
         ref = F.linear(a, b) if rows_are_n else a @ b
         ms, config = best(lambda cfg: launch(a, b, [c], cfg, rows_are_n), PLAIN)
         launch(a, b, [c], config, rows_are_n)
-        err = (c.float() - ref.float()).abs().max().item()
-        check(name, err, ref.float().abs().max().item())
+        err = compared(name, [c], [ref])
         cublas = gpu_ms(lambda: F.linear(a, b)) if rows_are_n else gpu_ms(lambda: a @ b)
         flops = 2 * T * a.shape[1] * n
         rows.append(dict(name=name, ours_ms=ms, cublas_ms=cublas, ours_tflops=flops / ms / 1e9,
@@ -267,8 +252,7 @@ def main() -> None:
     ref = unfused_fwd()
     ms, config = best(lambda cfg: launch(x, wg, [gate, up, hidden], cfg, True, SWIGLU_FWD, b2=wu), SWIGLU_FWD)
     launch(x, wg, [gate, up, hidden], config, True, SWIGLU_FWD, b2=wu)
-    err = max((o.float() - r.float()).abs().max().item() for o, r in zip((gate, up, hidden), ref))
-    check("SwiGLU forward", err, max(r.float().abs().max().item() for r in ref))
+    err = compared("SwiGLU forward", (gate, up, hidden), ref)
     rows.append(dict(name="gate, up + SwiGLU forward", ours_ms=ms, cublas_ms=gpu_ms(unfused_fwd), config=config,
                      max_err=err, cublas_parts_ms=[gpu_ms(lambda: F.linear(x, wg)), gpu_ms(lambda: F.linear(x, wu)),
                                                    gpu_ms(lambda: swiglu_rows_fwd(ref[0], ref[1]))]))
@@ -286,19 +270,43 @@ def main() -> None:
     ms, config = best(lambda cfg: launch(grad, wd, [hidden, d_gate, d_up], cfg, False, SWIGLU_BWD, extra=(g, u)),
                       SWIGLU_BWD)
     launch(grad, wd, [hidden, d_gate, d_up], config, False, SWIGLU_BWD, extra=(g, u))
-    err = max((o.float() - r.float()).abs().max().item() for o, r in zip((hidden, d_gate, d_up), ref))
-    check("SwiGLU backward", err, max(r.float().abs().max().item() for r in ref))
+    err = compared("SwiGLU backward", (hidden, d_gate, d_up), ref)
     dh = grad @ wd
     rows.append(dict(name="d hidden + SwiGLU backward", ours_ms=ms, cublas_ms=gpu_ms(unfused_bwd), config=config,
                      max_err=err, cublas_parts_ms=[gpu_ms(lambda: grad @ wd),
                                                    gpu_ms(lambda: swiglu_rows_bwd(g, u, dh, joined=True))]))
 
-    print(f"\n{'what':<30} {'Triton ms':>10} {'cuBLAS(+rows) ms':>17} {'ratio':>6}  max err  config")
-    for r in rows:
-        c = r["config"]
-        tag = f"{c['BM']}x{c['BN']}x{c['BK']} s{c['stages']} flat={c['flatten']}"
-        print(f"{r['name']:<30} {r['ours_ms']:>10.3f} {r['cublas_ms']:>17.3f} {r['ours_ms'] / r['cublas_ms']:>6.3f}"
-              f"  {r['max_err']:.2e}  {tag}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="default: tune_products.json with --products, else "
+                        "tune_fused_gemm.json")
+    parser.add_argument("--products", action="store_true", help="only every product of the step, plain")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    args.out = args.out or ("tune_products.json" if args.products else "tune_fused_gemm.json")
+
+    torch.manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda") * scale).bfloat16()
+
+    if args.products:
+        rows = step_products(rand, args.rounds)
+        saved = sum(max(0.0, r["per_step"] * (r["cublas_ms"] - r["triton_ms"])) for r in rows)
+        total = sum(r["per_step"] * r["cublas_ms"] for r in rows)
+        print(f"step products: cuBLAS {total:.1f} ms; the faster of the two each: {total - saved:.1f} ms "
+              f"(-{saved:.1f})")
+    else:
+        rows = fused_rows(rand)
+        print(f"\n{'what':<30} {'Triton ms':>10} {'cuBLAS(+rows) ms':>17} {'ratio':>6}  max err  config")
+        for r in rows:
+            c = r["config"]
+            tag = f"{c['BM']}x{c['BN']}x{c['BK']} s{c['stages']} flat={c['flatten']}"
+            print(f"{r['name']:<30} {r['ours_ms']:>10.3f} {r['cublas_ms']:>17.3f} "
+                  f"{r['ours_ms'] / r['cublas_ms']:>6.3f}  {r['max_err']:.2e}  {tag}")
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                        tokens=T, rows=rows), f, indent=1)
